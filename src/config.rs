@@ -1,0 +1,607 @@
+//! Configuration: built-in defaults, then a TOML file, then `MASTSUB_<SECTION>__<KEY>` environment overrides.
+//!
+//! This module owns every key of the public contract, their defaults, validation, and the redacted view that
+//! `check-config` prints. `config/mastsub.toml` documents the same keys; a test keeps the two in step.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use bytesize::ByteSize;
+use serde::{Deserialize, Serialize};
+
+/// Where the configuration file is looked for when `--config` is not given.
+pub const SYSTEM_CONFIG: &str = "/etc/mastsub/mastsub.toml";
+
+/// The prefix of environment overrides: `MASTSUB_MAST__BASE_URL` sets `mast.base_url`.
+pub const ENV_PREFIX: &str = "MASTSUB";
+
+/// Errors while loading or validating the configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file named with `--config` does not exist.
+    #[error(
+        "config file {0} does not exist (give an existing file with --config, or none to use the defaults)"
+    )]
+    Missing(PathBuf),
+    /// The file or an environment override could not be read or does not fit the schema.
+    #[error("{source_name}: {message}")]
+    Load {
+        /// The file, or "environment", or "defaults".
+        source_name: String,
+        /// What the `config` crate said, with the key.
+        message: String,
+    },
+    /// Values that parse but do not make sense together.
+    #[error("invalid configuration:\n  - {}", .0.join("\n  - "))]
+    Invalid(Vec<String>),
+}
+
+/// A secret value (token, password). It never prints: Debug, Display and Serialize all show `(redacted)`.
+#[derive(Clone, Default, Deserialize, PartialEq, Eq)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    /// Wraps a secret.
+    pub fn new(value: impl Into<String>) -> Self {
+        Secret(value.into())
+    }
+    /// The secret itself, for the one place that must send it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("(redacted)")
+    }
+}
+
+impl fmt::Display for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("(redacted)")
+    }
+}
+
+impl Serialize for Secret {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str("(redacted)")
+    }
+}
+
+/// The whole configuration.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Database and download locations.
+    pub storage: StorageConfig,
+    /// The watched inbox folder.
+    pub inbox: InboxConfig,
+    /// Limits applied to every notice, whatever its source.
+    pub ingest: IngestConfig,
+    /// The MAST service.
+    pub mast: MastConfig,
+    /// The download workers.
+    pub download: DownloadConfig,
+    /// What each event type leads to.
+    pub events: EventsConfig,
+    /// The IMAP source.
+    pub imap: ImapConfig,
+    /// E-mail summaries.
+    pub email: EmailConfig,
+    /// Logging.
+    pub log: LogConfig,
+}
+
+/// `[storage]`
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StorageConfig {
+    /// The SQLite database file.
+    pub database: PathBuf,
+    /// The root of downloaded products: `<downloads>/<mission>/<fileset>/<filename>`.
+    pub downloads: PathBuf,
+}
+
+impl Default for StorageConfig {
+    fn default() -> Self {
+        StorageConfig {
+            database: PathBuf::from("mastsub.db"),
+            downloads: PathBuf::from("mastDownload"),
+        }
+    }
+}
+
+/// `[inbox]`
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct InboxConfig {
+    /// Whether the inbox folder is watched at all.
+    pub enabled: bool,
+    /// The watched folder; handled files move to `<dir>/processed/`, rejected ones to `<dir>/rejected/`.
+    pub dir: PathBuf,
+    /// How long a closed, renamed-in or found file must keep its size and time before it is read.
+    #[serde(with = "humantime_serde")]
+    pub settle: Duration,
+    /// A file still open for writing is taken anyway once nothing has written to it for this long.
+    #[serde(with = "humantime_serde")]
+    pub write_timeout: Duration,
+    /// How often the folder is scanned in full, as a safety net under the file-system watcher.
+    #[serde(with = "humantime_serde")]
+    pub rescan_interval: Duration,
+}
+
+impl Default for InboxConfig {
+    fn default() -> Self {
+        InboxConfig {
+            enabled: true,
+            dir: PathBuf::from("inbox"),
+            settle: Duration::from_millis(200),
+            write_timeout: Duration::from_secs(60),
+            rescan_interval: Duration::from_secs(60),
+        }
+    }
+}
+
+/// `[ingest]`
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct IngestConfig {
+    /// A notice larger than this is rejected whole without being parsed.
+    pub max_notice_size: ByteSize,
+    /// A notice nested deeper than this (arrays and objects) is rejected whole.
+    pub max_nesting: usize,
+}
+
+impl Default for IngestConfig {
+    fn default() -> Self {
+        IngestConfig {
+            max_notice_size: ByteSize::mib(64),
+            max_nesting: 32,
+        }
+    }
+}
+
+/// `[mast]`
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MastConfig {
+    /// Every product URL is built on this; nothing in a notice can point elsewhere.
+    pub base_url: String,
+    /// A MAST API token for exclusive-access data (or `token_file`, or env `MAST_API_TOKEN`).
+    pub token: Option<Secret>,
+    /// A file holding the token.
+    pub token_file: Option<PathBuf>,
+}
+
+impl Default for MastConfig {
+    fn default() -> Self {
+        MastConfig {
+            base_url: "https://mast.stsci.edu".to_string(),
+            token: None,
+            token_file: None,
+        }
+    }
+}
+
+/// `[download]`
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DownloadConfig {
+    /// How many products download at once.
+    pub workers: usize,
+    /// Attempts before a job ends `failed`.
+    pub max_attempts: u32,
+    /// The first retry delay.
+    #[serde(with = "humantime_serde")]
+    pub retry_initial: Duration,
+    /// The longest retry delay.
+    #[serde(with = "humantime_serde")]
+    pub retry_max: Duration,
+    /// Time allowed to open a connection.
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// Time allowed between two reads of a body (not the whole transfer).
+    #[serde(with = "humantime_serde")]
+    pub read_timeout: Duration,
+    /// Keep the replaced version of a reprocessed product as `<name>.<archived_date>`.
+    pub keep_previous: bool,
+}
+
+impl Default for DownloadConfig {
+    fn default() -> Self {
+        DownloadConfig {
+            workers: 4,
+            max_attempts: 8,
+            retry_initial: Duration::from_secs(2),
+            retry_max: Duration::from_secs(15 * 60),
+            connect_timeout: Duration::from_secs(30),
+            read_timeout: Duration::from_secs(120),
+            keep_previous: false,
+        }
+    }
+}
+
+/// What an event of one type leads to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum EventAction {
+    /// Record the event and download the product.
+    #[default]
+    Download,
+    /// Record the event only.
+    Record,
+}
+
+/// `[events]`
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(default, deny_unknown_fields)]
+pub struct EventsConfig {
+    /// For `New` events.
+    pub new: EventAction,
+    /// For `Reprocessed` events.
+    pub reprocessed: EventAction,
+    /// For `Public` events.
+    pub public: EventAction,
+}
+
+/// How a connection is secured.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TlsMode {
+    /// TLS from the first byte (IMAPS 993, SMTPS 465).
+    Implicit,
+    /// Plain, then STARTTLS.
+    Starttls,
+    /// No TLS at all (warned about at start-up).
+    None,
+}
+
+/// `[imap]`
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ImapConfig {
+    /// Whether the mailbox is read.
+    pub enabled: bool,
+    /// The server.
+    pub host: String,
+    /// The port.
+    pub port: u16,
+    /// `implicit`, `starttls` or `none`.
+    pub tls: TlsMode,
+    /// The login name.
+    pub username: String,
+    /// The password (or `password_file`).
+    pub password: Option<Secret>,
+    /// A file holding the password.
+    pub password_file: Option<PathBuf>,
+    /// The mailbox notices arrive in.
+    pub mailbox: String,
+    /// Where taken mails are moved, if set.
+    pub processed_mailbox: Option<String>,
+    /// Addresses or `@domain`s notices are accepted from; empty accepts any sender.
+    pub allowed_senders: Vec<String>,
+    /// Use IDLE when the server offers it.
+    pub idle: bool,
+    /// How often to poll when IDLE is off or missing.
+    #[serde(with = "humantime_serde")]
+    pub poll_interval: Duration,
+}
+
+impl Default for ImapConfig {
+    fn default() -> Self {
+        ImapConfig {
+            enabled: false,
+            host: String::new(),
+            port: 993,
+            tls: TlsMode::Implicit,
+            username: String::new(),
+            password: None,
+            password_file: None,
+            mailbox: "INBOX".to_string(),
+            processed_mailbox: None,
+            allowed_senders: Vec::new(),
+            idle: true,
+            poll_interval: Duration::from_secs(300),
+        }
+    }
+}
+
+/// `[email]`
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct EmailConfig {
+    /// Whether summaries and alerts are mailed.
+    pub enabled: bool,
+    /// The SMTP server.
+    pub smtp_host: String,
+    /// The SMTP port.
+    pub smtp_port: u16,
+    /// `implicit`, `starttls` or `none`.
+    pub tls: TlsMode,
+    /// The SMTP login, if any.
+    pub username: Option<String>,
+    /// A file holding the SMTP password.
+    pub password_file: Option<PathBuf>,
+    /// The sender address.
+    pub from: String,
+    /// The recipients.
+    pub to: Vec<String>,
+}
+
+impl Default for EmailConfig {
+    fn default() -> Self {
+        EmailConfig {
+            enabled: false,
+            smtp_host: String::new(),
+            smtp_port: 587,
+            tls: TlsMode::Starttls,
+            username: None,
+            password_file: None,
+            from: String::new(),
+            to: Vec::new(),
+        }
+    }
+}
+
+/// How log lines look.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Journal-friendly under systemd, coloured on a terminal, plain otherwise.
+    Auto,
+    /// Human-readable lines with timestamps.
+    Pretty,
+    /// One JSON object per line.
+    Json,
+}
+
+/// `[log]`
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogConfig {
+    /// `auto`, `pretty` or `json`.
+    pub format: LogFormat,
+    /// A level (`info`) or a tracing filter (`info,mastsub::inbox=debug`).
+    pub level: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            format: LogFormat::Auto,
+            level: "info".to_string(),
+        }
+    }
+}
+
+/// Keys whose environment value is a comma-separated list.
+const LIST_KEYS: [&str; 2] = ["imap.allowed_senders", "email.to"];
+
+impl Config {
+    /// Loads the configuration: defaults, then `file` (or [`SYSTEM_CONFIG`] if it exists), then the
+    /// environment, then validates it.
+    pub fn load(file: Option<&Path>) -> Result<Config, ConfigError> {
+        let file = match file {
+            Some(path) if !path.exists() => return Err(ConfigError::Missing(path.to_path_buf())),
+            Some(path) => Some(path.to_path_buf()),
+            None => Some(PathBuf::from(SYSTEM_CONFIG)).filter(|p| p.exists()),
+        };
+        let defaults =
+            config::Config::try_from(&Config::default()).map_err(|e| ConfigError::Load {
+                source_name: "built-in defaults".into(),
+                message: e.to_string(),
+            })?;
+        let mut builder = config::Config::builder().add_source(defaults);
+        if let Some(path) = &file {
+            builder = builder.add_source(
+                config::File::from(path.as_path())
+                    .format(config::FileFormat::Toml)
+                    .required(true),
+            );
+        }
+        let mut env = config::Environment::with_prefix(ENV_PREFIX)
+            .prefix_separator("_")
+            .separator("__")
+            .try_parsing(true)
+            .list_separator(",");
+        for key in LIST_KEYS {
+            env = env.with_list_parse_key(key);
+        }
+        let source_name = match &file {
+            Some(path) => format!("{} (or a MASTSUB_* environment override)", path.display()),
+            None => "MASTSUB_* environment overrides".to_string(),
+        };
+        let loaded = builder
+            .add_source(env)
+            .build()
+            .and_then(|c| c.try_deserialize::<Config>())
+            .map_err(|e| ConfigError::Load {
+                source_name,
+                message: e.to_string(),
+            })?;
+        loaded.validate()?;
+        Ok(loaded)
+    }
+
+    /// Checks values that parse but cannot work; every problem is listed, not only the first.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let mut problems = Vec::new();
+        match url::Url::parse(&self.mast.base_url) {
+            Ok(u) if matches!(u.scheme(), "http" | "https") && u.host().is_some() => {}
+            Ok(_) => problems.push(format!(
+                "mast.base_url = {:?}: expected an http:// or https:// URL with a host",
+                self.mast.base_url
+            )),
+            Err(e) => problems.push(format!(
+                "mast.base_url = {:?}: {e}; expected a URL such as https://mast.stsci.edu",
+                self.mast.base_url
+            )),
+        }
+        if self.mast.token.is_some() && self.mast.token_file.is_some() {
+            problems.push("mast.token and mast.token_file are both set: keep one".into());
+        }
+        if self.download.workers == 0 {
+            problems.push("download.workers = 0: at least one worker is needed".into());
+        }
+        if self.download.max_attempts == 0 {
+            problems.push("download.max_attempts = 0: at least one attempt is needed".into());
+        }
+        if self.download.retry_initial > self.download.retry_max {
+            problems.push(format!(
+                "download.retry_initial ({}) is longer than download.retry_max ({})",
+                humantime::format_duration(self.download.retry_initial),
+                humantime::format_duration(self.download.retry_max)
+            ));
+        }
+        if self.ingest.max_nesting < 2 {
+            problems.push("ingest.max_nesting must be at least 2 (an array of objects)".into());
+        }
+        if self.ingest.max_notice_size.as_u64() == 0 {
+            problems.push("ingest.max_notice_size must be larger than 0".into());
+        }
+        if self.inbox.settle.is_zero() {
+            problems.push("inbox.settle must be longer than 0".into());
+        }
+        if self.inbox.rescan_interval < Duration::from_secs(1) {
+            problems.push("inbox.rescan_interval must be at least 1s".into());
+        }
+        if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
+            problems.push(format!(
+                "log.level = {:?}: {e}; expected error, warn, info, debug or trace",
+                self.log.level
+            ));
+        }
+        if self.imap.enabled {
+            if self.imap.host.is_empty() {
+                problems.push("imap.enabled = true but imap.host is empty".into());
+            }
+            if self.imap.username.is_empty() {
+                problems.push("imap.enabled = true but imap.username is empty".into());
+            }
+            if self.imap.password.is_none() && self.imap.password_file.is_none() {
+                problems.push(
+                    "imap.enabled = true but neither imap.password nor imap.password_file is set"
+                        .into(),
+                );
+            }
+        }
+        if self.email.enabled {
+            if self.email.smtp_host.is_empty() {
+                problems.push("email.enabled = true but email.smtp_host is empty".into());
+            }
+            if self.email.from.is_empty() {
+                problems.push("email.enabled = true but email.from is empty".into());
+            }
+            if self.email.to.is_empty() {
+                problems.push("email.enabled = true but email.to is empty".into());
+            }
+        }
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(ConfigError::Invalid(problems))
+        }
+    }
+
+    /// The effective configuration as TOML, with every secret shown as `(redacted)`.
+    pub fn to_redacted_toml(&self) -> String {
+        // Serialization cannot fail for these plain structs; Secret serializes as "(redacted)".
+        toml::to_string_pretty(self)
+            .unwrap_or_else(|e| format!("# cannot render the configuration: {e}\n"))
+    }
+
+    /// The action for an event type under `[events]`.
+    pub fn action_for(&self, event_type: crate::notice::EventType) -> EventAction {
+        self.events.action_for(event_type)
+    }
+}
+
+impl EventsConfig {
+    /// The action for an event type.
+    pub fn action_for(&self, event_type: crate::notice::EventType) -> EventAction {
+        use crate::notice::EventType;
+        match event_type {
+            EventType::New => self.new,
+            EventType::Reprocessed => self.reprocessed,
+            EventType::Public => self.public,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid_and_match_the_contract() {
+        let c = Config::default();
+        c.validate().unwrap();
+        assert_eq!(c.storage.database, PathBuf::from("mastsub.db"));
+        assert_eq!(c.storage.downloads, PathBuf::from("mastDownload"));
+        assert_eq!(c.inbox.dir, PathBuf::from("inbox"));
+        assert_eq!(c.download.workers, 4);
+        assert_eq!(c.download.max_attempts, 8);
+        assert_eq!(c.ingest.max_notice_size, ByteSize::mib(64));
+    }
+
+    #[test]
+    fn secrets_never_print() {
+        let mut c = Config::default();
+        c.mast.token = Some(Secret::new("tok-very-secret"));
+        c.imap.password = Some(Secret::new("pw-very-secret"));
+        let shown = format!("{c:?}\n{}", c.to_redacted_toml());
+        assert!(!shown.contains("very-secret"), "{shown}");
+        assert!(shown.contains("(redacted)"));
+    }
+
+    #[test]
+    fn validation_lists_every_problem() {
+        let mut c = Config::default();
+        c.mast.base_url = "ftp://x".into();
+        c.download.workers = 0;
+        c.imap.enabled = true;
+        let Err(ConfigError::Invalid(problems)) = c.validate() else {
+            panic!("expected invalid")
+        };
+        assert!(problems.iter().any(|p| p.contains("mast.base_url")));
+        assert!(problems.iter().any(|p| p.contains("download.workers")));
+        assert!(problems.iter().any(|p| p.contains("imap.host")));
+    }
+
+    #[test]
+    fn the_example_file_documents_every_key_with_its_default() {
+        let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/mastsub.toml");
+        let loaded = Config::load(Some(&example)).unwrap();
+        assert_eq!(
+            loaded.to_redacted_toml(),
+            Config::default().to_redacted_toml()
+        );
+        // Keys that default to unset appear commented out, so every key is documented.
+        let text = std::fs::read_to_string(&example).unwrap();
+        for key in [
+            "token",
+            "token_file",
+            "password",
+            "password_file",
+            "processed_mailbox",
+            "username",
+        ] {
+            assert!(
+                text.contains(&format!("# {key} = ")),
+                "{key} is not documented"
+            );
+        }
+        let defaults: toml::Table = toml::from_str(&Config::default().to_redacted_toml()).unwrap();
+        for (section, keys) in &defaults {
+            for key in keys.as_table().unwrap().keys() {
+                assert!(
+                    text.contains(&format!("\n{key} = ")),
+                    "[{section}] {key} is not in the example"
+                );
+            }
+        }
+    }
+}

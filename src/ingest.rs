@@ -1,0 +1,330 @@
+//! Ingest: one path from notice bytes to recorded events, shared by every source (inbox, CLI, IMAP).
+//!
+//! Parsing runs on a blocking thread (a 64 MiB notice is CPU work); recording is one store transaction.
+//! The report says what was recorded and what was refused, in words a user can act on, and logs one line
+//! per notice plus one per refused record.
+
+use std::fmt::Write as _;
+use std::path::Path;
+use std::sync::Arc;
+
+use sha2::{Digest, Sha256};
+
+use crate::categorize::Categorizer;
+use crate::config::Config;
+use crate::notice::{self, EventType, Limits, NoticeError, RecordError};
+use crate::store::{IngestOutcome, NoticeMeta, NoticeStatus, SourceKind, Store, StoreError};
+
+/// At most this many refused records are logged one per line; the rest are counted (all are in the report).
+const LOGGED_RECORD_ERRORS: usize = 20;
+
+/// Where a notice came from.
+#[derive(Debug, Clone)]
+pub struct NoticeSource {
+    /// Which source.
+    pub kind: SourceKind,
+    /// A path, or a mail's Message-ID and UID.
+    pub reference: String,
+    /// The file or attachment name, used in messages.
+    pub name: String,
+}
+
+/// Errors that leave a notice where it is, to be tried again: nothing was decided about it.
+#[derive(Debug, thiserror::Error)]
+pub enum IngestError {
+    /// The file could not be read.
+    #[error("cannot read {path}: {source}")]
+    Read {
+        /// The file.
+        path: String,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The store failed; the notice is not recorded and will be tried again.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The parsing thread died (a bug).
+    #[error("parsing {name} failed unexpectedly: {message}")]
+    Parser {
+        /// The notice.
+        name: String,
+        /// The panic or cancellation.
+        message: String,
+    },
+}
+
+/// What ingesting one notice did.
+#[derive(Debug, Clone)]
+pub struct IngestReport {
+    /// The notice's name.
+    pub name: String,
+    /// Records in the array.
+    pub records: usize,
+    /// Why the whole notice was refused, if it was.
+    pub fatal: Option<NoticeError>,
+    /// The records refused.
+    pub record_errors: Vec<RecordError>,
+    /// What the store did (empty when nothing reached it).
+    pub outcome: IngestOutcome,
+}
+
+impl IngestReport {
+    /// Every record was accepted.
+    pub fn is_accepted(&self) -> bool {
+        self.fatal.is_none() && self.record_errors.is_empty()
+    }
+
+    /// Whether the notice was accepted, accepted in part, or refused.
+    pub fn status(&self) -> NoticeStatus {
+        match (&self.fatal, self.record_errors.is_empty()) {
+            (Some(_), _) => NoticeStatus::Rejected,
+            (None, true) => NoticeStatus::Accepted,
+            (None, false) if self.outcome.recorded_total() + self.outcome.already_recorded > 0 => {
+                NoticeStatus::Partial
+            }
+            (None, false) => NoticeStatus::Rejected,
+        }
+    }
+
+    /// "3 events (1 New, 1 Reprocessed, 1 Public), 3 downloads queued", plus whatever else happened.
+    pub fn summary(&self) -> String {
+        let o = &self.outcome;
+        let total = o.recorded_total();
+        let mut s = format!("{total} event{}", plural(total));
+        if total > 0 {
+            let by_type: Vec<String> = EventType::ALL
+                .iter()
+                .filter_map(|t| {
+                    o.recorded
+                        .get(t)
+                        .filter(|n| **n > 0)
+                        .map(|n| format!("{n} {t}"))
+                })
+                .collect();
+            let _ = write!(s, " ({})", by_type.join(", "));
+        }
+        let _ = write!(s, ", {} download{} queued", o.queued, plural(o.queued));
+        for (n, what) in [
+            (o.joined, "joined a pending download"),
+            (o.requeued, "re-queued a failed or token-waiting download"),
+            (o.already_done, "already on disk"),
+            (o.record_only, "recorded only ([events] policy)"),
+            (o.already_recorded, "already recorded before"),
+        ] {
+            if n > 0 {
+                let _ = write!(s, ", {n} {what}");
+            }
+        }
+        if !self.record_errors.is_empty() {
+            let n = self
+                .record_errors
+                .iter()
+                .map(|e| e.index)
+                .collect::<std::collections::BTreeSet<_>>()
+                .len();
+            let _ = write!(
+                s,
+                "; {n} of {} record{} refused",
+                self.records,
+                plural(self.records)
+            );
+        }
+        s
+    }
+
+    /// Every reason for refusal, one per line, each naming the notice.
+    pub fn error_lines(&self) -> Vec<String> {
+        let mut lines = Vec::new();
+        if let Some(fatal) = &self.fatal {
+            lines.push(format!("{}: {fatal}", self.name));
+        }
+        lines.extend(
+            self.record_errors
+                .iter()
+                .map(|e| format!("{}: {e}", self.name)),
+        );
+        lines
+    }
+
+    /// The text of `<name>.error.txt`: what was refused, what was kept, and what to do.
+    pub fn error_file_text(&self) -> String {
+        let mut s = format!(
+            "mastsub refused {} at {}.\n\n",
+            if self.fatal.is_some() {
+                "this notice"
+            } else {
+                "part of this notice"
+            },
+            chrono::Utc::now().format("%Y-%m-%d %H:%M:%S UTC")
+        );
+        for line in self.error_lines() {
+            let _ = writeln!(s, "- {line}");
+        }
+        if self.fatal.is_none() {
+            let _ = writeln!(s, "\nThe valid records were recorded: {}.", self.summary());
+        }
+        s.push_str(
+            "\nFix the file and put it in the inbox again (or run `mastsub ingest FILE`): records already \
+             recorded are recognised by their event_id and not recorded twice.\n",
+        );
+        s
+    }
+}
+
+fn plural(n: usize) -> &'static str {
+    if n == 1 { "" } else { "s" }
+}
+
+/// Turns notice bytes into recorded events.
+pub struct Ingestor {
+    store: Arc<dyn Store>,
+    categorizer: Categorizer,
+    limits: Limits,
+}
+
+impl Ingestor {
+    /// An ingestor writing to `store` under `config`'s limits and policy.
+    pub fn new(store: Arc<dyn Store>, config: &Config) -> Ingestor {
+        // Config::validate checked the URL; the default is a valid URL, so the fallback never happens.
+        let base_url = url::Url::parse(&config.mast.base_url).unwrap_or_else(|_| {
+            url::Url::parse("https://mast.stsci.edu").expect("a valid literal URL")
+        });
+        Ingestor {
+            store,
+            categorizer: Categorizer {
+                policy: config.events,
+                base_url,
+            },
+            limits: Limits {
+                max_size: config.ingest.max_notice_size.as_u64(),
+                max_nesting: config.ingest.max_nesting,
+            },
+        }
+    }
+
+    /// The store it writes to.
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.store
+    }
+
+    /// Reads and ingests a file; a file over the size limit is refused without being read.
+    pub async fn ingest_file(
+        &self,
+        path: &Path,
+        kind: SourceKind,
+    ) -> Result<IngestReport, IngestError> {
+        let read_err = |source| IngestError::Read {
+            path: path.display().to_string(),
+            source,
+        };
+        let name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| path.display().to_string());
+        let size = tokio::fs::metadata(path).await.map_err(read_err)?.len();
+        if size > self.limits.max_size {
+            let report = IngestReport {
+                name,
+                records: 0,
+                fatal: Some(NoticeError::TooLarge {
+                    size,
+                    limit: self.limits.max_size,
+                }),
+                record_errors: Vec::new(),
+                outcome: IngestOutcome::default(),
+            };
+            log_report(&report);
+            return Ok(report);
+        }
+        let bytes = tokio::fs::read(path).await.map_err(read_err)?;
+        let source = NoticeSource {
+            kind,
+            reference: path.display().to_string(),
+            name,
+        };
+        self.ingest_bytes(&source, bytes).await
+    }
+
+    /// Parses, validates and records a notice's bytes.
+    pub async fn ingest_bytes(
+        &self,
+        source: &NoticeSource,
+        bytes: Vec<u8>,
+    ) -> Result<IngestReport, IngestError> {
+        let limits = self.limits;
+        let size = bytes.len() as u64;
+        let (sha256, parsed) = tokio::task::spawn_blocking(move || {
+            let sha256 = hex::encode(Sha256::digest(&bytes));
+            (sha256, notice::parse(&bytes, &limits))
+        })
+        .await
+        .map_err(|e| IngestError::Parser {
+            name: source.name.clone(),
+            message: e.to_string(),
+        })?;
+
+        let (records, events, record_errors, fatal) = match parsed {
+            Ok(p) => (p.records, p.events, p.errors, None),
+            Err(e) => (0, Vec::new(), Vec::new(), Some(e)),
+        };
+        let status = match (&fatal, record_errors.is_empty(), events.is_empty()) {
+            (Some(_), _, _) => NoticeStatus::Rejected,
+            (None, true, _) => NoticeStatus::Accepted,
+            (None, false, false) => NoticeStatus::Partial,
+            (None, false, true) => NoticeStatus::Rejected,
+        };
+        let mut report = IngestReport {
+            name: source.name.clone(),
+            records,
+            fatal,
+            record_errors,
+            outcome: IngestOutcome::default(),
+        };
+        let error = (!report.is_accepted()).then(|| report.error_lines().join("\n"));
+        let meta = NoticeMeta {
+            sha256,
+            source_kind: source.kind,
+            source_ref: source.reference.clone(),
+            name: source.name.clone(),
+            size,
+            records,
+            status,
+            error,
+        };
+        report.outcome = self
+            .store
+            .ingest_notice(&meta, &events, &self.categorizer)
+            .await?;
+        log_report(&report);
+        Ok(report)
+    }
+}
+
+fn log_report(report: &IngestReport) {
+    if let Some(fatal) = &report.fatal {
+        tracing::warn!(notice = %report.name, "notice {} rejected: {fatal}", report.name);
+        return;
+    }
+    if report.outcome.seen_before && report.outcome.recorded_total() == 0 {
+        tracing::info!(
+            notice = %report.name,
+            "notice {}: already recorded (same content as notice #{}), nothing new",
+            report.name,
+            report.outcome.notice_id
+        );
+    } else {
+        tracing::info!(notice = %report.name, "notice {}: {}", report.name, report.summary());
+    }
+    for e in report.record_errors.iter().take(LOGGED_RECORD_ERRORS) {
+        tracing::warn!(notice = %report.name, record = e.index, field = e.field, "notice {}: rejected {e}", report.name);
+    }
+    if report.record_errors.len() > LOGGED_RECORD_ERRORS {
+        tracing::warn!(
+            notice = %report.name,
+            "notice {}: {} more refused records not logged; all are listed in its error file",
+            report.name,
+            report.record_errors.len() - LOGGED_RECORD_ERRORS
+        );
+    }
+}

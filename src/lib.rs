@@ -1,0 +1,18 @@
+//! mastsub: turns MAST data-notification notices into verified downloads.
+//!
+//! The pipeline, one module each: [`sources`] (inbox folder) hand notice bytes to [`ingest`], which
+//! parses them ([`notice`]), decides what each event does ([`categorize`]) and records everything in the
+//! [`store`], the only shared state. [`daemon`] runs the loops; [`cli`] is the command line; [`status`]
+//! renders reports; [`config`] and [`logging`] set the stage. See `docs/ARCHITECTURE.md`.
+
+pub mod categorize;
+pub mod cli;
+pub mod config;
+pub mod daemon;
+pub mod ingest;
+pub mod logging;
+pub mod notice;
+pub mod product;
+pub mod sources;
+pub mod status;
+pub mod store;

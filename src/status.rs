@@ -1,0 +1,115 @@
+//! What `status` and `list` print: for a terminal, and as JSON for scripts.
+//!
+//! The JSON shape of `status --json` is part of the public contract: `downloads` (every state), `events`
+//! (every type), `bytes_done`, plus `notices` and `recent_failures`.
+
+use std::fmt::Write as _;
+
+use serde::Serialize;
+
+use crate::store::{DownloadRow, DownloadState, StatusSnapshot};
+
+/// How many failures `status` lists.
+pub const RECENT_FAILURES: usize = 10;
+
+/// The `status --json` document.
+#[derive(Debug, Serialize)]
+pub struct StatusReport<'a> {
+    /// The database it was read from.
+    pub database: String,
+    /// The counts.
+    #[serde(flatten)]
+    pub snapshot: &'a StatusSnapshot,
+}
+
+/// `status` for a terminal.
+pub fn render_text(database: &str, s: &StatusSnapshot) -> String {
+    let mut out = format!("mastsub status ({database})\n");
+    let counts = |pairs: Vec<(String, u64)>| {
+        pairs
+            .into_iter()
+            .map(|(k, n)| format!("{n} {k}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let _ = writeln!(
+        out,
+        "  downloads:  {}",
+        counts(
+            s.downloads
+                .iter()
+                .map(|(k, n)| (k.to_string(), *n))
+                .collect()
+        )
+    );
+    let _ = writeln!(
+        out,
+        "  events:     {}",
+        counts(s.events.iter().map(|(k, n)| (k.to_string(), *n)).collect())
+    );
+    let _ = writeln!(
+        out,
+        "  notices:    {}",
+        counts(
+            s.notices
+                .iter()
+                .map(|(k, n)| (k.as_str().to_string(), *n))
+                .collect()
+        )
+    );
+    let _ = writeln!(out, "  bytes done: {}", human_bytes(s.bytes_done));
+    if s.recent_failures.is_empty() {
+        out.push_str("  recent failures: none\n");
+    } else {
+        out.push_str("  recent failures (newest first):\n");
+        for f in &s.recent_failures {
+            let _ = writeln!(
+                out,
+                "    #{} {} {} program {} {}: {}",
+                f.id,
+                f.state,
+                f.event_type,
+                f.program,
+                f.local_path,
+                f.last_error.as_deref().unwrap_or("(no error recorded)")
+            );
+        }
+    }
+    out
+}
+
+/// `list` for a terminal: one row per job.
+pub fn render_list(rows: &[DownloadRow]) -> String {
+    if rows.is_empty() {
+        return "no downloads\n".to_string();
+    }
+    let mut out = format!(
+        "{:>6}  {:<10}  {:<11}  {:>7}  {:>8}  {:>10}  {}\n",
+        "ID", "STATE", "EVENT", "PROGRAM", "ATTEMPTS", "BYTES", "PATH"
+    );
+    for r in rows {
+        let _ = write!(
+            out,
+            "{:>6}  {:<10}  {:<11}  {:>7}  {:>8}  {:>10}  {}",
+            r.id,
+            r.state.as_str(),
+            r.event_type,
+            r.program,
+            r.attempts,
+            human_bytes(r.bytes_done as u64),
+            r.local_path
+        );
+        if let (Some(e), DownloadState::Failed | DownloadState::NeedsAuth) =
+            (&r.last_error, r.state)
+        {
+            let _ = write!(out, "  ({e})");
+        }
+        out.push('\n');
+    }
+    out
+}
+
+/// 1536 → "1.5 KiB".
+pub fn human_bytes(n: u64) -> String {
+    bytesize::ByteSize::b(n).display().iec().to_string()
+}

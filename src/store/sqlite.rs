@@ -1,0 +1,437 @@
+//! The SQLite backend: one writer connection, read-only readers, WAL, `BEGIN IMMEDIATE` for every write.
+//!
+//! A notice is recorded with a handful of statements whatever its size: batches travel as one JSON text
+//! parameter and SQLite's `json_each` unpacks them, so 100,000 events cost one round trip, not 300,000.
+
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use serde_json::json;
+use sqlx::Row;
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow,
+    SqliteSynchronous,
+};
+
+use super::{
+    DownloadRow, DownloadState, IngestOutcome, NoticeMeta, NoticeStatus, StatusSnapshot, Store,
+    StoreError,
+};
+use crate::categorize::{Categorizer, Disposition, JobRef, LatestJob};
+use crate::notice::{Event, EventType};
+
+/// How long a connection waits for another process's write lock (`mastsub ingest` beside the daemon).
+const BUSY_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The SQLite store.
+#[derive(Debug, Clone)]
+pub struct SqliteStore {
+    path: PathBuf,
+    writer: SqlitePool,
+    readers: SqlitePool,
+}
+
+fn now_ms() -> i64 {
+    chrono::Utc::now().timestamp_millis()
+}
+
+impl SqliteStore {
+    /// Opens (creating if needed) the database at `path` and applies migrations.
+    pub async fn open(path: &Path) -> Result<SqliteStore, StoreError> {
+        let shown = path.display().to_string();
+        if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+            std::fs::create_dir_all(parent).map_err(|e| StoreError::Open {
+                path: shown.clone(),
+                source: sqlx::Error::Io(e),
+            })?;
+        }
+        let open_err = |source| StoreError::Open {
+            path: shown.clone(),
+            source,
+        };
+        // Durability: synchronous=FULL makes every committed notice survive a power cut, which matters
+        // because the inbox moves a file away once its transaction has committed.
+        let base = SqliteConnectOptions::from_str("sqlite:")
+            .map_err(open_err)?
+            .filename(path)
+            .busy_timeout(BUSY_TIMEOUT)
+            .foreign_keys(true)
+            .synchronous(SqliteSynchronous::Full);
+        let writer = SqlitePoolOptions::new()
+            .max_connections(1)
+            .min_connections(1)
+            .idle_timeout(None)
+            .max_lifetime(None)
+            .acquire_timeout(Duration::from_secs(600))
+            .connect_with(
+                base.clone()
+                    .create_if_missing(true)
+                    .journal_mode(SqliteJournalMode::Wal)
+                    .optimize_on_close(true, None),
+            )
+            .await
+            .map_err(open_err)?;
+        sqlx::migrate!("./migrations")
+            .run(&writer)
+            .await
+            .map_err(|source| StoreError::Migrate {
+                path: shown.clone(),
+                source,
+            })?;
+        let readers = SqlitePoolOptions::new()
+            .max_connections(4)
+            .connect_with(base.read_only(true))
+            .await
+            .map_err(open_err)?;
+        Ok(SqliteStore {
+            path: path.to_path_buf(),
+            writer,
+            readers,
+        })
+    }
+
+    fn query_err(&self) -> impl Fn(sqlx::Error) -> StoreError + '_ {
+        move |source| StoreError::Query {
+            path: self.path.display().to_string(),
+            source,
+        }
+    }
+
+    fn download_row(&self, row: &SqliteRow) -> Result<DownloadRow, StoreError> {
+        let err = self.query_err();
+        let state: String = row.try_get("state").map_err(&err)?;
+        Ok(DownloadRow {
+            id: row.try_get("id").map_err(&err)?,
+            mission: row.try_get("mission").map_err(&err)?,
+            fileset: row.try_get("fileset").map_err(&err)?,
+            filename: row.try_get("filename").map_err(&err)?,
+            program: row.try_get("program").map_err(&err)?,
+            event_type: row.try_get("event_type").map_err(&err)?,
+            version: row.try_get("version").map_err(&err)?,
+            url: row.try_get("url").map_err(&err)?,
+            local_path: row.try_get("local_path").map_err(&err)?,
+            state: DownloadState::parse(&state).ok_or_else(|| StoreError::Corrupt {
+                path: self.path.display().to_string(),
+                column: "downloads.state",
+                value: state.clone(),
+            })?,
+            attempts: row.try_get("attempts").map_err(&err)?,
+            bytes_expected: row.try_get("bytes_expected").map_err(&err)?,
+            bytes_done: row.try_get("bytes_done").map_err(&err)?,
+            last_error: row.try_get("last_error").map_err(&err)?,
+            updated_at: row.try_get("updated_at").map_err(&err)?,
+        })
+    }
+}
+
+const UPSERT_NOTICE: &str = "
+    INSERT INTO notices (sha256, source_kind, source_ref, name, size, received_at, last_seen_at,
+                         status, records, error)
+    VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?6, ?7, ?8, ?9)
+    ON CONFLICT (sha256) DO UPDATE SET last_seen_at = excluded.last_seen_at, times_seen = times_seen + 1
+    RETURNING id, times_seen";
+
+const RECORDED_EVENT_IDS: &str = "
+    SELECT event_id FROM events WHERE event_id IN (SELECT value FROM json_each(?1))";
+
+const LATEST_JOBS: &str = "
+    SELECT id, product, state, version FROM downloads
+    WHERE id IN (SELECT max(id) FROM downloads
+                 WHERE product IN (SELECT value FROM json_each(?1))
+                 GROUP BY product)";
+
+const INSERT_JOBS: &str = "
+    INSERT INTO downloads (product, mission, fileset, filename, program, event_type, version, url,
+                           local_path, state, next_attempt_at, created_at, updated_at)
+    SELECT value ->> 0, value ->> 1, value ->> 2, value ->> 3, value ->> 4, value ->> 5, value ->> 6,
+           value ->> 7, value ->> 8, 'queued', ?2, ?2, ?2
+    FROM json_each(?1)
+    RETURNING id, product";
+
+/// A requeue starts the job afresh: no attempts, no lease, no error, due now.
+const UPDATE_JOBS: &str = "
+    UPDATE downloads SET
+        version = u.version,
+        state = CASE WHEN u.requeue IS NULL THEN state ELSE 'queued' END,
+        event_type = coalesce(u.requeue, event_type),
+        attempts = CASE WHEN u.requeue IS NULL THEN attempts ELSE 0 END,
+        next_attempt_at = CASE WHEN u.requeue IS NULL THEN next_attempt_at ELSE ?2 END,
+        lease_owner = CASE WHEN u.requeue IS NULL THEN lease_owner ELSE NULL END,
+        lease_expires_at = CASE WHEN u.requeue IS NULL THEN lease_expires_at ELSE NULL END,
+        last_error = CASE WHEN u.requeue IS NULL THEN last_error ELSE NULL END,
+        updated_at = ?2
+    FROM (SELECT value ->> 0 AS id, value ->> 1 AS version, value ->> 2 AS requeue FROM json_each(?1)) AS u
+    WHERE downloads.id = u.id";
+
+const INSERT_EVENTS: &str = "
+    INSERT INTO events (event_id, notice_id, record_index, mission, fileset, filename, program, event_type,
+                        archived_date, public_release_date, uri, raw, disposition, download_id, received_at)
+    SELECT value ->> 0, ?2, value ->> 1, value ->> 2, value ->> 3, value ->> 4, value ->> 5, value ->> 6,
+           value ->> 7, value ->> 8, value ->> 9, value ->> 10, value ->> 11, value ->> 12, ?3
+    FROM json_each(?1)";
+
+const COUNT_EVENTS_RECORDED: &str = "
+    UPDATE notices SET events_recorded = events_recorded + ?2 WHERE id = ?1";
+
+const DOWNLOADS_BY_STATE: &str = "
+    SELECT state, count(*) AS n, coalesce(sum(bytes_done), 0) AS bytes FROM downloads GROUP BY state";
+
+const EVENTS_BY_TYPE: &str = "SELECT event_type, count(*) AS n FROM events GROUP BY event_type";
+
+const NOTICES_BY_STATUS: &str = "SELECT status, count(*) AS n FROM notices GROUP BY status";
+
+const RECENT_FAILURES: &str = "
+    SELECT id, mission, fileset, filename, program, event_type, version, url, local_path,
+           state, attempts, bytes_expected, bytes_done, last_error, updated_at
+    FROM downloads WHERE state IN ('failed', 'needs_auth')
+    ORDER BY updated_at DESC, id DESC LIMIT ?1";
+
+const LIST_DOWNLOADS: &str = "
+    SELECT id, mission, fileset, filename, program, event_type, version, url, local_path,
+           state, attempts, bytes_expected, bytes_done, last_error, updated_at
+    FROM downloads WHERE ?1 IS NULL OR state = ?1 ORDER BY id";
+
+#[async_trait]
+impl Store for SqliteStore {
+    async fn ingest_notice(
+        &self,
+        notice: &NoticeMeta,
+        events: &[Event],
+        categorizer: &Categorizer,
+    ) -> Result<IngestOutcome, StoreError> {
+        let err = self.query_err();
+        let now = now_ms();
+        let mut tx = self
+            .writer
+            .begin_with("BEGIN IMMEDIATE")
+            .await
+            .map_err(&err)?;
+
+        let (notice_id, times_seen): (i64, i64) = sqlx::query_as(UPSERT_NOTICE)
+            .bind(&notice.sha256)
+            .bind(notice.source_kind.as_str())
+            .bind(&notice.source_ref)
+            .bind(&notice.name)
+            .bind(notice.size as i64)
+            .bind(now)
+            .bind(notice.status.as_str())
+            .bind(notice.records as i64)
+            .bind(&notice.error)
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(&err)?;
+        let mut outcome = IngestOutcome {
+            notice_id,
+            seen_before: times_seen > 1,
+            ..IngestOutcome::default()
+        };
+        if events.is_empty() {
+            tx.commit().await.map_err(&err)?;
+            return Ok(outcome);
+        }
+
+        // Events already recorded, by this notice before or by another; repeats inside the notice count too.
+        let ids: Vec<&str> = events.iter().map(|e| e.event_id.as_str()).collect();
+        let recorded: Vec<(String,)> = sqlx::query_as(RECORDED_EVENT_IDS)
+            .bind(json!(ids).to_string())
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(&err)?;
+        let mut seen: HashSet<&str> = recorded.iter().map(|(id,)| id.as_str()).collect();
+        let fresh: Vec<&Event> = events
+            .iter()
+            .filter(|e| seen.insert(e.event_id.as_str()))
+            .collect();
+        outcome.already_recorded = events.len() - fresh.len();
+
+        let products: HashSet<String> = fresh
+            .iter()
+            .map(|e| crate::product::product_key(e))
+            .collect();
+        let rows: Vec<(i64, String, String, String)> = sqlx::query_as(LATEST_JOBS)
+            .bind(json!(products).to_string())
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(&err)?;
+        let mut latest = HashMap::with_capacity(rows.len());
+        for (id, product, state, version) in rows {
+            let state = DownloadState::parse(&state).ok_or_else(|| StoreError::Corrupt {
+                path: self.path.display().to_string(),
+                column: "downloads.state",
+                value: state.clone(),
+            })?;
+            latest.insert(product, LatestJob { id, state, version });
+        }
+
+        let plan = categorizer.plan(&fresh, &latest);
+
+        let mut new_ids: HashMap<String, i64> = HashMap::with_capacity(plan.new_jobs.len());
+        if !plan.new_jobs.is_empty() {
+            let batch: Vec<_> = plan
+                .new_jobs
+                .iter()
+                .map(|j| {
+                    json!([
+                        j.product,
+                        j.mission,
+                        j.fileset,
+                        j.filename,
+                        j.program,
+                        j.event_type.as_str(),
+                        j.version,
+                        j.url,
+                        j.local_path
+                    ])
+                })
+                .collect();
+            let inserted: Vec<(i64, String)> = sqlx::query_as(INSERT_JOBS)
+                .bind(serde_json::Value::Array(batch).to_string())
+                .bind(now)
+                .fetch_all(&mut *tx)
+                .await
+                .map_err(&err)?;
+            new_ids.extend(inserted.into_iter().map(|(id, product)| (product, id)));
+        }
+        if !plan.updates.is_empty() {
+            let batch: Vec<_> = plan
+                .updates
+                .iter()
+                .map(|u| json!([u.id, u.version, u.requeue.map(EventType::as_str)]))
+                .collect();
+            sqlx::query(UPDATE_JOBS)
+                .bind(serde_json::Value::Array(batch).to_string())
+                .bind(now)
+                .execute(&mut *tx)
+                .await
+                .map_err(&err)?;
+        }
+
+        let mut batch = Vec::with_capacity(plan.events.len());
+        for planned in &plan.events {
+            let e = planned.event;
+            let download_id = match planned.job {
+                None => None,
+                Some(JobRef::Existing(id)) => Some(id),
+                Some(JobRef::New(i)) => new_ids.get(&plan.new_jobs[i].product).copied(),
+            };
+            *outcome.recorded.entry(e.event_type).or_default() += 1;
+            match planned.disposition {
+                Disposition::Queued => outcome.queued += 1,
+                Disposition::Joined => outcome.joined += 1,
+                Disposition::Requeued => outcome.requeued += 1,
+                Disposition::AlreadyDone => outcome.already_done += 1,
+                Disposition::RecordOnly => outcome.record_only += 1,
+            }
+            batch.push(json!([
+                e.event_id,
+                e.index,
+                e.mission,
+                e.fileset,
+                e.filename,
+                e.program,
+                e.event_type.as_str(),
+                e.archived_date.canonical(),
+                e.public_release_date.canonical(),
+                e.uri,
+                e.raw,
+                planned.disposition.as_str(),
+                download_id
+            ]));
+        }
+        sqlx::query(INSERT_EVENTS)
+            .bind(serde_json::Value::Array(batch).to_string())
+            .bind(notice_id)
+            .bind(now)
+            .execute(&mut *tx)
+            .await
+            .map_err(&err)?;
+        sqlx::query(COUNT_EVENTS_RECORDED)
+            .bind(notice_id)
+            .bind(plan.events.len() as i64)
+            .execute(&mut *tx)
+            .await
+            .map_err(&err)?;
+        tx.commit().await.map_err(&err)?;
+        Ok(outcome)
+    }
+
+    async fn status(&self, recent_failures: usize) -> Result<StatusSnapshot, StoreError> {
+        let err = self.query_err();
+        let mut snap = StatusSnapshot {
+            downloads: DownloadState::ALL.into_iter().map(|s| (s, 0)).collect(),
+            events: EventType::ALL.into_iter().map(|t| (t, 0)).collect(),
+            notices: NoticeStatus::ALL.into_iter().map(|s| (s, 0)).collect(),
+            ..StatusSnapshot::default()
+        };
+        let mut conn = self.readers.acquire().await.map_err(&err)?;
+        // One read transaction, so the counts agree with each other.
+        sqlx::query("BEGIN")
+            .execute(&mut *conn)
+            .await
+            .map_err(&err)?;
+        let rows: Vec<(String, i64, i64)> = sqlx::query_as(DOWNLOADS_BY_STATE)
+            .fetch_all(&mut *conn)
+            .await
+            .map_err(&err)?;
+        for (state, n, bytes) in rows {
+            if let Some(state) = DownloadState::parse(&state) {
+                snap.downloads.insert(state, n as u64);
+                if state == DownloadState::Done {
+                    snap.bytes_done = bytes as u64;
+                }
+            }
+        }
+        let rows: Vec<(String, i64)> = sqlx::query_as(EVENTS_BY_TYPE)
+            .fetch_all(&mut *conn)
+            .await
+            .map_err(&err)?;
+        for (t, n) in rows {
+            if let Some(t) = EventType::parse(&t) {
+                snap.events.insert(t, n as u64);
+            }
+        }
+        let rows: Vec<(String, i64)> = sqlx::query_as(NOTICES_BY_STATUS)
+            .fetch_all(&mut *conn)
+            .await
+            .map_err(&err)?;
+        for (s, n) in rows {
+            if let Some(s) = NoticeStatus::ALL.into_iter().find(|x| x.as_str() == s) {
+                snap.notices.insert(s, n as u64);
+            }
+        }
+        let rows = sqlx::query(RECENT_FAILURES)
+            .bind(recent_failures as i64)
+            .fetch_all(&mut *conn)
+            .await
+            .map_err(&err)?;
+        sqlx::query("COMMIT")
+            .execute(&mut *conn)
+            .await
+            .map_err(&err)?;
+        snap.recent_failures = rows
+            .iter()
+            .map(|r| self.download_row(r))
+            .collect::<Result<_, _>>()?;
+        Ok(snap)
+    }
+
+    async fn list_downloads(
+        &self,
+        state: Option<DownloadState>,
+    ) -> Result<Vec<DownloadRow>, StoreError> {
+        let rows = sqlx::query(LIST_DOWNLOADS)
+            .bind(state.map(DownloadState::as_str))
+            .fetch_all(&self.readers)
+            .await
+            .map_err(self.query_err())?;
+        rows.iter().map(|r| self.download_row(r)).collect()
+    }
+
+    async fn close(&self) {
+        self.readers.close().await;
+        self.writer.close().await;
+    }
+}

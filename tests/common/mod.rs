@@ -1,0 +1,285 @@
+//! Shared test helpers: a workspace with its own config, the real binary as a daemon, notice builders.
+#![allow(dead_code)] // each test crate uses its own subset
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+/// The sample notice of ../shared/samples, kept in the repo so a lone clone tests too.
+pub fn sample_notice() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/JWST.json")
+}
+
+/// A temp directory with a config file whose paths all point inside it.
+pub struct Workspace {
+    pub dir: tempfile::TempDir,
+    pub config: PathBuf,
+}
+
+impl Workspace {
+    pub fn new() -> Workspace {
+        Workspace::with_config("")
+    }
+
+    /// `extra` is TOML appended to the generated config (whole sections only).
+    pub fn with_config(extra: &str) -> Workspace {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let root = dir.path();
+        let config = root.join("mastsub.toml");
+        let text = format!(
+            "[storage]\ndatabase = {:?}\ndownloads = {:?}\n\n[inbox]\ndir = {:?}\nsettle = \"100ms\"\n\n\
+             [mast]\nbase_url = \"http://127.0.0.1:9\"\n\n[log]\nlevel = \"debug\"\n\n{extra}",
+            root.join("mastsub.db"),
+            root.join("mastDownload"),
+            root.join("inbox"),
+        );
+        std::fs::write(&config, text).expect("write config");
+        Workspace { dir, config }
+    }
+
+    pub fn path(&self, rel: &str) -> PathBuf {
+        self.dir.path().join(rel)
+    }
+
+    pub fn inbox(&self) -> PathBuf {
+        self.path("inbox")
+    }
+
+    pub fn db(&self) -> PathBuf {
+        self.path("mastsub.db")
+    }
+
+    /// The binary with `--config` set, run in the workspace.
+    pub fn cmd(&self) -> assert_cmd::Command {
+        let mut c = assert_cmd::Command::cargo_bin("mastsub").expect("binary");
+        c.arg("--config")
+            .arg(&self.config)
+            .current_dir(self.dir.path());
+        c.env_remove("RUST_LOG");
+        c
+    }
+
+    /// `status --json` as a value.
+    pub fn status(&self) -> Value {
+        let out = self
+            .cmd()
+            .args(["status", "--json"])
+            .output()
+            .expect("status");
+        assert!(
+            out.status.success(),
+            "status failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).expect("status JSON")
+    }
+
+    /// Writes a notice file somewhere in the workspace (not the inbox).
+    pub fn write_notice(&self, name: &str, body: &[u8]) -> PathBuf {
+        let p = self.path(name);
+        std::fs::write(&p, body).expect("write notice");
+        p
+    }
+
+    /// Puts a notice into the inbox atomically (write beside, rename in), as a mail filter would.
+    pub fn drop_notice(&self, name: &str, body: &[u8]) -> PathBuf {
+        std::fs::create_dir_all(self.inbox()).unwrap();
+        let staged = self.path(&format!("{name}.staged"));
+        std::fs::write(&staged, body).unwrap();
+        let dest = self.inbox().join(name);
+        std::fs::rename(&staged, &dest).unwrap();
+        dest
+    }
+
+    pub fn files_in(&self, rel: &str) -> Vec<String> {
+        let mut names: Vec<String> = std::fs::read_dir(self.path(rel))
+            .map(|rd| {
+                rd.flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default();
+        names.sort();
+        names
+    }
+
+    /// One integer from a read-only SQL query on the workspace's database.
+    pub fn query_i64(&self, sql: &str) -> i64 {
+        let db = self.db();
+        let sql = sql.to_string();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let opts = sqlx::sqlite::SqliteConnectOptions::new()
+                .filename(&db)
+                .read_only(true);
+            let pool = sqlx::SqlitePool::connect_with(opts).await.expect("open db");
+            let v: i64 = sqlx::query_scalar(sql.as_str())
+                .fetch_one(&pool)
+                .await
+                .expect("query");
+            pool.close().await;
+            v
+        })
+    }
+}
+
+/// The daemon, started from the real binary, with its stderr collected.
+pub struct Daemon {
+    child: Option<Child>,
+    lines: Arc<Mutex<Vec<String>>>,
+}
+
+impl Daemon {
+    pub fn start(ws: &Workspace) -> Daemon {
+        Daemon::start_with_env(ws, &[])
+    }
+
+    pub fn start_with_env(ws: &Workspace, env: &[(&str, &str)]) -> Daemon {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_mastsub"));
+        cmd.arg("--config")
+            .arg(&ws.config)
+            .arg("run")
+            .current_dir(ws.dir.path())
+            .env_remove("RUST_LOG")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().expect("spawn mastsub run");
+        let stderr = child.stderr.take().unwrap();
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let sink = lines.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if std::env::var_os("MASTSUB_TEST_ECHO").is_some() {
+                    eprintln!("daemon: {line}");
+                }
+                sink.lock().unwrap().push(line);
+            }
+        });
+        Daemon {
+            child: Some(child),
+            lines,
+        }
+    }
+
+    /// Starts the daemon and waits until it watches its inbox.
+    pub fn start_watching(ws: &Workspace) -> Daemon {
+        let d = Daemon::start(ws);
+        d.wait_for_log("watching inbox", Duration::from_secs(20));
+        d
+    }
+
+    pub fn log(&self) -> String {
+        self.lines.lock().unwrap().join("\n")
+    }
+
+    pub fn wait_for_log(&self, needle: &str, timeout: Duration) {
+        let found = wait_until(timeout, || {
+            self.lines
+                .lock()
+                .unwrap()
+                .iter()
+                .any(|l| l.contains(needle))
+        });
+        assert!(
+            found,
+            "no log line containing {needle:?} within {timeout:?}; log:\n{}",
+            self.log()
+        );
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.as_mut().map(|c| c.try_wait()), Some(Ok(None)))
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.as_ref().unwrap().id() as i32
+    }
+
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM, then waits for the exit; returns how long it took.
+    pub fn terminate(&mut self) -> Duration {
+        let start = Instant::now();
+        if let Some(mut c) = self.child.take() {
+            nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(c.id() as i32),
+                nix::sys::signal::Signal::SIGTERM,
+            )
+            .unwrap();
+            let deadline = start + Duration::from_secs(30);
+            loop {
+                if let Ok(Some(status)) = c.try_wait() {
+                    assert!(
+                        status.success(),
+                        "daemon exited with {status}; log:\n{}",
+                        self.log()
+                    );
+                    break;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "daemon did not stop after SIGTERM; log:\n{}",
+                    self.log()
+                );
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        start.elapsed()
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// Polls `cond` every 20 ms until it holds or `timeout` passes.
+pub fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if cond() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A valid record; `n` makes the event id and file name unique.
+pub fn record(n: u64, event_type: &str) -> Value {
+    json!({
+        "event_id": format!("00000000-0000-4000-8000-{n:012}"),
+        "mission": "JWST",
+        "fileset": format!("jw{n:05}001001_02201_00001"),
+        "filename": format!("jw{n:05}001001_02201_00001_mirimage_cal.fits"),
+        "program": 5105,
+        "event_type": event_type,
+        "archived_date": "2026-03-30T17:53:19.695",
+        "public_release_date": "2026-03-30T17:52:27.000"
+    })
+}
+
+/// A notice of `count` New records numbered from `first`.
+pub fn notice_of(first: u64, count: u64) -> Vec<u8> {
+    let records: Vec<Value> = (first..first + count).map(|n| record(n, "New")).collect();
+    serde_json::to_vec(&records).unwrap()
+}

@@ -1,0 +1,67 @@
+//! kill -9 in the middle of ingesting a large notice: all of it or none of it is recorded, and after a
+//! restart all of it, once.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{Daemon, Workspace, notice_of, wait_until};
+
+const EVENTS: i64 = 10_000;
+
+#[test]
+fn kill_9_during_ingest_records_all_or_nothing_then_all_once() {
+    let body = notice_of(1, EVENTS as u64);
+    // Calibrate: how long from the rename to the file leaving the inbox on this machine and build.
+    let full = {
+        let ws = Workspace::new();
+        let _d = Daemon::start_watching(&ws);
+        let start = Instant::now();
+        ws.drop_notice("big.json", &body);
+        assert!(wait_until(Duration::from_secs(60), || ws
+            .files_in("inbox/processed")
+            == ["big.json"]));
+        start.elapsed().as_millis() as u64
+    };
+    // Kill times spread over that window, so some land before, some inside and some after the transaction.
+    let mut outcomes = Vec::new();
+    for percent in [40u64, 60, 75, 85, 92, 100, 110] {
+        let delay_ms = full * percent / 100;
+        let ws = Workspace::new();
+        let mut d = Daemon::start_watching(&ws);
+        ws.drop_notice("big.json", &body);
+        std::thread::sleep(Duration::from_millis(delay_ms));
+        d.kill9();
+
+        let recorded = if ws.db().exists() {
+            ws.query_i64("SELECT count(*) FROM events")
+        } else {
+            0
+        };
+        assert!(
+            recorded == 0 || recorded == EVENTS,
+            "after kill -9 at {delay_ms} ms: {recorded} of {EVENTS} events recorded"
+        );
+        let jobs = ws.query_i64("SELECT count(*) FROM downloads");
+        assert_eq!(
+            jobs, recorded,
+            "downloads and events disagree after kill -9 at {delay_ms} ms"
+        );
+        outcomes.push((delay_ms, recorded));
+
+        let _d = Daemon::start(&ws);
+        assert!(
+            wait_until(Duration::from_secs(30), || ws.files_in("inbox/processed")
+                == ["big.json"]),
+            "not processed after restart"
+        );
+        assert_eq!(ws.query_i64("SELECT count(*) FROM events"), EVENTS);
+        assert_eq!(
+            ws.query_i64("SELECT count(DISTINCT event_id) FROM events"),
+            EVENTS
+        );
+        assert_eq!(ws.query_i64("SELECT count(*) FROM downloads"), EVENTS);
+        assert_eq!(ws.query_i64("SELECT count(*) FROM notices"), 1);
+    }
+    eprintln!("full ingest {full} ms; (kill at ms, events recorded): {outcomes:?}");
+}

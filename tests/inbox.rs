@@ -1,0 +1,145 @@
+//! The daemon's inbox: files renamed in, written slowly in place, present before start; what is ignored;
+//! no overwrites; a clean stop; a watcher that loses its folder.
+
+mod common;
+
+use std::io::Write;
+use std::time::{Duration, Instant};
+
+use common::{Daemon, Workspace, notice_of, wait_until};
+
+#[test]
+fn a_notice_renamed_into_the_inbox_is_taken_within_a_second() {
+    let ws = Workspace::new();
+    let _d = Daemon::start_watching(&ws);
+    let start = Instant::now();
+    ws.drop_notice("renamed.json", &notice_of(1, 3));
+    let taken = wait_until(Duration::from_secs(1), || {
+        ws.files_in("inbox/processed") == ["renamed.json"]
+    });
+    assert!(
+        taken,
+        "not processed within 1 s (inbox: {:?})",
+        ws.files_in("inbox")
+    );
+    eprintln!("renamed notice processed after {:?}", start.elapsed());
+    assert_eq!(ws.query_i64("SELECT count(*) FROM events"), 3);
+}
+
+#[test]
+fn a_notice_written_slowly_in_place_is_taken_only_once_closed() {
+    let ws = Workspace::new();
+    let _d = Daemon::start_watching(&ws);
+    let body = notice_of(10, 20);
+    let path = ws.inbox().join("slow.json");
+    let mut f = std::fs::File::create(&path).unwrap();
+    for chunk in body.chunks(body.len() / 5 + 1) {
+        f.write_all(chunk).unwrap();
+        f.flush().unwrap();
+        // Longer than inbox.settle: only the open file tells the daemon the notice is unfinished.
+        std::thread::sleep(Duration::from_millis(300));
+        assert!(path.exists(), "taken while still being written");
+        assert!(
+            ws.files_in("inbox/rejected").is_empty(),
+            "a half-written notice was rejected"
+        );
+    }
+    drop(f);
+    assert!(
+        wait_until(Duration::from_secs(5), || ws.files_in("inbox/processed")
+            == ["slow.json"]),
+        "not processed after close; inbox {:?}, rejected {:?}",
+        ws.files_in("inbox"),
+        ws.files_in("inbox/rejected")
+    );
+    assert_eq!(ws.query_i64("SELECT count(*) FROM events"), 20);
+}
+
+#[test]
+fn notices_that_arrived_while_down_are_taken_at_start_up_and_temporary_names_are_ignored() {
+    let ws = Workspace::new();
+    std::fs::create_dir_all(ws.inbox()).unwrap();
+    std::fs::write(ws.inbox().join("early.json"), notice_of(100, 2)).unwrap();
+    for ignored in [
+        ".hidden.json",
+        "partial.json.part",
+        "upload.json.tmp",
+        "edit.json~",
+    ] {
+        std::fs::write(ws.inbox().join(ignored), notice_of(200, 1)).unwrap();
+    }
+    let _d = Daemon::start(&ws);
+    assert!(
+        wait_until(Duration::from_secs(10), || ws.files_in("inbox/processed")
+            == ["early.json"]),
+        "pre-existing notice not processed"
+    );
+    // Give the ignored names every chance to be (wrongly) taken.
+    std::thread::sleep(Duration::from_millis(500));
+    let left = ws.files_in("inbox");
+    for ignored in [
+        ".hidden.json",
+        "partial.json.part",
+        "upload.json.tmp",
+        "edit.json~",
+    ] {
+        assert!(
+            left.contains(&ignored.to_string()),
+            "{ignored} was taken: {left:?}"
+        );
+    }
+    assert_eq!(ws.query_i64("SELECT count(*) FROM events"), 2);
+}
+
+#[test]
+fn a_name_used_twice_never_overwrites_and_equal_content_is_recorded_once() {
+    let ws = Workspace::new();
+    let _d = Daemon::start_watching(&ws);
+    ws.drop_notice("n.json", &notice_of(1, 2));
+    assert!(wait_until(Duration::from_secs(5), || ws
+        .files_in("inbox/processed")
+        .len()
+        == 1));
+    ws.drop_notice("n.json", &notice_of(1, 2));
+    assert!(wait_until(Duration::from_secs(5), || ws
+        .files_in("inbox/processed")
+        .len()
+        == 2));
+    assert_eq!(ws.files_in("inbox/processed"), ["n.1.json", "n.json"]);
+    assert_eq!(ws.query_i64("SELECT count(*) FROM notices"), 1);
+    assert_eq!(ws.query_i64("SELECT count(*) FROM events"), 2);
+}
+
+#[test]
+fn sigterm_stops_the_daemon_cleanly() {
+    let ws = Workspace::new();
+    let mut d = Daemon::start_watching(&ws);
+    let took = d.terminate();
+    assert!(took < Duration::from_secs(10), "stop took {took:?}");
+    assert!(d.log().contains("stopped"), "{}", d.log());
+}
+
+#[test]
+fn a_removed_inbox_is_recreated_and_watched_again() {
+    let ws = Workspace::with_config("");
+    let mut d = Daemon::start_watching(&ws);
+    std::fs::remove_dir_all(ws.inbox()).unwrap();
+    d.wait_for_log("was removed", Duration::from_secs(5));
+    assert!(
+        wait_until(Duration::from_secs(10), || ws
+            .inbox()
+            .join("processed")
+            .is_dir()),
+        "inbox not recreated"
+    );
+    // The watcher is back: a renamed-in notice is taken promptly.
+    std::thread::sleep(Duration::from_millis(200));
+    ws.drop_notice("after.json", &notice_of(5, 1));
+    assert!(
+        wait_until(Duration::from_secs(5), || ws.files_in("inbox/processed")
+            == ["after.json"]),
+        "not processed after the inbox came back; log:\n{}",
+        d.log()
+    );
+    assert!(d.is_running());
+}
