@@ -128,10 +128,8 @@ pub struct Plan<'a> {
 /// The policy and the URL base that categorization needs.
 #[derive(Debug, Clone)]
 pub struct Categorizer {
-    /// `[events]`.
-    pub policy: EventsConfig,
-    /// `mast.base_url`.
-    pub base_url: Url,
+    policy: EventsConfig,
+    urls: product::UrlBuilder,
 }
 
 /// A product's job while the plan is made: one that existed, or one the plan adds.
@@ -143,6 +141,14 @@ struct Current {
 }
 
 impl Categorizer {
+    /// Categorizes under `policy`, building URLs on `base_url`.
+    pub fn new(policy: EventsConfig, base_url: &Url) -> Categorizer {
+        Categorizer {
+            policy,
+            urls: product::UrlBuilder::new(base_url),
+        }
+    }
+
     /// Plans the changes for `events` (already free of recorded and repeated event ids), given the latest
     /// job of each product they name.
     pub fn plan<'a>(&self, events: &[&'a Event], latest: &HashMap<String, LatestJob>) -> Plan<'a> {
@@ -169,7 +175,7 @@ impl Categorizer {
                     version: j.version.clone(),
                 })
             });
-            let newer = |cur: &Current| version > cur.version;
+            let newer = |cur: &Current| version > cur.version.as_str();
             let (disposition, next) = match cur {
                 None => (Disposition::Queued, None),
                 Some(c) => match c.state {
@@ -198,8 +204,8 @@ impl Categorizer {
                         filename: event.filename.clone(),
                         program: event.program,
                         event_type: event.event_type,
-                        version: version.clone(),
-                        url: product::url(&self.base_url, event).to_string(),
+                        version: version.to_string(),
+                        url: self.urls.url(event),
                         local_path: product::local_path(event).to_string_lossy().into_owned(),
                     });
                     let job = JobRef::New(plan.new_jobs.len() - 1);
@@ -208,16 +214,16 @@ impl Categorizer {
                         Current {
                             job,
                             state: DownloadState::Queued,
-                            version,
+                            version: version.to_string(),
                         },
                     );
                     job
                 }
                 (_, Some(mut c)) => {
                     let requeue = disposition == Disposition::Requeued;
-                    let raises = version > c.version;
+                    let raises = version > c.version.as_str();
                     if raises {
-                        c.version = version;
+                        c.version = version.to_string();
                     }
                     match c.job {
                         JobRef::New(i) => plan.new_jobs[i].version = c.version.clone(),
@@ -282,10 +288,11 @@ mod tests {
     }
 
     fn cat() -> Categorizer {
-        Categorizer {
-            policy: EventsConfig::default(),
-            base_url: Url::parse("https://mast.stsci.edu").unwrap(),
-        }
+        cat_with(EventsConfig::default())
+    }
+
+    fn cat_with(policy: EventsConfig) -> Categorizer {
+        Categorizer::new(policy, &Url::parse("https://mast.stsci.edu").unwrap())
     }
 
     fn latest(state: DownloadState, version: &str) -> HashMap<String, LatestJob> {
@@ -294,7 +301,7 @@ mod tests {
             LatestJob {
                 id: 7,
                 state,
-                version: MastTime::parse(version).unwrap().canonical(),
+                version: MastTime::parse(version).unwrap().canonical().to_string(),
             },
         )])
     }
@@ -366,7 +373,7 @@ mod tests {
             plan.updates,
             [JobUpdate {
                 id: 7,
-                version: MastTime::parse(D2).unwrap().canonical(),
+                version: MastTime::parse(D2).unwrap().canonical().to_string(),
                 requeue: None
             }]
         );
@@ -393,8 +400,10 @@ mod tests {
 
     #[test]
     fn record_policy_keeps_the_event_only() {
-        let mut c = cat();
-        c.policy.public = EventAction::Record;
+        let c = cat_with(EventsConfig {
+            public: EventAction::Record,
+            ..EventsConfig::default()
+        });
         let (a, b) = (
             ev(1, "a.fits", EventType::Public, D1),
             ev(2, "b.fits", EventType::New, D1),

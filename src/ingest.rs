@@ -192,10 +192,7 @@ impl Ingestor {
         });
         Ingestor {
             store,
-            categorizer: Categorizer {
-                policy: config.events,
-                base_url,
-            },
+            categorizer: Categorizer::new(config.events, &base_url),
             limits: Limits {
                 max_size: config.ingest.max_notice_size.as_u64(),
                 max_nesting: config.ingest.max_nesting,

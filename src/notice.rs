@@ -4,12 +4,12 @@
 //! deeply nested is refused whole ([`NoticeError`]); inside the array every record is checked on its own, so
 //! the valid ones survive a bad neighbour ([`RecordError`] names the record index and the field).
 
+use std::borrow::Cow;
 use std::fmt;
 
 use chrono::{NaiveDate, NaiveDateTime, NaiveTime};
 use serde::Serialize;
 use serde_json::value::RawValue;
-use serde_json::{Map, Value};
 
 /// The longest `mission`, `fileset` or `filename` accepted, in bytes (a file-name limit on most systems).
 pub const MAX_NAME_BYTES: usize = 255;
@@ -74,17 +74,31 @@ impl fmt::Display for EventType {
 
 /// A MAST time: ISO-8601 without a zone, taken as UTC, with 0 to 7 fractional digits.
 ///
-/// Its canonical text always has 7 fractional digits, so canonical texts sort as the times do.
+/// Its canonical text always has 7 fractional digits, so canonical texts sort as the times do. The text is
+/// made once, when parsed, because ingest stores it for every event.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct MastTime(NaiveDateTime);
+pub struct MastTime {
+    at: NaiveDateTime,
+    text: [u8; CANONICAL_LEN],
+}
+
+/// `2026-03-30T17:54:12.7510000`
+const CANONICAL_LEN: usize = 27;
 
 impl MastTime {
     /// Parses `YYYY-MM-DDTHH:MM:SS[.f{1,7}]`; explains what is wrong otherwise.
     pub fn parse(s: &str) -> Result<MastTime, String> {
         const SHAPE: &str = "a date like 2026-03-30T17:53:13 or 2026-03-30T17:54:12.7510000 (UTC, no zone, 0 to 7 fractional digits)";
+        let zone_hint = |rest: &str| {
+            if rest.ends_with('Z') || rest.contains('+') || rest.contains('-') {
+                "a time zone is not expected; "
+            } else {
+                ""
+            }
+        };
         let (main, frac) = match s.split_once('.') {
-            Some((m, f)) => (m, Some(f)),
-            None => (s, None),
+            Some((m, f)) => (m, f),
+            None => (s, ""),
         };
         let b = main.as_bytes();
         let shape_ok = b.len() == 19
@@ -95,56 +109,55 @@ impl MastTime {
                 _ => c.is_ascii_digit(),
             });
         if !shape_ok {
-            let hint = if s.ends_with('Z') || s.contains('+') || s[s.len().min(19)..].contains('-')
-            {
-                "a time zone is not expected; "
-            } else {
-                ""
-            };
+            let hint = zone_hint(s.get(19..).unwrap_or(""));
             return Err(format!("{s:?} is not a date: {hint}expected {SHAPE}"));
         }
+        let has_dot = s.len() > main.len();
+        if (has_dot && frac.is_empty())
+            || frac.len() > 7
+            || !frac.bytes().all(|c| c.is_ascii_digit())
+        {
+            return Err(format!(
+                "{s:?} is not a date: {}expected {SHAPE}",
+                zone_hint(frac)
+            ));
+        }
+        let mut text = [b'0'; CANONICAL_LEN];
+        text[..19].copy_from_slice(b);
+        text[19] = b'.';
+        text[20..20 + frac.len()].copy_from_slice(frac.as_bytes());
         let num = |r: std::ops::Range<usize>| main[r].parse::<u32>().unwrap_or(u32::MAX);
-        let nanos = match frac {
-            None => 0,
-            Some(f) if (1..=7).contains(&f.len()) && f.bytes().all(|c| c.is_ascii_digit()) => {
-                let digits: u32 = f.parse().unwrap_or(0);
-                digits * 10u32.pow(9 - f.len() as u32)
-            }
-            Some(f) => {
-                let hint = if f.ends_with('Z') || f.contains('+') || f.contains('-') {
-                    "a time zone is not expected; "
-                } else {
-                    ""
-                };
-                return Err(format!("{s:?} is not a date: {hint}expected {SHAPE}"));
-            }
-        };
+        let nanos = std::str::from_utf8(&text[20..])
+            .ok()
+            .and_then(|f| f.parse::<u32>().ok())
+            .unwrap_or(0)
+            * 100;
         let date = NaiveDate::from_ymd_opt(num(0..4) as i32, num(5..7), num(8..10))
             .ok_or_else(|| format!("{s:?} is not a calendar date; expected {SHAPE}"))?;
         let time = NaiveTime::from_hms_nano_opt(num(11..13), num(14..16), num(17..19), nanos)
             .filter(|_| num(17..19) < 60)
             .ok_or_else(|| format!("{s:?} is not a valid time of day; expected {SHAPE}"))?;
-        Ok(MastTime(NaiveDateTime::new(date, time)))
+        Ok(MastTime {
+            at: NaiveDateTime::new(date, time),
+            text,
+        })
     }
 
     /// The canonical text: `2026-03-30T17:54:12.7510000`.
-    pub fn canonical(&self) -> String {
-        format!(
-            "{}.{:07}",
-            self.0.format("%Y-%m-%dT%H:%M:%S"),
-            self.0.and_utc().timestamp_subsec_nanos() / 100
-        )
+    pub fn canonical(&self) -> &str {
+        // Built from ASCII digits and separators only.
+        std::str::from_utf8(&self.text).unwrap_or("")
     }
 
     /// The time as a UTC date-time.
     pub fn as_utc(&self) -> chrono::DateTime<chrono::Utc> {
-        self.0.and_utc()
+        self.at.and_utc()
     }
 }
 
 impl fmt::Display for MastTime {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.canonical())
+        f.write_str(self.canonical())
     }
 }
 
@@ -332,17 +345,6 @@ fn kind_of_first_value(text: &str) -> &'static str {
     }
 }
 
-fn kind_of(v: &Value) -> &'static str {
-    match v {
-        Value::Null => "null",
-        Value::Bool(_) => "a boolean",
-        Value::Number(_) => "a number",
-        Value::String(_) => "a string",
-        Value::Array(_) => "an array",
-        Value::Object(_) => "an object",
-    }
-}
-
 /// The offset at which arrays/objects nest deeper than `limit`, if they do. Strings are skipped, escapes
 /// included, so brackets inside them do not count.
 fn nesting_exceeds(bytes: &[u8], limit: usize) -> Option<usize> {
@@ -375,175 +377,172 @@ fn nesting_exceeds(bytes: &[u8], limit: usize) -> Option<usize> {
     None
 }
 
+/// The fields of a record, each still raw JSON and borrowed from the notice (no copy, no map of every
+/// key): unknown fields are skipped here and live on in the stored raw record.
+#[derive(serde::Deserialize)]
+struct RawFields<'a> {
+    #[serde(borrow)]
+    event_id: Option<&'a RawValue>,
+    #[serde(borrow)]
+    mission: Option<&'a RawValue>,
+    #[serde(borrow)]
+    fileset: Option<&'a RawValue>,
+    #[serde(borrow)]
+    filename: Option<&'a RawValue>,
+    #[serde(borrow)]
+    program: Option<&'a RawValue>,
+    #[serde(borrow)]
+    event_type: Option<&'a RawValue>,
+    #[serde(borrow)]
+    archived_date: Option<&'a RawValue>,
+    #[serde(borrow)]
+    public_release_date: Option<&'a RawValue>,
+    #[serde(borrow)]
+    uri: Option<&'a RawValue>,
+}
+
+/// What a raw JSON value is, for messages.
+fn kind_of_raw(raw: &RawValue) -> &'static str {
+    match raw.get().as_bytes().first() {
+        Some(b'{') => "an object",
+        Some(b'[') => "an array",
+        Some(b'"') => "a string",
+        Some(b't' | b'f') => "a boolean",
+        Some(b'n') => "null",
+        _ => "a number",
+    }
+}
+
+/// The field as a string (borrowed unless it has escapes). Absent and null both count as missing.
+fn string_field(raw: Option<&RawValue>) -> Result<Cow<'_, str>, String> {
+    match raw {
+        None => Err("missing; every record needs it".to_string()),
+        Some(raw) if raw.get().starts_with('"') => {
+            serde_json::from_str(raw.get()).map_err(|e| format!("not a valid string: {e}"))
+        }
+        Some(raw) => Err(format!("found {}; expected a string", kind_of_raw(raw))),
+    }
+}
+
+fn uuid_field(raw: Option<&RawValue>) -> Result<String, String> {
+    let s = string_field(raw)?;
+    uuid::Uuid::try_parse(&s)
+        .map(|u| u.hyphenated().to_string())
+        .map_err(|_| {
+            format!(
+                "{s:?} is not a UUID; expected a UUID like 17a653f9-c2fe-4d71-a3ca-2590123615da"
+            )
+        })
+}
+
+fn name_field(raw: Option<&RawValue>) -> Result<String, String> {
+    let s = string_field(raw)?;
+    check_path_component(&s)?;
+    Ok(s.into_owned())
+}
+
+/// An integer, or a string holding one.
+fn program_field(raw: Option<&RawValue>) -> Result<i64, String> {
+    let raw = raw.ok_or("missing; expected the program number, e.g. 5105")?;
+    let digits = match raw.get().as_bytes().first() {
+        Some(b'"') => string_field(Some(raw))?,
+        Some(b'-' | b'0'..=b'9') => Cow::Borrowed(raw.get()),
+        _ => {
+            return Err(format!(
+                "found {}; expected the program number, e.g. 5105",
+                kind_of_raw(raw)
+            ));
+        }
+    };
+    digits
+        .trim()
+        .parse::<i64>()
+        .ok()
+        .filter(|p| *p >= 0)
+        .ok_or_else(|| {
+            format!(
+                "{} is not a whole non-negative number; expected e.g. 5105",
+                raw.get()
+            )
+        })
+}
+
+fn event_type_field(raw: Option<&RawValue>) -> Result<EventType, String> {
+    let s = string_field(raw)?;
+    EventType::parse(&s)
+        .ok_or_else(|| format!("{s:?} is not an event type; expected New, Reprocessed or Public"))
+}
+
+fn date_field(raw: Option<&RawValue>) -> Result<MastTime, String> {
+    MastTime::parse(&string_field(raw)?)
+}
+
+/// Optional: absent or null is fine.
+fn uri_field(raw: Option<&RawValue>) -> Result<Option<String>, String> {
+    match raw {
+        None => Ok(None),
+        Some(raw) if raw.get().starts_with('"') => {
+            let s = string_field(Some(raw))?;
+            check_uri(&s)?;
+            Ok(Some(s.into_owned()))
+        }
+        Some(raw) => Err(format!(
+            "found {}; expected a mast: URI string",
+            kind_of_raw(raw)
+        )),
+    }
+}
+
+/// The field's value, or `None` with its error noted.
+fn keep<T>(
+    errors: &mut Vec<RecordError>,
+    index: usize,
+    field: &'static str,
+    result: Result<T, String>,
+) -> Option<T> {
+    result
+        .map_err(|message| {
+            errors.push(RecordError {
+                index,
+                field: Some(field),
+                message,
+            })
+        })
+        .ok()
+}
+
 /// Checks one record; every bad field is reported, not only the first.
 fn validate_record(index: usize, raw: &RawValue) -> Result<Event, Vec<RecordError>> {
-    let object: Map<String, Value> = match serde_json::from_str::<Value>(raw.get()) {
-        Ok(Value::Object(map)) => map,
-        Ok(other) => {
-            return Err(vec![RecordError {
-                index,
-                field: None,
-                message: format!(
-                    "expected an object with the event fields, found {}",
-                    kind_of(&other)
-                ),
-            }]);
-        }
-        // The whole array parsed already, so a record on its own parses too; keep a message anyway.
-        Err(e) => {
-            return Err(vec![RecordError {
-                index,
-                field: None,
-                message: format!("not valid JSON: {e}"),
-            }]);
-        }
-    };
-    let mut errors = Vec::new();
-    let mut fail = |field: &'static str, message: String| {
-        errors.push(RecordError {
+    let fields: RawFields = serde_json::from_str(raw.get()).map_err(|e| {
+        let message = match kind_of_raw(raw) {
+            // An object that still fails has a repeated field.
+            "an object" => describe_json_error(&e),
+            other => format!("expected an object with the event fields, found {other}"),
+        };
+        vec![RecordError {
             index,
-            field: Some(field),
+            field: None,
             message,
-        });
-    };
-
-    let event_id = match required_str(&object, "event_id") {
-        Ok(s) => match uuid::Uuid::try_parse(s) {
-            Ok(u) => Some(u.hyphenated().to_string()),
-            Err(_) => {
-                fail(
-                    "event_id",
-                    format!(
-                        "{s:?} is not a UUID; expected a UUID like 17a653f9-c2fe-4d71-a3ca-2590123615da"
-                    ),
-                );
-                None
-            }
-        },
-        Err(m) => {
-            fail("event_id", m);
-            None
-        }
-    };
-    let mut name = |field: &'static str| match required_str(&object, field) {
-        Ok(s) => match check_path_component(s) {
-            Ok(()) => Some(s.to_string()),
-            Err(m) => {
-                fail(field, m);
-                None
-            }
-        },
-        Err(m) => {
-            fail(field, m);
-            None
-        }
-    };
-    let mission = name("mission");
-    let fileset = name("fileset");
-    let filename = name("filename");
-
-    let program = match object.get("program") {
-        None => {
-            fail(
-                "program",
-                "missing; expected the program number, e.g. 5105".into(),
-            );
-            None
-        }
-        Some(Value::Number(n)) => match n.as_i64().filter(|p| *p >= 0) {
-            Some(p) => Some(p),
-            None => {
-                fail(
-                    "program",
-                    format!("{n} is not a whole non-negative number; expected e.g. 5105"),
-                );
-                None
-            }
-        },
-        Some(Value::String(s)) => match s.trim().parse::<i64>().ok().filter(|p| *p >= 0) {
-            Some(p) => Some(p),
-            None => {
-                fail(
-                    "program",
-                    format!("{s:?} is not a whole non-negative number; expected e.g. 5105"),
-                );
-                None
-            }
-        },
-        Some(other) => {
-            fail(
-                "program",
-                format!(
-                    "found {}; expected the program number, e.g. 5105",
-                    kind_of(other)
-                ),
-            );
-            None
-        }
-    };
-
-    let event_type = match required_str(&object, "event_type") {
-        Ok(s) => match EventType::parse(s) {
-            Some(t) => Some(t),
-            None => {
-                fail(
-                    "event_type",
-                    format!("{s:?} is not an event type; expected New, Reprocessed or Public"),
-                );
-                None
-            }
-        },
-        Err(m) => {
-            fail("event_type", m);
-            None
-        }
-    };
-
-    let mut date = |field: &'static str| match required_str(&object, field) {
-        Ok(s) => match MastTime::parse(s) {
-            Ok(t) => Some(t),
-            Err(m) => {
-                fail(field, m);
-                None
-            }
-        },
-        Err(m) => {
-            fail(field, m);
-            None
-        }
-    };
-    let archived_date = date("archived_date");
-    let public_release_date = date("public_release_date");
-
-    let uri = match object.get("uri") {
-        None | Some(Value::Null) => Some(None),
-        Some(Value::String(s)) => match check_uri(s) {
-            Ok(()) => Some(Some(s.clone())),
-            Err(m) => {
-                fail("uri", m);
-                None
-            }
-        },
-        Some(other) => {
-            fail(
-                "uri",
-                format!("found {}; expected a mast: URI string", kind_of(other)),
-            );
-            None
-        }
-    };
-
-    match (
-        event_id,
-        mission,
-        fileset,
-        filename,
-        program,
-        event_type,
-        archived_date,
-        public_release_date,
-        uri,
-    ) {
+        }]
+    })?;
+    let e = &mut Vec::new();
+    let event = (
+        keep(e, index, "event_id", uuid_field(fields.event_id)),
+        keep(e, index, "mission", name_field(fields.mission)),
+        keep(e, index, "fileset", name_field(fields.fileset)),
+        keep(e, index, "filename", name_field(fields.filename)),
+        keep(e, index, "program", program_field(fields.program)),
+        keep(e, index, "event_type", event_type_field(fields.event_type)),
+        keep(e, index, "archived_date", date_field(fields.archived_date)),
+        keep(
+            e,
+            index,
+            "public_release_date",
+            date_field(fields.public_release_date),
+        ),
+        keep(e, index, "uri", uri_field(fields.uri)),
+    );
+    match event {
         (
             Some(event_id),
             Some(mission),
@@ -554,7 +553,7 @@ fn validate_record(index: usize, raw: &RawValue) -> Result<Event, Vec<RecordErro
             Some(archived_date),
             Some(public_release_date),
             Some(uri),
-        ) if errors.is_empty() => Ok(Event {
+        ) => Ok(Event {
             index,
             event_id,
             mission,
@@ -567,15 +566,7 @@ fn validate_record(index: usize, raw: &RawValue) -> Result<Event, Vec<RecordErro
             uri,
             raw: raw.get().to_string(),
         }),
-        _ => Err(errors),
-    }
-}
-
-fn required_str<'a>(object: &'a Map<String, Value>, field: &str) -> Result<&'a str, String> {
-    match object.get(field) {
-        None => Err("missing; every record needs it".to_string()),
-        Some(Value::String(s)) => Ok(s),
-        Some(other) => Err(format!("found {}; expected a string", kind_of(other))),
+        _ => Err(std::mem::take(e)),
     }
 }
 

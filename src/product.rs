@@ -34,35 +34,55 @@ pub fn local_path(event: &Event) -> PathBuf {
     .collect()
 }
 
-/// The URL of the product on MAST, built on `base_url` only.
-pub fn url(base_url: &Url, event: &Event) -> Url {
-    let mission = event.mission.to_lowercase();
-    let mut url = base_url.clone();
-    url.set_query(None);
-    url.set_fragment(None);
-    {
-        // A base URL always has path segments (validated as http/https); keep any prefix it carries.
-        let Ok(mut segments) = url.path_segments_mut() else {
-            return url;
-        };
-        segments.pop_if_empty();
-        if RETRIEVE_PRODUCT_MISSIONS.contains(&mission.as_str()) {
-            segments.extend(["search", &mission, "api", "v0.1", "retrieve_product"]);
-        } else {
-            segments.extend(["api", "v0.1", "Download", "file"]);
+/// Builds product URLs on one base URL; only that base's scheme, host and path prefix are ever used.
+#[derive(Debug, Clone)]
+pub struct UrlBuilder {
+    /// The base without query, fragment or trailing slash: `https://mast.stsci.edu`.
+    prefix: String,
+}
+
+/// Characters escaped in a path segment: everything but unreserved characters.
+const SEGMENT: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'.')
+    .remove(b'_')
+    .remove(b'~');
+
+impl UrlBuilder {
+    /// A builder on `base_url`.
+    pub fn new(base_url: &Url) -> UrlBuilder {
+        let mut base = base_url.clone();
+        base.set_query(None);
+        base.set_fragment(None);
+        UrlBuilder {
+            prefix: base.as_str().trim_end_matches('/').to_string(),
         }
     }
-    if RETRIEVE_PRODUCT_MISSIONS.contains(&mission.as_str()) {
-        url.query_pairs_mut()
-            .append_pair("product_name", &event.filename);
-    } else {
-        let uri = event
-            .uri
-            .clone()
-            .unwrap_or_else(|| format!("mast:{}/product/{}", event.mission, event.filename));
-        url.query_pairs_mut().append_pair("uri", &uri);
+
+    /// The URL of the product on MAST: `retrieve_product` for the missions served by it, else
+    /// `Download/file` with the record's own `mast:` URI or one made from mission and file name.
+    pub fn url(&self, event: &Event) -> String {
+        let mission = event.mission.to_lowercase();
+        let query =
+            |value: &str| form_urlencoded::byte_serialize(value.as_bytes()).collect::<String>();
+        if RETRIEVE_PRODUCT_MISSIONS.contains(&mission.as_str()) {
+            format!(
+                "{}/search/{}/api/v0.1/retrieve_product?product_name={}",
+                self.prefix,
+                percent_encoding::utf8_percent_encode(&mission, SEGMENT),
+                query(&event.filename)
+            )
+        } else {
+            let uri = match &event.uri {
+                Some(uri) => query(uri),
+                None => query(&format!(
+                    "mast:{}/product/{}",
+                    event.mission, event.filename
+                )),
+            };
+            format!("{}/api/v0.1/Download/file?uri={uri}", self.prefix)
+        }
     }
-    url
 }
 
 #[cfg(test)]
@@ -90,7 +110,7 @@ mod tests {
     #[test]
     fn jwst_uses_retrieve_product() {
         let base = Url::parse("https://mast.stsci.edu").unwrap();
-        let u = url(&base, &event("JWST", "jw_a b&c.fits"));
+        let u = UrlBuilder::new(&base).url(&event("JWST", "jw_a b&c.fits"));
         assert_eq!(
             u.as_str(),
             "https://mast.stsci.edu/search/jwst/api/v0.1/retrieve_product?product_name=jw_a+b%26c.fits"
@@ -99,8 +119,8 @@ mod tests {
 
     #[test]
     fn other_missions_use_download_file_and_keep_base_prefix() {
-        let base = Url::parse("http://127.0.0.1:8080/mast/").unwrap();
-        let u = url(&base, &event("TESS", "t.fits"));
+        let base = Url::parse("http://127.0.0.1:8080/mast/?x=1#f").unwrap();
+        let u = UrlBuilder::new(&base).url(&event("TESS", "t.fits"));
         assert_eq!(
             u.as_str(),
             "http://127.0.0.1:8080/mast/api/v0.1/Download/file?uri=mast%3ATESS%2Fproduct%2Ft.fits"
@@ -110,8 +130,20 @@ mod tests {
     #[test]
     fn a_hostile_name_stays_on_the_base_host() {
         let base = Url::parse("https://mast.stsci.edu").unwrap();
-        let u = url(&base, &event("JWST", "@evil.example:80#x?y"));
-        assert_eq!(u.host_str(), Some("mast.stsci.edu"));
+        for name in ["@evil.example:80#x?y", "a%2F..%2Fb", "x y+z&w=v"] {
+            let u = Url::parse(&UrlBuilder::new(&base).url(&event("JWST", name))).unwrap();
+            assert_eq!(u.host_str(), Some("mast.stsci.edu"));
+            assert_eq!(u.path(), "/search/jwst/api/v0.1/retrieve_product");
+            let pairs: Vec<_> = u.query_pairs().collect();
+            assert_eq!(
+                pairs,
+                [("product_name".into(), std::borrow::Cow::Borrowed(name))]
+            );
+        }
+        let mut odd = event("Odd Mission?", "f.fits");
+        odd.uri = Some("mast:ODD/product/f.fits".into());
+        let u = Url::parse(&UrlBuilder::new(&base).url(&odd)).unwrap();
+        assert_eq!(u.query_pairs().next().unwrap().1, "mast:ODD/product/f.fits");
         assert_eq!(
             local_path(&event("JWST", "f.fits")),
             PathBuf::from("jwst/fs1/f.fits")

@@ -27,6 +27,24 @@ fn a_notice_renamed_into_the_inbox_is_taken_within_a_second() {
 }
 
 #[test]
+fn on_the_built_in_defaults_a_notice_dropped_in_the_relative_inbox_is_taken_promptly() {
+    let ws = Workspace::new();
+    let d = Daemon::start_on_defaults(&ws);
+    d.wait_for_log("watching inbox", Duration::from_secs(20));
+    std::fs::copy(common::sample_notice(), ws.path("staged.json")).unwrap();
+    std::fs::rename(ws.path("staged.json"), ws.inbox().join("JWST.json")).unwrap();
+    // Well under inbox.rescan_interval (60 s): the watcher, not the periodic scan, must see it.
+    assert!(
+        wait_until(Duration::from_secs(3), || ws.files_in("inbox/processed")
+            == ["JWST.json"]),
+        "not processed; log:\n{}",
+        d.log()
+    );
+    assert!(ws.path("mastsub.db").is_file());
+    assert_eq!(ws.query_i64("SELECT count(*) FROM events"), 3);
+}
+
+#[test]
 fn a_notice_written_slowly_in_place_is_taken_only_once_closed() {
     let ws = Workspace::new();
     let _d = Daemon::start_watching(&ws);

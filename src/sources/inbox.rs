@@ -89,10 +89,13 @@ struct Inbox {
 
 /// Watches `config.dir` and ingests what arrives, until `shutdown`.
 pub async fn run(config: InboxConfig, ingestor: Arc<Ingestor>, shutdown: CancellationToken) {
+    // The watcher reports absolute paths; a relative `inbox.dir` (the default) must be made absolute the
+    // same way, or no event would ever match the folder.
+    let dir = std::path::absolute(&config.dir).unwrap_or_else(|_| config.dir.clone());
     let mut inbox = Inbox {
-        processed: config.dir.join(PROCESSED_DIR),
-        rejected: config.dir.join(REJECTED_DIR),
-        dir: config.dir.clone(),
+        processed: dir.join(PROCESSED_DIR),
+        rejected: dir.join(REJECTED_DIR),
+        dir,
         settle: config.settle,
         write_timeout: config.write_timeout,
         ingestor,

@@ -1,7 +1,8 @@
 //! The SQLite backend: one writer connection, read-only readers, WAL, `BEGIN IMMEDIATE` for every write.
 //!
-//! A notice is recorded with a handful of statements whatever its size: batches travel as one JSON text
-//! parameter and SQLite's `json_each` unpacks them, so 100,000 events cost one round trip, not 300,000.
+//! A notice is recorded with few statements whatever its size: rows are inserted in multi-row `VALUES`
+//! chunks of bound parameters (never one round trip per event), and look-ups send their keys as one JSON
+//! parameter that SQLite's `json_each` unpacks.
 
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -10,11 +11,11 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use serde_json::json;
-use sqlx::Row;
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow,
     SqliteSynchronous,
 };
+use sqlx::{QueryBuilder, Row, Sqlite};
 
 use super::{
     DownloadRow, DownloadState, IngestOutcome, NoticeMeta, NoticeStatus, StatusSnapshot, Store,
@@ -25,6 +26,11 @@ use crate::notice::{Event, EventType};
 
 /// How long a connection waits for another process's write lock (`mastsub ingest` beside the daemon).
 const BUSY_TIMEOUT: Duration = Duration::from_secs(30);
+/// Rows per multi-row INSERT: 1,000 rows of 15 values stay under SQLite's 32,766 bound parameters.
+const ROWS_PER_INSERT: usize = 1000;
+/// The writer's page cache, in KiB (SQLite's convention for a negative `cache_size`). A large notice
+/// touches tens of MiB of pages; with SQLite's default 2 MiB they spill to the WAL and are read back.
+const WRITER_CACHE_KIB: i64 = 16 * 1024;
 
 /// The SQLite store.
 #[derive(Debug, Clone)]
@@ -32,6 +38,12 @@ pub struct SqliteStore {
     path: PathBuf,
     writer: SqlitePool,
     readers: SqlitePool,
+}
+
+/// A list of keys as one JSON text parameter for `json_each`.
+fn json_text<T: serde::Serialize>(keys: &T) -> String {
+    // Serializing strings into a String cannot fail.
+    serde_json::to_string(keys).unwrap_or_else(|_| "[]".to_string())
 }
 
 fn now_ms() -> i64 {
@@ -52,6 +64,27 @@ impl SqliteStore {
             path: shown.clone(),
             source,
         };
+        // Processes opening a new database at once (the daemon starting while `mastsub ingest` runs) would
+        // race on the first migration; an advisory lock beside the database makes them take turns. Never
+        // lock the database file itself: closing any descriptor of it drops SQLite's own POSIX locks.
+        let lock_path = {
+            let mut p = path.as_os_str().to_owned();
+            p.push(".lock");
+            PathBuf::from(p)
+        };
+        let migrate_lock =
+            tokio::task::spawn_blocking(move || -> std::io::Result<std::fs::File> {
+                let file = std::fs::OpenOptions::new()
+                    .create(true)
+                    .truncate(false)
+                    .write(true)
+                    .open(&lock_path)?;
+                file.lock()?;
+                Ok(file)
+            })
+            .await
+            .map_err(|e| open_err(sqlx::Error::Io(std::io::Error::other(e))))?
+            .map_err(|e| open_err(sqlx::Error::Io(e)))?;
         // Durability: synchronous=FULL makes every committed notice survive a power cut, which matters
         // because the inbox moves a file away once its transaction has committed.
         let base = SqliteConnectOptions::from_str("sqlite:")
@@ -70,6 +103,8 @@ impl SqliteStore {
                 base.clone()
                     .create_if_missing(true)
                     .journal_mode(SqliteJournalMode::Wal)
+                    .pragma("cache_size", (-WRITER_CACHE_KIB).to_string())
+                    .pragma("temp_store", "memory")
                     .optimize_on_close(true, None),
             )
             .await
@@ -81,6 +116,7 @@ impl SqliteStore {
                 path: shown.clone(),
                 source,
             })?;
+        drop(migrate_lock);
         let readers = SqlitePoolOptions::new()
             .max_connections(4)
             .connect_with(base.read_only(true))
@@ -137,19 +173,18 @@ const UPSERT_NOTICE: &str = "
 const RECORDED_EVENT_IDS: &str = "
     SELECT event_id FROM events WHERE event_id IN (SELECT value FROM json_each(?1))";
 
+/// One index seek per product on `downloads_by_product (product, id)`.
 const LATEST_JOBS: &str = "
-    SELECT id, product, state, version FROM downloads
-    WHERE id IN (SELECT max(id) FROM downloads
-                 WHERE product IN (SELECT value FROM json_each(?1))
-                 GROUP BY product)";
+    SELECT d.id, d.product, d.state, d.version
+    FROM json_each(?1) AS k
+    JOIN downloads AS d ON d.id = (SELECT max(id) FROM downloads WHERE product = k.value)";
 
+const NEXT_JOB_ID: &str = "SELECT coalesce(max(id), 0) + 1 FROM downloads";
+
+/// Followed by `VALUES (...), (...)` chunks of bound rows.
 const INSERT_JOBS: &str = "
-    INSERT INTO downloads (product, mission, fileset, filename, program, event_type, version, url,
-                           local_path, state, next_attempt_at, created_at, updated_at)
-    SELECT value ->> 0, value ->> 1, value ->> 2, value ->> 3, value ->> 4, value ->> 5, value ->> 6,
-           value ->> 7, value ->> 8, 'queued', ?2, ?2, ?2
-    FROM json_each(?1)
-    RETURNING id, product";
+    INSERT INTO downloads (id, product, mission, fileset, filename, program, event_type, version, url,
+                           local_path, state, next_attempt_at, created_at, updated_at) ";
 
 /// A requeue starts the job afresh: no attempts, no lease, no error, due now.
 const UPDATE_JOBS: &str = "
@@ -166,12 +201,10 @@ const UPDATE_JOBS: &str = "
     FROM (SELECT value ->> 0 AS id, value ->> 1 AS version, value ->> 2 AS requeue FROM json_each(?1)) AS u
     WHERE downloads.id = u.id";
 
+/// Followed by `VALUES (...), (...)` chunks of bound rows.
 const INSERT_EVENTS: &str = "
     INSERT INTO events (event_id, notice_id, record_index, mission, fileset, filename, program, event_type,
-                        archived_date, public_release_date, uri, raw, disposition, download_id, received_at)
-    SELECT value ->> 0, ?2, value ->> 1, value ->> 2, value ->> 3, value ->> 4, value ->> 5, value ->> 6,
-           value ->> 7, value ->> 8, value ->> 9, value ->> 10, value ->> 11, value ->> 12, ?3
-    FROM json_each(?1)";
+                        archived_date, public_release_date, uri, raw, disposition, download_id, received_at) ";
 
 const COUNT_EVENTS_RECORDED: &str = "
     UPDATE notices SET events_recorded = events_recorded + ?2 WHERE id = ?1";
@@ -236,7 +269,7 @@ impl Store for SqliteStore {
         // Events already recorded, by this notice before or by another; repeats inside the notice count too.
         let ids: Vec<&str> = events.iter().map(|e| e.event_id.as_str()).collect();
         let recorded: Vec<(String,)> = sqlx::query_as(RECORDED_EVENT_IDS)
-            .bind(json!(ids).to_string())
+            .bind(json_text(&ids))
             .fetch_all(&mut *tx)
             .await
             .map_err(&err)?;
@@ -268,32 +301,31 @@ impl Store for SqliteStore {
 
         let plan = categorizer.plan(&fresh, &latest);
 
-        let mut new_ids: HashMap<String, i64> = HashMap::with_capacity(plan.new_jobs.len());
-        if !plan.new_jobs.is_empty() {
-            let batch: Vec<_> = plan
-                .new_jobs
-                .iter()
-                .map(|j| {
-                    json!([
-                        j.product,
-                        j.mission,
-                        j.fileset,
-                        j.filename,
-                        j.program,
-                        j.event_type.as_str(),
-                        j.version,
-                        j.url,
-                        j.local_path
-                    ])
-                })
-                .collect();
-            let inserted: Vec<(i64, String)> = sqlx::query_as(INSERT_JOBS)
-                .bind(serde_json::Value::Array(batch).to_string())
-                .bind(now)
-                .fetch_all(&mut *tx)
-                .await
-                .map_err(&err)?;
-            new_ids.extend(inserted.into_iter().map(|(id, product)| (product, id)));
+        // The write lock is ours (BEGIN IMMEDIATE), so new jobs can take ids from here without RETURNING.
+        let first_id: i64 = sqlx::query_scalar(NEXT_JOB_ID)
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(&err)?;
+        let job_id = |i: usize| first_id + i as i64;
+        for (c, chunk) in plan.new_jobs.chunks(ROWS_PER_INSERT).enumerate() {
+            let mut insert = QueryBuilder::<Sqlite>::new(INSERT_JOBS);
+            insert.push_values(chunk.iter().enumerate(), |mut row, (i, j)| {
+                row.push_bind(job_id(c * ROWS_PER_INSERT + i))
+                    .push_bind(j.product.as_str())
+                    .push_bind(j.mission.as_str())
+                    .push_bind(j.fileset.as_str())
+                    .push_bind(j.filename.as_str())
+                    .push_bind(j.program)
+                    .push_bind(j.event_type.as_str())
+                    .push_bind(j.version.as_str())
+                    .push_bind(j.url.as_str())
+                    .push_bind(j.local_path.as_str())
+                    .push_bind(DownloadState::Queued.as_str())
+                    .push_bind(now)
+                    .push_bind(now)
+                    .push_bind(now);
+            });
+            insert.build().execute(&mut *tx).await.map_err(&err)?;
         }
         if !plan.updates.is_empty() {
             let batch: Vec<_> = plan
@@ -309,15 +341,11 @@ impl Store for SqliteStore {
                 .map_err(&err)?;
         }
 
-        let mut batch = Vec::with_capacity(plan.events.len());
         for planned in &plan.events {
-            let e = planned.event;
-            let download_id = match planned.job {
-                None => None,
-                Some(JobRef::Existing(id)) => Some(id),
-                Some(JobRef::New(i)) => new_ids.get(&plan.new_jobs[i].product).copied(),
-            };
-            *outcome.recorded.entry(e.event_type).or_default() += 1;
+            *outcome
+                .recorded
+                .entry(planned.event.event_type)
+                .or_default() += 1;
             match planned.disposition {
                 Disposition::Queued => outcome.queued += 1,
                 Disposition::Joined => outcome.joined += 1,
@@ -325,29 +353,33 @@ impl Store for SqliteStore {
                 Disposition::AlreadyDone => outcome.already_done += 1,
                 Disposition::RecordOnly => outcome.record_only += 1,
             }
-            batch.push(json!([
-                e.event_id,
-                e.index,
-                e.mission,
-                e.fileset,
-                e.filename,
-                e.program,
-                e.event_type.as_str(),
-                e.archived_date.canonical(),
-                e.public_release_date.canonical(),
-                e.uri,
-                e.raw,
-                planned.disposition.as_str(),
-                download_id
-            ]));
         }
-        sqlx::query(INSERT_EVENTS)
-            .bind(serde_json::Value::Array(batch).to_string())
-            .bind(notice_id)
-            .bind(now)
-            .execute(&mut *tx)
-            .await
-            .map_err(&err)?;
+        for chunk in plan.events.chunks(ROWS_PER_INSERT) {
+            let mut insert = QueryBuilder::<Sqlite>::new(INSERT_EVENTS);
+            insert.push_values(chunk, |mut row, planned| {
+                let e = planned.event;
+                let download_id = planned.job.map(|job| match job {
+                    JobRef::Existing(id) => id,
+                    JobRef::New(i) => job_id(i),
+                });
+                row.push_bind(e.event_id.as_str())
+                    .push_bind(notice_id)
+                    .push_bind(e.index as i64)
+                    .push_bind(e.mission.as_str())
+                    .push_bind(e.fileset.as_str())
+                    .push_bind(e.filename.as_str())
+                    .push_bind(e.program)
+                    .push_bind(e.event_type.as_str())
+                    .push_bind(e.archived_date.canonical())
+                    .push_bind(e.public_release_date.canonical())
+                    .push_bind(e.uri.as_deref())
+                    .push_bind(e.raw.as_str())
+                    .push_bind(planned.disposition.as_str())
+                    .push_bind(download_id)
+                    .push_bind(now);
+            });
+            insert.build().execute(&mut *tx).await.map_err(&err)?;
+        }
         sqlx::query(COUNT_EVENTS_RECORDED)
             .bind(notice_id)
             .bind(plan.events.len() as i64)

@@ -130,6 +130,27 @@ impl Workspace {
     }
 }
 
+impl Workspace {
+    /// Runs one write statement on the workspace's database (to put a job in a state no API sets yet).
+    pub fn execute(&self, sql: &str) {
+        let db = self.db();
+        let sql = sql.to_string();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let opts = sqlx::sqlite::SqliteConnectOptions::new().filename(&db);
+            let pool = sqlx::SqlitePool::connect_with(opts).await.expect("open db");
+            sqlx::query(sql.as_str())
+                .execute(&pool)
+                .await
+                .expect("execute");
+            pool.close().await;
+        })
+    }
+}
+
 /// The daemon, started from the real binary, with its stderr collected.
 pub struct Daemon {
     child: Option<Child>,
@@ -142,10 +163,17 @@ impl Daemon {
     }
 
     pub fn start_with_env(ws: &Workspace, env: &[(&str, &str)]) -> Daemon {
+        Daemon::spawn(ws, &["--config", ws.config.to_str().unwrap(), "run"], env)
+    }
+
+    /// `mastsub run` with no config file at all, in the workspace: the README's first command.
+    pub fn start_on_defaults(ws: &Workspace) -> Daemon {
+        Daemon::spawn(ws, &["run"], &[])
+    }
+
+    fn spawn(ws: &Workspace, args: &[&str], env: &[(&str, &str)]) -> Daemon {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_mastsub"));
-        cmd.arg("--config")
-            .arg(&ws.config)
-            .arg("run")
+        cmd.args(args)
             .current_dir(ws.dir.path())
             .env_remove("RUST_LOG")
             .stdin(Stdio::null())

@@ -1,0 +1,308 @@
+//! The store's contract, run against every backend (rstest cases; SQLite today): de-duplication, one job
+//! per product version, re-queueing, and several processes writing one database at once.
+
+mod common;
+
+use std::sync::Arc;
+
+use common::{Workspace, record};
+use mastsub::categorize::Categorizer;
+use mastsub::config::EventsConfig;
+use mastsub::notice::{self, Event, Limits};
+use mastsub::store::{
+    DownloadState, IngestOutcome, NoticeMeta, NoticeStatus, SourceKind, SqliteStore, Store,
+};
+use rstest::rstest;
+use serde_json::{Value, json};
+
+enum Backend {
+    Sqlite,
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+async fn open(backend: &Backend, ws: &Workspace) -> Arc<dyn Store> {
+    match backend {
+        Backend::Sqlite => Arc::new(SqliteStore::open(&ws.db()).await.unwrap()),
+    }
+}
+
+fn categorizer() -> Categorizer {
+    Categorizer::new(
+        EventsConfig::default(),
+        &url::Url::parse("https://mast.stsci.edu").unwrap(),
+    )
+}
+
+fn events(records: &[Value]) -> Vec<Event> {
+    let bytes = serde_json::to_vec(records).unwrap();
+    let parsed = notice::parse(&bytes, &Limits::default()).unwrap();
+    assert!(parsed.errors.is_empty(), "{:?}", parsed.errors);
+    parsed.events
+}
+
+/// Ingests `records` as a notice whose content hash is `tag` (distinct tags are distinct notices).
+async fn ingest(store: &Arc<dyn Store>, tag: &str, records: &[Value]) -> IngestOutcome {
+    let evs = events(records);
+    let meta = NoticeMeta {
+        sha256: format!("{tag:0>64}"),
+        source_kind: SourceKind::Cli,
+        source_ref: tag.to_string(),
+        name: format!("{tag}.json"),
+        size: 1,
+        records: evs.len(),
+        status: NoticeStatus::Accepted,
+        error: None,
+    };
+    store
+        .ingest_notice(&meta, &evs, &categorizer())
+        .await
+        .unwrap()
+}
+
+/// Record `n` as another type and version of the same product.
+fn same_product(n: u64, id: u64, event_type: &str, archived: &str) -> Value {
+    let mut r = record(n, event_type);
+    r["event_id"] = json!(format!("00000000-0000-4000-8000-{id:012}"));
+    r["archived_date"] = json!(archived);
+    r
+}
+
+#[rstest]
+#[case::sqlite(Backend::Sqlite)]
+fn the_same_event_in_two_notices_is_recorded_once(#[case] backend: Backend) {
+    let ws = Workspace::new();
+    runtime().block_on(async {
+        let store = open(&backend, &ws).await;
+        let a = ingest(&store, "a", &[record(1, "New"), record(2, "New")]).await;
+        assert_eq!((a.recorded_total(), a.queued), (2, 2));
+        let b = ingest(
+            &store,
+            "b",
+            &[record(2, "New"), record(3, "New"), record(3, "New")],
+        )
+        .await;
+        assert_eq!(
+            (b.recorded_total(), b.already_recorded, b.queued),
+            (1, 2, 1)
+        );
+        let again = ingest(&store, "a", &[record(1, "New"), record(2, "New")]).await;
+        assert!(again.seen_before);
+        assert_eq!(again.recorded_total(), 0);
+        store.close().await;
+    });
+    assert_eq!(ws.query_i64("SELECT count(*) FROM events"), 3);
+    assert_eq!(ws.query_i64("SELECT count(*) FROM notices"), 2);
+}
+
+#[rstest]
+#[case::sqlite(Backend::Sqlite)]
+fn new_then_public_in_separate_notices_share_one_job(#[case] backend: Backend) {
+    let ws = Workspace::new();
+    runtime().block_on(async {
+        let store = open(&backend, &ws).await;
+        ingest(
+            &store,
+            "a",
+            &[same_product(1, 1, "New", "2026-01-01T00:00:00")],
+        )
+        .await;
+        let o = ingest(
+            &store,
+            "b",
+            &[same_product(1, 2, "Public", "2026-01-01T00:00:00")],
+        )
+        .await;
+        assert_eq!((o.queued, o.joined), (0, 1));
+        store.close().await;
+    });
+    assert_eq!(ws.query_i64("SELECT count(*) FROM downloads"), 1);
+    assert_eq!(
+        ws.query_i64("SELECT count(DISTINCT download_id) FROM events"),
+        1
+    );
+}
+
+#[rstest]
+#[case::sqlite(Backend::Sqlite)]
+fn a_newer_version_raises_a_queued_job_and_queues_after_a_done_one(#[case] backend: Backend) {
+    let ws = Workspace::new();
+    let rt = runtime();
+    rt.block_on(async {
+        let store = open(&backend, &ws).await;
+        ingest(
+            &store,
+            "a",
+            &[same_product(1, 1, "New", "2026-01-01T00:00:00")],
+        )
+        .await;
+        let o = ingest(
+            &store,
+            "b",
+            &[same_product(1, 2, "Reprocessed", "2026-02-01T00:00:00.5")],
+        )
+        .await;
+        assert_eq!((o.queued, o.joined), (0, 1));
+        let rows = store.list_downloads(None).await.unwrap();
+        assert_eq!(rows.len(), 1);
+        assert_eq!(rows[0].version, "2026-02-01T00:00:00.5000000");
+        store.close().await;
+    });
+    ws.execute("UPDATE downloads SET state = 'done'");
+    rt.block_on(async {
+        let store = open(&backend, &ws).await;
+        let same = ingest(
+            &store,
+            "c",
+            &[same_product(1, 3, "Public", "2026-02-01T00:00:00.5")],
+        )
+        .await;
+        assert_eq!(same.already_done, 1);
+        let newer = ingest(
+            &store,
+            "d",
+            &[same_product(1, 4, "Reprocessed", "2026-03-01T00:00:00")],
+        )
+        .await;
+        assert_eq!(newer.queued, 1);
+        let queued = store
+            .list_downloads(Some(DownloadState::Queued))
+            .await
+            .unwrap();
+        assert_eq!(queued.len(), 1);
+        assert_eq!(queued[0].event_type, "Reprocessed");
+        store.close().await;
+    });
+    assert_eq!(ws.query_i64("SELECT count(*) FROM downloads"), 2);
+}
+
+#[rstest]
+#[case::sqlite(Backend::Sqlite)]
+fn public_requeues_a_job_waiting_for_a_token_and_any_event_a_failed_one(#[case] backend: Backend) {
+    let ws = Workspace::new();
+    let rt = runtime();
+    rt.block_on(async {
+        let store = open(&backend, &ws).await;
+        ingest(
+            &store,
+            "a",
+            &[same_product(1, 1, "New", "2026-01-01T00:00:00")],
+        )
+        .await;
+        ingest(
+            &store,
+            "b",
+            &[same_product(2, 2, "New", "2026-01-01T00:00:00")],
+        )
+        .await;
+        store.close().await;
+    });
+    ws.execute(
+        "UPDATE downloads SET state = 'needs_auth', attempts = 1, last_error = 'HTTP 401', lease_owner = 'w1', \
+         lease_expires_at = 1, next_attempt_at = 9999999999999 WHERE filename LIKE 'jw00001%'",
+    );
+    ws.execute("UPDATE downloads SET state = 'failed', attempts = 8, last_error = 'HTTP 404' WHERE filename LIKE 'jw00002%'");
+    rt.block_on(async {
+        let store = open(&backend, &ws).await;
+        let joined = ingest(
+            &store,
+            "c",
+            &[same_product(1, 3, "New", "2026-01-01T00:00:00")],
+        )
+        .await;
+        assert_eq!(
+            (joined.joined, joined.requeued),
+            (1, 0),
+            "New must not re-queue a needs_auth job"
+        );
+        let o = ingest(
+            &store,
+            "d",
+            &[
+                same_product(1, 4, "Public", "2026-01-01T00:00:00"),
+                same_product(2, 5, "New", "2026-01-01T00:00:00"),
+            ],
+        )
+        .await;
+        assert_eq!(o.requeued, 2);
+        let rows = store
+            .list_downloads(Some(DownloadState::Queued))
+            .await
+            .unwrap();
+        assert_eq!(rows.len(), 2);
+        assert!(
+            rows.iter()
+                .all(|r| r.attempts == 0 && r.last_error.is_none())
+        );
+        assert_eq!(rows[0].event_type, "Public");
+        store.close().await;
+    });
+    assert_eq!(
+        ws.query_i64("SELECT count(*) FROM downloads WHERE lease_owner IS NOT NULL"),
+        0
+    );
+    assert_eq!(
+        ws.query_i64("SELECT count(*) FROM downloads WHERE next_attempt_at = 9999999999999"),
+        0
+    );
+}
+
+#[rstest]
+#[case::sqlite(Backend::Sqlite)]
+fn status_counts_every_state_type_and_notice_status(#[case] backend: Backend) {
+    let ws = Workspace::new();
+    runtime().block_on(async {
+        let store = open(&backend, &ws).await;
+        ingest(
+            &store,
+            "a",
+            &[
+                record(1, "New"),
+                record(2, "Reprocessed"),
+                record(3, "Public"),
+                record(4, "Public"),
+            ],
+        )
+        .await;
+        let s = store.status(10).await.unwrap();
+        assert_eq!(s.downloads[&DownloadState::Queued], 4);
+        assert_eq!(s.downloads[&DownloadState::NeedsAuth], 0);
+        assert_eq!(s.events[&mastsub::notice::EventType::Public], 2);
+        assert_eq!(s.notices[&NoticeStatus::Accepted], 1);
+        assert!(s.recent_failures.is_empty());
+        store.close().await;
+    });
+}
+
+#[test]
+fn several_processes_ingesting_into_one_database_lose_nothing() {
+    let ws = Workspace::new();
+    let mut children = Vec::new();
+    for p in 0..4u64 {
+        let files: Vec<_> = (0..15u64)
+            .map(|i| {
+                ws.write_notice(
+                    &format!("p{p}-{i}.json"),
+                    &common::notice_of(p * 10_000 + i * 100, 50),
+                )
+            })
+            .collect();
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_mastsub"));
+        cmd.arg("--config")
+            .arg(&ws.config)
+            .arg("ingest")
+            .args(&files)
+            .current_dir(ws.dir.path());
+        children.push(cmd.spawn().unwrap());
+    }
+    for mut c in children {
+        assert!(c.wait().unwrap().success());
+    }
+    assert_eq!(ws.query_i64("SELECT count(*) FROM events"), 4 * 15 * 50);
+    assert_eq!(ws.query_i64("SELECT count(*) FROM notices"), 60);
+}
