@@ -5,8 +5,11 @@ Cases (each on a fresh database):
   large   one notice of 100,000 events               `mastsub ingest big.json`
   many    1,000 notices of 100 events, one process    `mastsub ingest n0000.json ... n0999.json`
   inbox   the same 1,000 notices dropped into the inbox of a running daemon, until all are in processed/
-The baseline is what a person would otherwise write: Python's json.load plus sqlite3 executemany into an
-events table with a unique event_id (no validation, no categorization), i.e. a floor, not a peer.
+Two references, run in the same session:
+  baseline  what a person would otherwise write: Python's json.load plus sqlite3 executemany into one events
+            table with a unique event_id (no validation, no jobs, no categorization);
+  floor     the same Python, but filling mastsub's own schema (migrations/, both tables, every index) with
+            the rows mastsub would write: what SQLite alone costs for this data, with nothing checked.
 Runs each case REPEAT times and reports the median. Usage: bench/ingest.py BINARY WORKDIR [REPEAT]
 """
 import json, os, shutil, statistics, subprocess, sys, time, uuid
@@ -99,6 +102,41 @@ for path in sys.argv[2:]:
 '''
 
 
+FLOOR = r'''
+import json, sqlite3, sys
+db = sqlite3.connect(sys.argv[1], isolation_level=None)
+db.execute("PRAGMA journal_mode=WAL")
+db.execute("PRAGMA synchronous=FULL")
+db.executescript(open(sys.argv[2]).read())
+job = 0
+for n, path in enumerate(sys.argv[3:]):
+    with open(path) as f:
+        records = json.load(f)
+    db.execute("BEGIN IMMEDIATE")
+    notice = db.execute("INSERT INTO notices (sha256, source_kind, source_ref, name, size, received_at, last_seen_at, status, records) VALUES (?, 'cli', ?, ?, 0, 0, 0, 'accepted', ?) RETURNING id", (str(n), path, path, len(records))).fetchone()[0]
+    jobs, events = [], []
+    for i, r in enumerate(records):
+        job += 1
+        key = "%s/%s/%s" % (r["mission"].lower(), r["fileset"], r["filename"])
+        url = "https://mast.stsci.edu/search/jwst/api/v0.1/retrieve_product?product_name=" + r["filename"]
+        jobs.append((job, key, r["mission"], r["fileset"], r["filename"], r["program"], r["event_type"], r["archived_date"], url, key, "queued", 0, 0, 0))
+        events.append((r["event_id"], notice, i, r["mission"], r["fileset"], r["filename"], r["program"], r["event_type"], r["archived_date"], r["public_release_date"], None, json.dumps(r), "queued", job, 0))
+    db.executemany("INSERT INTO downloads (id, product, mission, fileset, filename, program, event_type, version, url, local_path, state, next_attempt_at, created_at, updated_at) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)", jobs)
+    db.executemany("INSERT INTO events (event_id, notice_id, record_index, mission, fileset, filename, program, event_type, archived_date, public_release_date, uri, raw, disposition, download_id, received_at) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)", events)
+    db.execute("COMMIT")
+'''
+
+SCHEMA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "migrations", "0001_initial.sql")
+
+
+def floor(files):
+    d = fresh("floor")
+    script = os.path.join(d, "floor.py")
+    with open(script, "w") as f:
+        f.write(FLOOR)
+    return run_measured([sys.executable, script, "floor.db", SCHEMA, *files], d)
+
+
 def baseline(files):
     d = fresh("baseline")
     script = os.path.join(d, "baseline.py")
@@ -126,15 +164,17 @@ def main():
     for case, files in [("1 notice x 100,000 events", [big]), ("1,000 notices x 100 events", many)]:
         m_t, m_rss = median_of(mastsub_ingest, files)
         b_t, b_rss = median_of(baseline, files)
-        rows.append((case, "mastsub ingest", m_t, m_rss, 100_000 / m_t, b_t / m_t))
-        rows.append((case, "python json+sqlite3 baseline", b_t, b_rss, 100_000 / b_t, 1.0))
+        f_t, f_rss = median_of(floor, files)
+        rows.append((case, "mastsub ingest", m_t, m_rss, 100_000 / m_t, b_t / m_t, f_t / m_t))
+        rows.append((case, "baseline: python json + sqlite3, one table", b_t, b_rss, 100_000 / b_t, 1.0, None))
+        rows.append((case, "floor: python filling mastsub's schema, unchecked", f_t, f_rss, 100_000 / f_t, None, 1.0))
     i_t, i_rss = median_of(mastsub_inbox, many)
-    rows.append(("1,000 notices x 100 events", "mastsub run (inbox, until all processed)", i_t, i_rss, 100_000 / i_t, None))
-    print(f"| case | tool | seconds (median of {REPEAT}) | peak RSS MiB | events/s | speed vs baseline |")
-    print("|---|---|---:|---:|---:|---:|")
-    for case, tool, t, rss, rate, ratio in rows:
-        r = f"{ratio:.2f}x" if ratio is not None else "-"
-        print(f"| {case} | {tool} | {t:.3f} | {rss:.1f} | {rate:,.0f} | {r} |")
+    rows.append(("1,000 notices x 100 events", "mastsub run (inbox, until all processed)", i_t, i_rss, 100_000 / i_t, None, None))
+    print(f"| case | tool | seconds (median of {REPEAT}) | peak RSS MiB | events/s | mastsub speed vs it | mastsub speed vs floor |")
+    print("|---|---|---:|---:|---:|---:|---:|")
+    ratio = lambda x: f"{x:.2f}x" if x is not None else "-"
+    for case, tool, t, rss, rate, vs_base, vs_floor in rows:
+        print(f"| {case} | {tool} | {t:.3f} | {rss:.1f} | {rate:,.0f} | {ratio(vs_base)} | {ratio(vs_floor)} |")
 
 
 main()

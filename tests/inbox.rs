@@ -129,12 +129,20 @@ fn a_name_used_twice_never_overwrites_and_equal_content_is_recorded_once() {
 }
 
 #[test]
-fn sigterm_stops_the_daemon_cleanly() {
-    let ws = Workspace::new();
-    let mut d = Daemon::start_watching(&ws);
-    let took = d.terminate();
-    assert!(took < Duration::from_secs(10), "stop took {took:?}");
-    assert!(d.log().contains("stopped"), "{}", d.log());
+fn sigterm_and_sigint_stop_the_daemon_cleanly() {
+    for signal in [
+        nix::sys::signal::Signal::SIGTERM,
+        nix::sys::signal::Signal::SIGINT,
+    ] {
+        let ws = Workspace::new();
+        let mut d = Daemon::start_watching(&ws);
+        let took = d.stop_with(signal);
+        assert!(
+            took < Duration::from_secs(10),
+            "{signal}: stop took {took:?}"
+        );
+        assert!(d.log().contains("stopped"), "{signal}: {}", d.log());
+    }
 }
 
 #[test]

@@ -241,15 +241,16 @@ impl Daemon {
         }
     }
 
-    /// SIGTERM, then waits for the exit; returns how long it took.
+    /// SIGTERM, then waits for a successful exit; returns how long it took.
     pub fn terminate(&mut self) -> Duration {
+        self.stop_with(nix::sys::signal::Signal::SIGTERM)
+    }
+
+    /// Sends `signal`, then waits for a successful exit; returns how long it took.
+    pub fn stop_with(&mut self, signal: nix::sys::signal::Signal) -> Duration {
         let start = Instant::now();
         if let Some(mut c) = self.child.take() {
-            nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(c.id() as i32),
-                nix::sys::signal::Signal::SIGTERM,
-            )
-            .unwrap();
+            nix::sys::signal::kill(nix::unistd::Pid::from_raw(c.id() as i32), signal).unwrap();
             let deadline = start + Duration::from_secs(30);
             loop {
                 if let Ok(Some(status)) = c.try_wait() {
