@@ -5,8 +5,8 @@
 //! - an event whose type is set to `record` is kept and queues nothing;
 //! - no job yet for the product: queue one;
 //! - the latest job is `queued`: the event joins it (one download for New + Public of the same file);
-//! - `running`: the event joins it, except a Reprocessed event of a newer version, which queues a new job
-//!   (it starts once the running one has ended);
+//! - `running`: the event joins it, except one of a newer version (later `archived_date`), which queues a
+//!   new job: the transfer under way may carry the older bytes (the new job starts once it has ended);
 //! - `done`: a newer version (later `archived_date`) queues a new job; the same or an older one is already
 //!   on disk;
 //! - `needs_auth`: a Public event re-queues it (the data are public now); others join it;
@@ -180,11 +180,8 @@ impl Categorizer {
                 None => (Disposition::Queued, None),
                 Some(c) => match c.state {
                     DownloadState::Queued => (Disposition::Joined, Some(c)),
-                    DownloadState::Running
-                        if event.event_type == EventType::Reprocessed && newer(&c) =>
-                    {
-                        (Disposition::Queued, None)
-                    }
+                    // The transfer under way may carry the older bytes: a newer version waits behind it.
+                    DownloadState::Running if newer(&c) => (Disposition::Queued, None),
                     DownloadState::Running => (Disposition::Joined, Some(c)),
                     DownloadState::Done if newer(&c) => (Disposition::Queued, None),
                     DownloadState::Done => (Disposition::AlreadyDone, Some(c)),
@@ -358,10 +355,16 @@ mod tests {
     }
 
     #[test]
-    fn reprocessed_while_running_queues_behind_it() {
-        let a = ev(1, "a.fits", EventType::Reprocessed, D2);
-        let plan = cat().plan(&[&a], &latest(DownloadState::Running, D1));
-        assert_eq!(dispositions(&plan), [Disposition::Queued]);
+    fn a_newer_version_while_running_queues_behind_it() {
+        for t in EventType::ALL {
+            let a = ev(1, "a.fits", t, D2);
+            let plan = cat().plan(&[&a], &latest(DownloadState::Running, D1));
+            assert_eq!(dispositions(&plan), [Disposition::Queued], "{t}");
+            assert!(
+                plan.updates.is_empty(),
+                "{t}: the running job's version was changed"
+            );
+        }
     }
 
     #[test]

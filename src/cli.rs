@@ -1,7 +1,7 @@
 //! The command line of the public contract: `run`, `ingest`, `status`, `list`, `check-config`.
 //!
-//! Exit codes: 0 success; 1 `ingest` refused all or part of a notice; 2 the configuration or the command
-//! line is wrong, or the work could not be done (database unavailable, file unreadable).
+//! Exit codes: 0 success; 1 `ingest` refused all or part of a notice, or could not read a file; 2 the
+//! configuration or the command line is wrong, or the work could not be done (database unavailable).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -150,6 +150,13 @@ async fn open_store(config: &Config) -> anyhow::Result<Arc<dyn Store>> {
     Ok(Arc::new(SqliteStore::open(&config.storage.database).await?))
 }
 
+/// For commands that only read: never creates or migrates the database.
+async fn open_store_read_only(config: &Config) -> anyhow::Result<Arc<dyn Store>> {
+    Ok(Arc::new(
+        SqliteStore::open_read_only(&config.storage.database).await?,
+    ))
+}
+
 async fn ingest(config: Config, files: Vec<PathBuf>) -> anyhow::Result<ExitCode> {
     let store = open_store(&config).await?;
     let ingestor = Ingestor::new(store.clone(), &config);
@@ -191,7 +198,7 @@ async fn ingest(config: Config, files: Vec<PathBuf>) -> anyhow::Result<ExitCode>
 }
 
 async fn show_status(config: Config, json: bool) -> anyhow::Result<ExitCode> {
-    let store = open_store(&config).await?;
+    let store = open_store_read_only(&config).await?;
     let snapshot = store.status(status::RECENT_FAILURES).await?;
     store.close().await;
     let database = config.storage.database.display().to_string();
@@ -212,7 +219,7 @@ async fn list(
     state: Option<DownloadState>,
     json: bool,
 ) -> anyhow::Result<ExitCode> {
-    let store = open_store(&config).await?;
+    let store = open_store_read_only(&config).await?;
     let rows = store.list_downloads(state).await?;
     store.close().await;
     if json {

@@ -402,20 +402,35 @@ impl Config {
                     .required(true),
             );
         }
-        let mut env = config::Environment::with_prefix(ENV_PREFIX)
-            .prefix_separator("_")
-            .separator("__")
-            .try_parsing(true)
-            .list_separator(",");
+        // No `try_parsing`: it would turn a password "007" into the number 7. The config crate converts
+        // strings to numbers and booleans itself where a key needs one; the list keys are split here.
+        builder = builder.add_source(
+            config::Environment::with_prefix(ENV_PREFIX)
+                .prefix_separator("_")
+                .separator("__"),
+        );
         for key in LIST_KEYS {
-            env = env.with_list_parse_key(key);
+            let var = format!("{ENV_PREFIX}_{}", key.to_uppercase().replace('.', "__"));
+            if let Ok(value) = std::env::var(&var) {
+                let items: Vec<String> = value
+                    .split(',')
+                    .map(str::trim)
+                    .filter(|s| !s.is_empty())
+                    .map(String::from)
+                    .collect();
+                builder = builder
+                    .set_override(key, items)
+                    .map_err(|e| ConfigError::Load {
+                        source_name: var.clone(),
+                        message: e.to_string(),
+                    })?;
+            }
         }
         let source_name = match &file {
             Some(path) => format!("{} (or a MASTSUB_* environment override)", path.display()),
             None => "MASTSUB_* environment overrides".to_string(),
         };
         let loaded = builder
-            .add_source(env)
             .build()
             .and_then(|c| c.try_deserialize::<Config>())
             .map_err(|e| ConfigError::Load {
@@ -511,11 +526,6 @@ impl Config {
         // Serialization cannot fail for these plain structs; Secret serializes as "(redacted)".
         toml::to_string_pretty(self)
             .unwrap_or_else(|e| format!("# cannot render the configuration: {e}\n"))
-    }
-
-    /// The action for an event type under `[events]`.
-    pub fn action_for(&self, event_type: crate::notice::EventType) -> EventAction {
-        self.events.action_for(event_type)
     }
 }
 

@@ -81,6 +81,6 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         tasks.abort_all();
     }
     store.close().await;
-    tracing::info!("stopped");
+    tracing::info!("mastsub stopped");
     Ok(())
 }

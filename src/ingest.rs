@@ -65,8 +65,36 @@ pub struct IngestReport {
     pub fatal: Option<NoticeError>,
     /// The records refused.
     pub record_errors: Vec<RecordError>,
+    /// Accepted, accepted in part, or refused: decided once, from the parse.
+    pub status: NoticeStatus,
     /// What the store did (empty when nothing reached it).
     pub outcome: IngestOutcome,
+}
+
+/// Which file was read: if the name no longer holds this, the file was replaced or changed meanwhile.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FileIdentity {
+    /// `st_dev`.
+    pub device: u64,
+    /// `st_ino`.
+    pub inode: u64,
+    /// Bytes.
+    pub size: u64,
+    /// Modification time.
+    pub modified: Option<std::time::SystemTime>,
+}
+
+impl FileIdentity {
+    /// The identity of the file `meta` describes.
+    pub fn of(meta: &std::fs::Metadata) -> FileIdentity {
+        use std::os::unix::fs::MetadataExt;
+        FileIdentity {
+            device: meta.dev(),
+            inode: meta.ino(),
+            size: meta.len(),
+            modified: meta.modified().ok(),
+        }
+    }
 }
 
 impl IngestReport {
@@ -77,14 +105,7 @@ impl IngestReport {
 
     /// Whether the notice was accepted, accepted in part, or refused.
     pub fn status(&self) -> NoticeStatus {
-        match (&self.fatal, self.record_errors.is_empty()) {
-            (Some(_), _) => NoticeStatus::Rejected,
-            (None, true) => NoticeStatus::Accepted,
-            (None, false) if self.outcome.recorded_total() + self.outcome.already_recorded > 0 => {
-                NoticeStatus::Partial
-            }
-            (None, false) => NoticeStatus::Rejected,
-        }
+        self.status
     }
 
     /// "3 events (1 New, 1 Reprocessed, 1 Public), 3 downloads queued", plus whatever else happened.
@@ -200,17 +221,22 @@ impl Ingestor {
         }
     }
 
-    /// The store it writes to.
-    pub fn store(&self) -> &Arc<dyn Store> {
-        &self.store
-    }
-
-    /// Reads and ingests a file; a file over the size limit is refused without being read.
+    /// Reads and ingests a file named on the command line.
     pub async fn ingest_file(
         &self,
         path: &Path,
         kind: SourceKind,
     ) -> Result<IngestReport, IngestError> {
+        self.ingest_path(path, kind).await.map(|(report, _)| report)
+    }
+
+    /// Reads a file through one handle and ingests it; returns the identity of what was read. A file over
+    /// the size limit is refused without being read. Inbox files are never read through a symbolic link.
+    pub async fn ingest_path(
+        &self,
+        path: &Path,
+        kind: SourceKind,
+    ) -> Result<(IngestReport, FileIdentity), IngestError> {
         let read_err = |source| IngestError::Read {
             path: path.display().to_string(),
             source,
@@ -219,28 +245,59 @@ impl Ingestor {
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_else(|| path.display().to_string());
-        let size = tokio::fs::metadata(path).await.map_err(read_err)?.len();
-        if size > self.limits.max_size {
-            let report = IngestReport {
-                name,
-                records: 0,
-                fatal: Some(NoticeError::TooLarge {
-                    size,
-                    limit: self.limits.max_size,
-                }),
-                record_errors: Vec::new(),
-                outcome: IngestOutcome::default(),
-            };
-            log_report(&report);
-            return Ok(report);
-        }
-        let bytes = tokio::fs::read(path).await.map_err(read_err)?;
+        let limit = self.limits.max_size;
+        let owned = path.to_path_buf();
+        let follow_links = kind != SourceKind::Inbox;
+        let (identity, bytes) = tokio::task::spawn_blocking(move || -> std::io::Result<_> {
+            use std::io::Read;
+            use std::os::unix::fs::OpenOptionsExt;
+            let mut options = std::fs::OpenOptions::new();
+            options.read(true);
+            if !follow_links {
+                options.custom_flags(nix::libc::O_NOFOLLOW);
+            }
+            let file = options.open(&owned)?;
+            let meta = file.metadata()?;
+            if !meta.is_file() {
+                return Err(std::io::Error::other("not a regular file"));
+            }
+            let identity = FileIdentity::of(&meta);
+            if meta.len() > limit {
+                return Ok((identity, None));
+            }
+            let mut bytes = Vec::with_capacity(meta.len() as usize);
+            // One byte past the limit tells a file that grew while being read.
+            file.take(limit + 1).read_to_end(&mut bytes)?;
+            Ok((identity, Some(bytes)))
+        })
+        .await
+        .map_err(|e| IngestError::Parser {
+            name: name.clone(),
+            message: e.to_string(),
+        })?
+        .map_err(read_err)?;
+        let bytes = match bytes {
+            Some(bytes) if bytes.len() as u64 <= limit => bytes,
+            too_large => {
+                let size = too_large.map_or(identity.size, |b| b.len() as u64);
+                let report = IngestReport {
+                    name,
+                    records: 0,
+                    fatal: Some(NoticeError::TooLarge { size, limit }),
+                    record_errors: Vec::new(),
+                    status: NoticeStatus::Rejected,
+                    outcome: IngestOutcome::default(),
+                };
+                log_report(&report);
+                return Ok((report, identity));
+            }
+        };
         let source = NoticeSource {
             kind,
             reference: path.display().to_string(),
             name,
         };
-        self.ingest_bytes(&source, bytes).await
+        Ok((self.ingest_bytes(&source, bytes).await?, identity))
     }
 
     /// Parses, validates and records a notice's bytes.
@@ -276,6 +333,7 @@ impl Ingestor {
             records,
             fatal,
             record_errors,
+            status,
             outcome: IngestOutcome::default(),
         };
         let error = (!report.is_accepted()).then(|| report.error_lines().join("\n"));

@@ -148,11 +148,6 @@ impl MastTime {
         // Built from ASCII digits and separators only.
         std::str::from_utf8(&self.text).unwrap_or("")
     }
-
-    /// The time as a UTC date-time.
-    pub fn as_utc(&self) -> chrono::DateTime<chrono::Utc> {
-        self.at.and_utc()
-    }
 }
 
 impl fmt::Display for MastTime {
@@ -303,7 +298,7 @@ pub fn parse(bytes: &[u8], limits: &Limits) -> Result<ParsedNotice, NoticeError>
     let records: Vec<&RawValue> =
         serde_json::from_str(trimmed).map_err(|e| match e.classify() {
             serde_json::error::Category::Data => NoticeError::NotArray {
-                found: kind_of_first_value(trimmed),
+                found: kind_of_json(trimmed),
             },
             _ => NoticeError::NotJson {
                 line: e.line(),
@@ -334,13 +329,14 @@ fn describe_json_error(e: &serde_json::Error) -> String {
     }
 }
 
-fn kind_of_first_value(text: &str) -> &'static str {
+/// What a JSON text is, by its first character, for messages.
+fn kind_of_json(text: &str) -> &'static str {
     match text.as_bytes().first() {
         Some(b'{') => "an object",
+        Some(b'[') => "an array",
         Some(b'"') => "a string",
         Some(b't' | b'f') => "a boolean",
         Some(b'n') => "null",
-        Some(b'[') => "an array of something other than records",
         _ => "a number",
     }
 }
@@ -403,23 +399,20 @@ struct RawFields<'a> {
 
 /// What a raw JSON value is, for messages.
 fn kind_of_raw(raw: &RawValue) -> &'static str {
-    match raw.get().as_bytes().first() {
-        Some(b'{') => "an object",
-        Some(b'[') => "an array",
-        Some(b'"') => "a string",
-        Some(b't' | b'f') => "a boolean",
-        Some(b'n') => "null",
-        _ => "a number",
-    }
+    kind_of_json(raw.get())
 }
 
-/// The field as a string (borrowed unless it has escapes). Absent and null both count as missing.
+/// The field as a string: borrowed from the notice, or owned when it holds escapes. Absent and null both
+/// count as missing.
 fn string_field(raw: Option<&RawValue>) -> Result<Cow<'_, str>, String> {
     match raw {
         None => Err("missing; every record needs it".to_string()),
-        Some(raw) if raw.get().starts_with('"') => {
-            serde_json::from_str(raw.get()).map_err(|e| format!("not a valid string: {e}"))
-        }
+        Some(raw) if raw.get().starts_with('"') => match serde_json::from_str::<&str>(raw.get()) {
+            Ok(s) => Ok(Cow::Borrowed(s)),
+            Err(_) => serde_json::from_str::<String>(raw.get())
+                .map(Cow::Owned)
+                .map_err(|e| format!("not a valid string: {e}")),
+        },
         Some(raw) => Err(format!("found {}; expected a string", kind_of_raw(raw))),
     }
 }

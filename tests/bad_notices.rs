@@ -349,7 +349,9 @@ async fn ingest_every_case(ws: &Workspace) -> i64 {
 #[test]
 fn the_daemon_files_bad_notices_in_rejected_with_reasons_and_keeps_running() {
     let ws = Workspace::with_config("[ingest]\nmax_notice_size = \"4KiB\"\n");
-    let mut d = Daemon::start_watching(&ws);
+    // The empty notice waits inbox.write_timeout (a writer may be about to fill it); keep that short here.
+    let mut d = Daemon::start_with_env(&ws, &[("MASTSUB_INBOX__WRITE_TIMEOUT", "1s")]);
+    d.wait_for_log("watching inbox", Duration::from_secs(20));
     let cases = cases();
     for case in &cases {
         ws.drop_notice(&format!("{}.json", case.name), &case.body);

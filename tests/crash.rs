@@ -42,6 +42,12 @@ fn kill_9_during_ingest_records_all_or_nothing_then_all_once() {
             recorded == 0 || recorded == EVENTS,
             "after kill -9 at {delay_ms} ms: {recorded} of {EVENTS} events recorded"
         );
+        // The rule the inbox keeps: a notice leaves the inbox only once it is recorded.
+        let left_inbox = !ws.inbox().join("big.json").exists();
+        assert!(
+            !left_inbox || recorded == EVENTS,
+            "big.json left the inbox at {delay_ms} ms with {recorded} events recorded"
+        );
         let jobs = ws.query_i64("SELECT count(*) FROM downloads");
         assert_eq!(
             jobs, recorded,
@@ -49,7 +55,8 @@ fn kill_9_during_ingest_records_all_or_nothing_then_all_once() {
         );
         outcomes.push((delay_ms, recorded));
 
-        let _d = Daemon::start(&ws);
+        // A file changed moments ago may still have a writer: the restarted daemon waits write_timeout.
+        let _d = Daemon::start_with_env(&ws, &[("MASTSUB_INBOX__WRITE_TIMEOUT", "1s")]);
         assert!(
             wait_until(Duration::from_secs(30), || ws.files_in("inbox/processed")
                 == ["big.json"]),
@@ -64,4 +71,13 @@ fn kill_9_during_ingest_records_all_or_nothing_then_all_once() {
         assert_eq!(ws.query_i64("SELECT count(*) FROM notices"), 1);
     }
     eprintln!("full ingest {full} ms; (kill at ms, events recorded): {outcomes:?}");
+    // The kills must have landed on both sides of the commit, or the test showed nothing.
+    assert!(
+        outcomes.iter().any(|(_, n)| *n == 0),
+        "no kill landed before the commit: {outcomes:?}"
+    );
+    assert!(
+        outcomes.iter().any(|(_, n)| *n == EVENTS),
+        "no kill landed after the commit: {outcomes:?}"
+    );
 }

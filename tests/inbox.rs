@@ -86,7 +86,8 @@ fn notices_that_arrived_while_down_are_taken_at_start_up_and_temporary_names_are
     ] {
         std::fs::write(ws.inbox().join(ignored), notice_of(200, 1)).unwrap();
     }
-    let _d = Daemon::start(&ws);
+    // Written just now: the daemon cannot know no writer is still at it, so it waits write_timeout.
+    let _d = Daemon::start_with_env(&ws, &[("MASTSUB_INBOX__WRITE_TIMEOUT", "1s")]);
     assert!(
         wait_until(Duration::from_secs(10), || ws.files_in("inbox/processed")
             == ["early.json"]),
@@ -107,6 +108,25 @@ fn notices_that_arrived_while_down_are_taken_at_start_up_and_temporary_names_are
         );
     }
     assert_eq!(ws.query_i64("SELECT count(*) FROM events"), 2);
+}
+
+#[test]
+fn an_empty_file_waits_for_its_writer() {
+    let ws = Workspace::new();
+    let d = Daemon::start_with_env(&ws, &[("MASTSUB_INBOX__WRITE_TIMEOUT", "3s")]);
+    d.wait_for_log("watching inbox", Duration::from_secs(20));
+    // Created empty and closed (as `touch` does), filled a moment later by a second open.
+    let path = ws.inbox().join("touched.json");
+    std::fs::File::create(&path).unwrap();
+    std::thread::sleep(Duration::from_millis(800));
+    assert!(path.exists(), "an empty file was taken at once");
+    std::fs::write(&path, notice_of(40, 2)).unwrap();
+    assert!(
+        wait_until(Duration::from_secs(5), || ws.files_in("inbox/processed")
+            == ["touched.json"]),
+        "rejected: {:?}",
+        ws.files_in("inbox/rejected")
+    );
 }
 
 #[test]
@@ -141,7 +161,7 @@ fn sigterm_and_sigint_stop_the_daemon_cleanly() {
             took < Duration::from_secs(10),
             "{signal}: stop took {took:?}"
         );
-        assert!(d.log().contains("stopped"), "{signal}: {}", d.log());
+        assert!(d.log().contains("mastsub stopped"), "{signal}: {}", d.log());
     }
 }
 
@@ -168,4 +188,60 @@ fn a_removed_inbox_is_recreated_and_watched_again() {
         d.log()
     );
     assert!(d.is_running());
+}
+
+#[test]
+fn a_symbolic_link_in_the_inbox_is_never_followed() {
+    let ws = Workspace::new();
+    let _d = Daemon::start_watching(&ws);
+    let outside = ws.write_notice("outside.json", &notice_of(60, 3));
+    std::os::unix::fs::symlink(&outside, ws.inbox().join("link.json")).unwrap();
+    ws.drop_notice("real.json", &notice_of(70, 1));
+    assert!(wait_until(Duration::from_secs(5), || ws
+        .files_in("inbox/processed")
+        == ["real.json"]));
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(
+        ws.query_i64("SELECT count(*) FROM events"),
+        1,
+        "the link's target was read"
+    );
+    assert!(ws.inbox().join("link.json").is_symlink());
+    assert!(outside.exists());
+}
+
+#[test]
+fn a_notice_replaced_under_its_name_while_being_read_is_read_again() {
+    let ws = Workspace::new();
+    let d = Daemon::start_watching(&ws);
+    // A large notice takes a while to record in a debug build; replace it while that happens.
+    ws.drop_notice("n.json", &notice_of(1, 10_000));
+    std::thread::sleep(Duration::from_millis(400));
+    ws.drop_notice("n.json", &notice_of(50_000, 2));
+    assert!(
+        wait_until(Duration::from_secs(30), || !ws
+            .inbox()
+            .join("n.json")
+            .exists()
+            && ws.query_i64(
+                "SELECT count(*) FROM events WHERE record_index < 2 AND filename LIKE 'jw50000%'"
+            ) == 1),
+        "the replacement was not recorded; log:\n{}",
+        d.log()
+    );
+    // Whatever was moved to processed/ was recorded: every processed file's events are in the database.
+    let processed = ws.files_in("inbox/processed");
+    assert!(!processed.is_empty());
+    for name in processed {
+        let body = std::fs::read(ws.path(&format!("inbox/processed/{name}"))).unwrap();
+        let records: Vec<serde_json::Value> = serde_json::from_slice(&body).unwrap();
+        let first = records[0]["event_id"].as_str().unwrap();
+        assert_eq!(
+            ws.query_i64(&format!(
+                "SELECT count(*) FROM events WHERE event_id = '{first}'"
+            )),
+            1,
+            "{name} was moved but not recorded"
+        );
+    }
 }

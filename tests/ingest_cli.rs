@@ -186,7 +186,10 @@ fn env_overrides_reach_every_section() {
         .arg("check-config")
         .env("MASTSUB_MAST__BASE_URL", "https://mast.example.org/")
         .env("MASTSUB_EVENTS__PUBLIC", "record")
-        .env("MASTSUB_IMAP__ALLOWED_SENDERS", "a@x.org,@stsci.edu")
+        .env("MASTSUB_IMAP__ALLOWED_SENDERS", "a@x.org, @stsci.edu")
+        .env("MASTSUB_IMAP__USERNAME", "007")
+        .env("MASTSUB_IMAP__PORT", "143")
+        .env("MASTSUB_DOWNLOAD__KEEP_PREVIOUS", "true")
         .output()
         .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
@@ -200,7 +203,15 @@ fn env_overrides_reach_every_section() {
         "{text}"
     );
     assert!(text.contains("public = \"record\""), "{text}");
-    assert!(text.contains("\"@stsci.edu\""), "{text}");
+    assert!(
+        text.contains("allowed_senders = [\n    \"a@x.org\",\n    \"@stsci.edu\",\n]"),
+        "{text}"
+    );
+    // Strings stay strings (a password or user "007" must not become the number 7); numbers and booleans
+    // still parse where a key needs them.
+    assert!(text.contains("username = \"007\""), "{text}");
+    assert!(text.contains("port = 143"), "{text}");
+    assert!(text.contains("keep_previous = true"), "{text}");
 }
 
 #[test]
@@ -214,4 +225,20 @@ fn record_policy_keeps_events_without_downloads() {
     let s = ws.status();
     assert_eq!(s["events"]["Public"], 1);
     assert_eq!(s["downloads"]["queued"], 2);
+}
+
+#[test]
+fn status_and_list_never_create_a_database() {
+    let ws = Workspace::new();
+    for args in [&["status"][..], &["status", "--json"], &["list"]] {
+        ws.cmd()
+            .args(args)
+            .assert()
+            .code(2)
+            .stderr(predicates::str::contains("no such database"));
+    }
+    assert!(
+        !ws.db().exists(),
+        "a read-only command created the database"
+    );
 }

@@ -1,12 +1,18 @@
 //! The inbox source: a watched folder that notices are dropped (or written, or renamed) into.
 //!
-//! A file is read once it is complete: renamed in, or closed after writing, or found by a scan, and its size
-//! and time unchanged for `inbox.settle`. A file still open is waited for (up to `inbox.write_timeout` of
-//! silence). The folder is scanned at start-up (files that came while the daemon was down), after a
-//! watcher overflow, and every `inbox.rescan_interval` as a safety net. Handled files move to `processed/`,
-//! refused ones to `rejected/` beside `<name>.error.txt`; nothing there is ever overwritten. If the notice
-//! could not be recorded (the database is unavailable) the file stays in the inbox and is tried again.
-//! A watcher that fails is logged and restarted; meanwhile the periodic scan keeps notices flowing.
+//! A file is read once it is complete: renamed in, or closed after its last write, with its size and time
+//! unchanged for `inbox.settle`. A file still open, or empty, is waited for until nothing has written to it
+//! for `inbox.write_timeout`; so is a file found by a scan whose last change is more recent than that (its
+//! writer may still be at work). The folder is scanned at start-up (files that came while the daemon was
+//! down), after a watcher overflow, and every `inbox.rescan_interval` as a safety net. Only regular files
+//! are taken, never through a symbolic link.
+//!
+//! A file is read through one open handle, and moved only if its name still holds that same file, unchanged:
+//! a notice replaced or extended while it was being read is read again, never moved away unrecorded.
+//! Handled files move to `processed/`, refused ones to `rejected/` beside `<name>.error.txt`; nothing there
+//! is ever overwritten. If the notice could not be recorded (the database is unavailable) the file stays in
+//! the inbox and is tried again. A watcher that fails is logged and restarted with backoff; meanwhile the
+//! periodic scan keeps notices flowing.
 
 use std::collections::HashMap;
 use std::ffi::OsString;
@@ -25,7 +31,7 @@ use tokio::time::{Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::InboxConfig;
-use crate::ingest::{IngestError, IngestReport, Ingestor};
+use crate::ingest::{FileIdentity, IngestError, IngestReport, Ingestor};
 use crate::store::SourceKind;
 
 /// Handled notices go here, inside the inbox.
@@ -41,6 +47,8 @@ const DEBOUNCE: Duration = Duration::from_millis(50);
 const RETRY_AFTER: Duration = Duration::from_secs(30);
 /// The longest wait between two attempts to start the watcher.
 const MAX_WATCH_BACKOFF: Duration = Duration::from_secs(60);
+/// A watcher that ran this long without error earns a fresh backoff.
+const WATCH_HEALTHY_AFTER: Duration = Duration::from_secs(60);
 
 /// True for names the inbox never takes: dot-files and temporary names of editors and downloaders.
 pub fn is_ignored(name: &str) -> bool {
@@ -53,10 +61,11 @@ pub fn is_ignored(name: &str) -> bool {
 /// A file seen in the inbox and not handled yet.
 #[derive(Debug)]
 struct Candidate {
-    /// Something is writing it: created or modified, and not closed since.
+    /// Something may still write it: created or modified and not closed since, or found by a scan with a
+    /// recent modification time.
     writing: bool,
-    /// The last watcher event about it.
-    last_event: Instant,
+    /// The last sign of a writer: a create or write event, or (for a scanned file) its modification time.
+    last_write: Instant,
     /// Size and modification time when last looked at.
     stat: Option<(u64, Option<SystemTime>)>,
     /// Since when `stat` has not changed.
@@ -69,12 +78,20 @@ impl Candidate {
     fn new(now: Instant, writing: bool) -> Candidate {
         Candidate {
             writing,
-            last_event: now,
+            last_write: now,
             stat: None,
             stable_since: now,
             not_before: None,
         }
     }
+}
+
+/// What handling a ready file came to.
+enum Handled {
+    /// Recorded and moved away (or gone before it could be read).
+    Done,
+    /// Changed while it was read: look at it again.
+    Changed,
 }
 
 struct Inbox {
@@ -85,6 +102,26 @@ struct Inbox {
     write_timeout: Duration,
     ingestor: Arc<Ingestor>,
     candidates: HashMap<PathBuf, Candidate>,
+}
+
+/// The file-system watcher and when to (re)start it.
+struct Watch {
+    watcher: Option<Debouncer<RecommendedWatcher, RecommendedCache>>,
+    started: Instant,
+    backoff: Duration,
+    next_attempt: Instant,
+}
+
+impl Watch {
+    /// Drops the watcher after a failure; the next start waits out a growing backoff.
+    fn failed(&mut self) {
+        self.watcher = None;
+        if self.started.elapsed() >= WATCH_HEALTHY_AFTER {
+            self.backoff = Duration::from_secs(1);
+        }
+        self.next_attempt = Instant::now() + self.backoff;
+        self.backoff = (self.backoff * 2).min(MAX_WATCH_BACKOFF);
+    }
 }
 
 /// Watches `config.dir` and ingests what arrives, until `shutdown`.
@@ -102,9 +139,12 @@ pub async fn run(config: InboxConfig, ingestor: Arc<Ingestor>, shutdown: Cancell
         candidates: HashMap::new(),
     };
     let (tx, mut rx) = mpsc::unbounded_channel::<DebounceEventResult>();
-    let mut watcher = None;
-    let mut backoff = Duration::from_secs(1);
-    let mut next_watch_attempt = Instant::now();
+    let mut watch = Watch {
+        watcher: None,
+        started: Instant::now(),
+        backoff: Duration::from_secs(1),
+        next_attempt: Instant::now(),
+    };
     let mut tick = tokio::time::interval(TICK);
     tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let mut rescan = tokio::time::interval(config.rescan_interval);
@@ -112,7 +152,7 @@ pub async fn run(config: InboxConfig, ingestor: Arc<Ingestor>, shutdown: Cancell
     // The first tick of `rescan` fires at once: that is the start-up scan.
 
     loop {
-        if watcher.is_none() && Instant::now() >= next_watch_attempt {
+        if watch.watcher.is_none() && Instant::now() >= watch.next_attempt {
             match inbox.start_watcher(tx.clone()) {
                 Ok(w) => {
                     tracing::info!(
@@ -121,8 +161,8 @@ pub async fn run(config: InboxConfig, ingestor: Arc<Ingestor>, shutdown: Cancell
                         inbox.processed.display(),
                         inbox.rejected.display()
                     );
-                    watcher = Some(w);
-                    backoff = Duration::from_secs(1);
+                    watch.watcher = Some(w);
+                    watch.started = Instant::now();
                     // Files that arrived before the watch began.
                     inbox.scan();
                 }
@@ -130,11 +170,10 @@ pub async fn run(config: InboxConfig, ingestor: Arc<Ingestor>, shutdown: Cancell
                     tracing::warn!(
                         "cannot watch inbox {}: {e}; trying again in {}s, scanning it every {}s meanwhile",
                         inbox.dir.display(),
-                        backoff.as_secs(),
+                        watch.backoff.as_secs(),
                         config.rescan_interval.as_secs()
                     );
-                    next_watch_attempt = Instant::now() + backoff;
-                    backoff = (backoff * 2).min(MAX_WATCH_BACKOFF);
+                    watch.failed();
                 }
             }
         }
@@ -145,7 +184,7 @@ pub async fn run(config: InboxConfig, ingestor: Arc<Ingestor>, shutdown: Cancell
                     for event in events {
                         if inbox.on_event(&event) {
                             tracing::warn!("inbox {} was removed; recreating it", inbox.dir.display());
-                            watcher = None;
+                            watch.failed();
                         }
                     }
                 }
@@ -153,19 +192,19 @@ pub async fn run(config: InboxConfig, ingestor: Arc<Ingestor>, shutdown: Cancell
                     for e in errors {
                         tracing::warn!("inbox watcher error on {}: {e}; restarting the watcher", inbox.dir.display());
                     }
-                    watcher = None;
+                    watch.failed();
                 }
             },
             _ = tick.tick() => inbox.handle_ready(&shutdown).await,
             _ = rescan.tick() => {
-                if !inbox.dir.is_dir() {
-                    watcher = None;
+                if !inbox.dir.is_dir() && watch.watcher.is_some() {
+                    watch.failed();
                 }
                 inbox.scan();
             }
         }
     }
-    drop(watcher);
+    drop(watch);
     tracing::debug!("inbox watcher stopped");
 }
 
@@ -185,21 +224,35 @@ impl Inbox {
         Ok(debouncer)
     }
 
-    /// The candidate for `path`, if it is a name the inbox takes.
+    /// The candidate for `path` (created as `writing` if new), if it is a name the inbox takes.
     fn candidate(&mut self, path: &Path) -> Option<&mut Candidate> {
-        if path.parent() != Some(self.dir.as_path()) {
-            return None;
-        }
-        if path.file_name()?.to_str().is_some_and(is_ignored) {
+        if path.parent() != Some(self.dir.as_path())
+            || path.file_name()?.to_str().is_some_and(is_ignored)
+        {
             return None;
         }
         let now = Instant::now();
-        let c = self
-            .candidates
-            .entry(path.to_path_buf())
-            .or_insert_with(|| Candidate::new(now, true));
-        c.last_event = now;
-        Some(c)
+        Some(
+            self.candidates
+                .entry(path.to_path_buf())
+                .or_insert_with(|| Candidate::new(now, true)),
+        )
+    }
+
+    /// Notes a sign of a writer on `path`.
+    fn written(&mut self, path: &Path) {
+        if let Some(c) = self.candidate(path) {
+            c.writing = true;
+            c.last_write = Instant::now();
+        }
+    }
+
+    /// Notes that `path` is complete as far as the watcher can tell (closed, or renamed in).
+    fn completed(&mut self, path: &Path) {
+        if let Some(c) = self.candidate(path) {
+            c.writing = false;
+            c.not_before = None;
+        }
     }
 
     /// Applies one watcher event; returns true when the inbox folder itself went away.
@@ -215,35 +268,19 @@ impl Inbox {
         let paths = &event.paths;
         match event.kind {
             EventKind::Create(_)
-            | EventKind::Modify(
-                ModifyKind::Data(_) | ModifyKind::Any | ModifyKind::Other | ModifyKind::Metadata(_),
-            ) => {
-                for p in paths {
-                    if let Some(c) = self.candidate(p) {
-                        c.writing = true;
-                    }
-                }
+            | EventKind::Modify(ModifyKind::Data(_) | ModifyKind::Any | ModifyKind::Other) => {
+                paths.iter().for_each(|p| self.written(p));
             }
-            EventKind::Access(AccessKind::Close(AccessMode::Write)) => {
-                for p in paths {
-                    if let Some(c) = self.candidate(p) {
-                        c.writing = false;
-                    }
-                }
-            }
-            EventKind::Modify(ModifyKind::Name(RenameMode::To)) => {
-                for p in paths {
-                    if let Some(c) = self.candidate(p) {
-                        c.writing = false;
-                    }
-                }
+            // chmod, touch, or times set after a copy: nothing was written.
+            EventKind::Modify(ModifyKind::Metadata(_)) => {}
+            EventKind::Access(AccessKind::Close(AccessMode::Write))
+            | EventKind::Modify(ModifyKind::Name(RenameMode::To)) => {
+                paths.iter().for_each(|p| self.completed(p));
             }
             EventKind::Modify(ModifyKind::Name(RenameMode::Both)) => {
                 if let [from, to] = paths.as_slice() {
                     self.candidates.remove(from);
-                    if let Some(c) = self.candidate(to) {
-                        c.writing = false;
-                    }
+                    self.completed(to);
                 }
             }
             EventKind::Modify(ModifyKind::Name(_)) | EventKind::Remove(_) => {
@@ -259,7 +296,8 @@ impl Inbox {
         false
     }
 
-    /// Adds every file in the inbox that is not known yet.
+    /// Adds every regular file in the inbox that is not known yet. One changed within `write_timeout` may
+    /// still have a writer the watcher never told us about, so it waits like an open file.
     fn scan(&mut self) {
         let entries = match std::fs::read_dir(&self.dir) {
             Ok(entries) => entries,
@@ -270,17 +308,22 @@ impl Inbox {
         };
         let now = Instant::now();
         for entry in entries.flatten() {
-            let path = entry.path();
-            let is_file = std::fs::metadata(&path)
-                .map(|m| m.is_file())
-                .unwrap_or(false);
             let name = entry.file_name();
-            if !is_file || name.to_str().is_some_and(is_ignored) {
+            let Ok(meta) = entry.metadata() else { continue };
+            if !meta.file_type().is_file() || name.to_str().is_some_and(is_ignored) {
                 continue;
             }
+            let age = meta
+                .modified()
+                .ok()
+                .and_then(|m| m.elapsed().ok())
+                .unwrap_or(Duration::ZERO);
             self.candidates
-                .entry(path)
-                .or_insert_with(|| Candidate::new(now, false));
+                .entry(entry.path())
+                .or_insert_with(|| Candidate {
+                    last_write: now.checked_sub(age).unwrap_or(now),
+                    ..Candidate::new(now, age < self.write_timeout)
+                });
         }
     }
 
@@ -289,8 +332,12 @@ impl Inbox {
         let now = Instant::now();
         let mut ready = Vec::new();
         self.candidates.retain(|path, c| {
-            let meta = match std::fs::metadata(path) {
-                Ok(m) if m.is_file() => m,
+            if c.not_before.is_some_and(|t| now < t) {
+                return true;
+            }
+            // Regular files only, and never through a symbolic link.
+            let meta = match std::fs::symlink_metadata(path) {
+                Ok(m) if m.file_type().is_file() => m,
                 _ => return false,
             };
             let stat = Some((meta.len(), meta.modified().ok()));
@@ -299,13 +346,20 @@ impl Inbox {
                 c.stable_since = now;
             }
             let stable = now.duration_since(c.stable_since) >= self.settle;
-            let quiet = now.duration_since(c.last_event) >= if c.writing { self.write_timeout } else { Duration::ZERO };
-            let due = c.not_before.is_none_or(|t| now >= t);
-            if stable && quiet && due {
-                if c.writing {
+            // An empty file is most likely created and not yet written (touch, or a tool that opens first):
+            // it waits as long as an open one before it is judged.
+            let waiting = c.writing || meta.len() == 0;
+            let quiet = !waiting || now.duration_since(c.last_write) >= self.write_timeout;
+            if stable && quiet {
+                if waiting {
                     tracing::warn!(
-                        "{} is still open for writing but nothing wrote to it for {}s; taking it as complete",
+                        "{} is {} and nothing wrote to it for {}s; taking it as it is",
                         path.display(),
+                        if c.writing {
+                            "perhaps still open for writing"
+                        } else {
+                            "empty"
+                        },
                         self.write_timeout.as_secs()
                     );
                 }
@@ -319,8 +373,19 @@ impl Inbox {
                 return;
             }
             match self.handle(&path).await {
-                Ok(()) => {
+                Ok(Handled::Done) => {
                     self.candidates.remove(&path);
+                }
+                Ok(Handled::Changed) => {
+                    tracing::info!(
+                        "{} changed while it was read; reading it again",
+                        path.display()
+                    );
+                    if let Some(c) = self.candidates.get_mut(&path) {
+                        c.stat = None;
+                        c.writing = true;
+                        c.last_write = Instant::now();
+                    }
                 }
                 Err(e) => {
                     tracing::error!(
@@ -336,15 +401,21 @@ impl Inbox {
         }
     }
 
-    /// Ingests one file and moves it to `processed/` or `rejected/`.
-    async fn handle(&self, path: &Path) -> Result<(), HandleError> {
-        let report = match self.ingestor.ingest_file(path, SourceKind::Inbox).await {
-            Ok(report) => report,
+    /// Ingests one file and moves it to `processed/` or `rejected/`, if its name still holds what was read.
+    async fn handle(&self, path: &Path) -> Result<Handled, HandleError> {
+        let (report, read) = match self.ingestor.ingest_path(path, SourceKind::Inbox).await {
+            Ok(done) => done,
             Err(IngestError::Read { source, .. }) if source.kind() == io::ErrorKind::NotFound => {
-                return Ok(());
+                return Ok(Handled::Done);
             }
             Err(e) => return Err(HandleError::Ingest(e)),
         };
+        // Replaced (renamed over, copied over) or extended while being read: what is there now is another
+        // notice, unread. Re-reading is safe: the same content is recognised and recorded once.
+        let now = std::fs::symlink_metadata(path).map(|m| FileIdentity::of(&m));
+        if now.as_ref().ok() != Some(&read) {
+            return Ok(Handled::Changed);
+        }
         let moved = if report.is_accepted() {
             move_no_clobber(path, &self.processed, None)
         } else {
@@ -353,7 +424,7 @@ impl Inbox {
         match moved {
             Ok(dest) => {
                 tracing::debug!("{} moved to {}", path.display(), dest.display());
-                Ok(())
+                Ok(Handled::Done)
             }
             Err(e) => Err(HandleError::Move(e)),
         }
@@ -389,6 +460,23 @@ fn numbered(name: &std::ffi::OsStr, n: u32) -> OsString {
     }
 }
 
+/// Renames `from` to `to` unless `to` exists, atomically: `AlreadyExists` if it does.
+fn rename_no_replace(from: &Path, to: &Path) -> io::Result<()> {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        use nix::fcntl::{AT_FDCWD, RenameFlags, renameat2};
+        match renameat2(AT_FDCWD, from, AT_FDCWD, to, RenameFlags::RENAME_NOREPLACE) {
+            Ok(()) => return Ok(()),
+            // File systems without RENAME_NOREPLACE: fall back to link + unlink below.
+            Err(nix::errno::Errno::EINVAL) => {}
+            Err(e) => return Err(io::Error::from(e)),
+        }
+    }
+    // A hard link fails if the name exists, so this never replaces a file either.
+    std::fs::hard_link(from, to)?;
+    std::fs::remove_file(from)
+}
+
 /// Moves `path` into `dir` under its own name, or a numbered one if that is taken; never replaces a file.
 /// With a report, writes `<final name>.error.txt` beside it first.
 fn move_no_clobber(path: &Path, dir: &Path, report: Option<&IngestReport>) -> io::Result<PathBuf> {
@@ -417,28 +505,15 @@ fn move_no_clobber(path: &Path, dir: &Path, report: Option<&IngestReport>) -> io
                 Err(e) => return Err(e),
             }
         }
-        // A hard link fails if the name exists, so a file there is never replaced, even in a race.
-        let placed = match std::fs::hard_link(path, &dest) {
-            Ok(()) => std::fs::remove_file(path).map(|()| true),
-            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(false),
-            // File systems without hard links: check, then rename.
-            Err(_) if std::fs::symlink_metadata(&dest).is_err() => {
-                std::fs::rename(path, &dest).map(|()| true)
-            }
-            Err(_) => Ok(false),
-        };
-        match placed {
-            Ok(true) => return Ok(dest),
-            Ok(false) => {
-                if let Some(error_file) = &error_file {
-                    let _ = std::fs::remove_file(error_file);
-                }
-            }
+        match rename_no_replace(path, &dest) {
+            Ok(()) => return Ok(dest),
             Err(e) => {
                 if let Some(error_file) = &error_file {
                     let _ = std::fs::remove_file(error_file);
                 }
-                return Err(e);
+                if e.kind() != io::ErrorKind::AlreadyExists {
+                    return Err(e);
+                }
             }
         }
     }
@@ -483,5 +558,14 @@ mod tests {
         for (name, content) in [("n.json", "0"), ("n.1.json", "1"), ("n.2.json", "2")] {
             assert_eq!(std::fs::read_to_string(dir.join(name)).unwrap(), content);
         }
+        let src = tmp.path().join("x");
+        std::fs::write(&src, "new").unwrap();
+        assert_eq!(
+            rename_no_replace(&src, &dir.join("n.json"))
+                .unwrap_err()
+                .kind(),
+            io::ErrorKind::AlreadyExists
+        );
+        assert_eq!(std::fs::read_to_string(dir.join("n.json")).unwrap(), "0");
     }
 }

@@ -129,6 +129,37 @@ impl SqliteStore {
         })
     }
 
+    /// Opens an existing database for reading only: no file is created, no migration runs. For `status`
+    /// and `list`, so that a mistyped path is an error, not a new empty database.
+    pub async fn open_read_only(path: &Path) -> Result<SqliteStore, StoreError> {
+        let shown = path.display().to_string();
+        let open_err = |source| StoreError::Open {
+            path: shown.clone(),
+            source,
+        };
+        if !path.is_file() {
+            return Err(open_err(sqlx::Error::Io(std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                "no such database (run `mastsub run` or `mastsub ingest` first, or check storage.database)",
+            ))));
+        }
+        let options = SqliteConnectOptions::from_str("sqlite:")
+            .map_err(open_err)?
+            .filename(path)
+            .busy_timeout(BUSY_TIMEOUT)
+            .read_only(true);
+        let readers = SqlitePoolOptions::new()
+            .max_connections(2)
+            .connect_with(options)
+            .await
+            .map_err(open_err)?;
+        Ok(SqliteStore {
+            path: path.to_path_buf(),
+            writer: readers.clone(),
+            readers,
+        })
+    }
+
     fn query_err(&self) -> impl Fn(sqlx::Error) -> StoreError + '_ {
         move |source| StoreError::Query {
             path: self.path.display().to_string(),
@@ -167,7 +198,12 @@ const UPSERT_NOTICE: &str = "
     INSERT INTO notices (sha256, source_kind, source_ref, name, size, received_at, last_seen_at,
                          status, records, error)
     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?6, ?7, ?8, ?9)
-    ON CONFLICT (sha256) DO UPDATE SET last_seen_at = excluded.last_seen_at, times_seen = times_seen + 1
+    ON CONFLICT (sha256) DO UPDATE SET
+        last_seen_at = excluded.last_seen_at,
+        times_seen = times_seen + 1,
+        status = excluded.status,
+        records = excluded.records,
+        error = excluded.error
     RETURNING id, times_seen";
 
 const RECORDED_EVENT_IDS: &str = "
@@ -398,12 +434,8 @@ impl Store for SqliteStore {
             notices: NoticeStatus::ALL.into_iter().map(|s| (s, 0)).collect(),
             ..StatusSnapshot::default()
         };
-        let mut conn = self.readers.acquire().await.map_err(&err)?;
-        // One read transaction, so the counts agree with each other.
-        sqlx::query("BEGIN")
-            .execute(&mut *conn)
-            .await
-            .map_err(&err)?;
+        // One read transaction, so the counts agree with each other (rolled back if dropped on an error).
+        let mut conn = self.readers.begin().await.map_err(&err)?;
         let rows: Vec<(String, i64, i64)> = sqlx::query_as(DOWNLOADS_BY_STATE)
             .fetch_all(&mut *conn)
             .await
@@ -439,10 +471,7 @@ impl Store for SqliteStore {
             .fetch_all(&mut *conn)
             .await
             .map_err(&err)?;
-        sqlx::query("COMMIT")
-            .execute(&mut *conn)
-            .await
-            .map_err(&err)?;
+        conn.commit().await.map_err(&err)?;
         snap.recent_failures = rows
             .iter()
             .map(|r| self.download_row(r))

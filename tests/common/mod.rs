@@ -188,7 +188,7 @@ impl Daemon {
         let sink = lines.clone();
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if std::env::var_os("MASTSUB_TEST_ECHO").is_some() {
+                if std::env::var_os("ECHO_DAEMON_LOG").is_some() {
                     eprintln!("daemon: {line}");
                 }
                 sink.lock().unwrap().push(line);
