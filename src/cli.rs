@@ -1,4 +1,4 @@
-//! The command line of the public contract: `run`, `ingest`, `status`, `list`, `check-config`.
+//! The command line of the public contract: `run`, `ingest`, `status`, `list`, `retry`, `check-config`.
 //!
 //! Exit codes: 0 success; 1 `ingest` refused all or part of a notice, or could not read a file; 2 the
 //! configuration or the command line is wrong, or the work could not be done (database unavailable).
@@ -60,6 +60,15 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Queue failed or token-waiting downloads again, with fresh attempts.
+    Retry {
+        /// Every `failed` and `needs_auth` job.
+        #[arg(long, conflicts_with = "ids", required_unless_present = "ids")]
+        all_failed: bool,
+        /// These job ids (see `mastsub list`).
+        #[arg(value_name = "ID")]
+        ids: Vec<i64>,
+    },
     /// Print the effective configuration with secrets redacted; exit non-zero if it is invalid.
     CheckConfig,
 }
@@ -100,6 +109,7 @@ pub fn main(cli: Cli) -> ExitCode {
             Command::Ingest { files } => ingest(config, files).await,
             Command::Status { json } => show_status(config, json).await,
             Command::List { state, json } => list(config, state, json).await,
+            Command::Retry { all_failed, ids } => retry(config, all_failed, ids).await,
             Command::CheckConfig => {
                 print!("{}", config.to_redacted_toml());
                 println!("# configuration is valid");
@@ -227,5 +237,16 @@ async fn list(
     } else {
         print!("{}", status::render_list(&rows));
     }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn retry(config: Config, all_failed: bool, ids: Vec<i64>) -> anyhow::Result<ExitCode> {
+    let store = open_store(&config).await?;
+    let now = chrono::Utc::now().timestamp_millis();
+    let n = store
+        .retry((!all_failed).then_some(ids.as_slice()), now)
+        .await?;
+    store.close().await;
+    println!("{n} download(s) queued again");
     Ok(ExitCode::SUCCESS)
 }

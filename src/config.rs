@@ -208,6 +208,12 @@ pub struct DownloadConfig {
     pub read_timeout: Duration,
     /// Keep the replaced version of a reprocessed product as `<name>.<archived_date>`.
     pub keep_previous: bool,
+    /// After a 404 (a product can lag its notice), try again this often...
+    #[serde(with = "humantime_serde")]
+    pub not_found_retry: Duration,
+    /// ...until this long after the first 404, then fail.
+    #[serde(with = "humantime_serde")]
+    pub not_found_give_up: Duration,
 }
 
 impl Default for DownloadConfig {
@@ -220,6 +226,8 @@ impl Default for DownloadConfig {
             connect_timeout: Duration::from_secs(30),
             read_timeout: Duration::from_secs(120),
             keep_previous: false,
+            not_found_retry: Duration::from_secs(30 * 60),
+            not_found_give_up: Duration::from_secs(6 * 3600),
         }
     }
 }

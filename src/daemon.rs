@@ -1,15 +1,18 @@
-//! The daemon: opens the store, starts the sources, and runs until the shutdown token is cancelled.
+//! The daemon: opens the store, starts the sources and the download pool, and runs until the shutdown
+//! token is cancelled.
 //!
 //! Every loop runs under one [`CancellationToken`]; nothing lives only in memory, so a restart (or a kill -9)
-//! loses nothing. A source that stops unexpectedly is logged and started again.
+//! loses nothing. A loop that stops unexpectedly is logged and started again.
 
 use std::sync::Arc;
 use std::time::Duration;
 
+use tokio::sync::Notify;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
+use crate::download;
 use crate::ingest::Ingestor;
 use crate::sources::inbox;
 use crate::store::{SqliteStore, Store};
@@ -28,21 +31,38 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         config.storage.downloads.display()
     );
     let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&config.storage.database).await?);
-    let ingestor = Arc::new(Ingestor::new(store.clone(), &config));
+    let wake = Arc::new(Notify::new());
+    let ingestor = Arc::new(Ingestor::new(store.clone(), &config).waking(wake.clone()));
+    let config = Arc::new(config);
 
-    let mut tasks = JoinSet::new();
-    let start_inbox = |tasks: &mut JoinSet<&'static str>| {
-        let (cfg, ingestor, token) = (config.inbox.clone(), ingestor.clone(), shutdown.clone());
-        tasks.spawn(async move {
-            inbox::run(cfg, ingestor, token).await;
-            "inbox"
-        });
+    let mut tasks: JoinSet<(Loop, anyhow::Result<()>)> = JoinSet::new();
+    let start = |tasks: &mut JoinSet<(Loop, anyhow::Result<()>)>, which: Loop| {
+        let token = shutdown.clone();
+        match which {
+            Loop::Inbox => {
+                let (cfg, ingestor) = (config.inbox.clone(), ingestor.clone());
+                tasks.spawn(async move {
+                    inbox::run(cfg, ingestor, token).await;
+                    (Loop::Inbox, Ok(()))
+                });
+            }
+            Loop::Downloads => {
+                let (cfg, store, wake) = (config.clone(), store.clone(), wake.clone());
+                tasks.spawn(async move {
+                    (
+                        Loop::Downloads,
+                        download::run(&cfg, store, wake, token).await,
+                    )
+                });
+            }
+        }
     };
     if config.inbox.enabled {
-        start_inbox(&mut tasks);
+        start(&mut tasks, Loop::Inbox);
     } else {
         tracing::info!("inbox disabled (inbox.enabled = false)");
     }
+    start(&mut tasks, Loop::Downloads);
     if config.imap.enabled {
         tracing::warn!(
             "[imap] is enabled but this build has no IMAP source yet; the mailbox is not read"
@@ -53,16 +73,28 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         tokio::select! {
             _ = shutdown.cancelled() => break,
             Some(ended) = tasks.join_next() => {
-                let what = match ended {
-                    Ok(name) => format!("the {name} source stopped"),
-                    Err(e) => format!("a source crashed: {e}"),
-                };
                 if shutdown.is_cancelled() {
                     break;
                 }
-                tracing::error!("{what}; starting it again in {}s", RESTART_PAUSE.as_secs());
+                let which = match ended {
+                    Ok((which, Ok(()))) => {
+                        tracing::error!("the {which:?} loop stopped unexpectedly");
+                        which
+                    }
+                    Ok((which, Err(e))) => {
+                        tracing::error!("the {which:?} loop failed: {e:#}");
+                        which
+                    }
+                    Err(e) => {
+                        // A panic: which loop is unknown, so the daemon stops and its supervisor restarts it.
+                        tracing::error!("a loop crashed: {e}; stopping so that the service manager restarts mastsub");
+                        shutdown.cancel();
+                        break;
+                    }
+                };
+                tracing::info!("starting the {which:?} loop again in {}s", RESTART_PAUSE.as_secs());
                 tokio::time::sleep(RESTART_PAUSE).await;
-                start_inbox(&mut tasks);
+                start(&mut tasks, which);
             }
         }
     }
@@ -75,7 +107,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     .is_err()
     {
         tracing::warn!(
-            "sources did not stop within {}s; leaving them",
+            "loops did not stop within {}s; leaving them",
             STOP_GRACE.as_secs()
         );
         tasks.abort_all();
@@ -83,4 +115,11 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     store.close().await;
     tracing::info!("mastsub stopped");
     Ok(())
+}
+
+/// The daemon's supervised loops.
+#[derive(Debug, Clone, Copy)]
+enum Loop {
+    Inbox,
+    Downloads,
 }

@@ -202,6 +202,7 @@ pub struct Ingestor {
     store: Arc<dyn Store>,
     categorizer: Categorizer,
     limits: Limits,
+    wake: Option<Arc<tokio::sync::Notify>>,
 }
 
 impl Ingestor {
@@ -218,7 +219,14 @@ impl Ingestor {
                 max_size: config.ingest.max_notice_size.as_u64(),
                 max_nesting: config.ingest.max_nesting,
             },
+            wake: None,
         }
+    }
+
+    /// Notifies `wake` whenever a notice queues downloads, so that workers start at once.
+    pub fn waking(mut self, wake: Arc<tokio::sync::Notify>) -> Ingestor {
+        self.wake = Some(wake);
+        self
     }
 
     /// Reads and ingests a file named on the command line.

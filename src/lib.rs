@@ -2,13 +2,16 @@
 //!
 //! The pipeline, one module each: [`sources`] (inbox folder) hand notice bytes to [`ingest`], which
 //! parses them ([`notice`]), decides what each event does ([`categorize`]) and records everything in the
-//! [`store`], the only shared state. [`daemon`] runs the loops; [`cli`] is the command line; [`status`]
+//! [`store`], the only shared state; [`download`] workers claim jobs from it and fetch the products.
+//! [`daemon`] runs the loops; [`cli`] is the command line; [`status`]
 //! renders reports; [`config`] and [`logging`] set the stage. See `docs/ARCHITECTURE.md`.
 
 pub mod categorize;
 pub mod cli;
 pub mod config;
 pub mod daemon;
+pub mod download;
+pub mod fsutil;
 pub mod ingest;
 pub mod logging;
 pub mod notice;

@@ -31,6 +31,7 @@ use tokio::time::{Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::InboxConfig;
+use crate::fsutil::rename_no_replace;
 use crate::ingest::{FileIdentity, IngestError, IngestReport, Ingestor};
 use crate::store::SourceKind;
 
@@ -460,23 +461,6 @@ fn numbered(name: &std::ffi::OsStr, n: u32) -> OsString {
     }
 }
 
-/// Renames `from` to `to` unless `to` exists, atomically: `AlreadyExists` if it does.
-fn rename_no_replace(from: &Path, to: &Path) -> io::Result<()> {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    {
-        use nix::fcntl::{AT_FDCWD, RenameFlags, renameat2};
-        match renameat2(AT_FDCWD, from, AT_FDCWD, to, RenameFlags::RENAME_NOREPLACE) {
-            Ok(()) => return Ok(()),
-            // File systems without RENAME_NOREPLACE: fall back to link + unlink below.
-            Err(nix::errno::Errno::EINVAL) => {}
-            Err(e) => return Err(io::Error::from(e)),
-        }
-    }
-    // A hard link fails if the name exists, so this never replaces a file either.
-    std::fs::hard_link(from, to)?;
-    std::fs::remove_file(from)
-}
-
 /// Moves `path` into `dir` under its own name, or a numbered one if that is taken; never replaces a file.
 /// With a report, writes `<final name>.error.txt` beside it first.
 fn move_no_clobber(path: &Path, dir: &Path, report: Option<&IngestReport>) -> io::Result<PathBuf> {
@@ -558,14 +542,5 @@ mod tests {
         for (name, content) in [("n.json", "0"), ("n.1.json", "1"), ("n.2.json", "2")] {
             assert_eq!(std::fs::read_to_string(dir.join(name)).unwrap(), content);
         }
-        let src = tmp.path().join("x");
-        std::fs::write(&src, "new").unwrap();
-        assert_eq!(
-            rename_no_replace(&src, &dir.join("n.json"))
-                .unwrap_err()
-                .kind(),
-            io::ErrorKind::AlreadyExists
-        );
-        assert_eq!(std::fs::read_to_string(dir.join("n.json")).unwrap(), "0");
     }
 }

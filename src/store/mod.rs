@@ -222,6 +222,86 @@ pub struct StatusSnapshot {
     pub recent_failures: Vec<DownloadRow>,
 }
 
+/// A job as a worker holds it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Job {
+    /// Its id.
+    pub id: i64,
+    /// `<mission lowercase>/<fileset>/<filename>`.
+    pub product: String,
+    /// Mission as given.
+    pub mission: String,
+    /// The file.
+    pub filename: String,
+    /// The program.
+    pub program: i64,
+    /// The event type that queued it.
+    pub event_type: String,
+    /// The archived date it serves.
+    pub version: String,
+    /// Where from.
+    pub url: String,
+    /// Where to, relative to `storage.downloads`.
+    pub local_path: String,
+    /// This attempt's number, from 1.
+    pub attempt: i64,
+    /// Bytes the server announced, once known.
+    pub bytes_expected: Option<i64>,
+    /// Bytes on disk at the last progress report.
+    pub bytes_done: i64,
+    /// The ETag of the bytes in the `.part` file.
+    pub etag: Option<String>,
+    /// Their Last-Modified.
+    pub last_modified: Option<String>,
+    /// Consecutive verification failures.
+    pub verify_failures: i64,
+    /// When MAST first answered 404, ms since the epoch.
+    pub not_found_since: Option<i64>,
+}
+
+/// What a worker reports while it downloads; it also renews the lease.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Progress {
+    /// Bytes in the `.part` file.
+    pub bytes_done: i64,
+    /// Bytes the server announced.
+    pub bytes_expected: Option<i64>,
+    /// The validator of those bytes.
+    pub etag: Option<String>,
+    /// The other validator.
+    pub last_modified: Option<String>,
+}
+
+/// How an attempt ended, as the store records it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Finish {
+    /// Published and verified.
+    Done {
+        /// The file's size.
+        bytes: i64,
+    },
+    /// Back to `queued` until `at` (ms since the epoch).
+    Retry {
+        /// The next attempt time.
+        at: i64,
+        /// Why.
+        error: String,
+        /// The attempt does not count against `max_attempts` (disk trouble, shutdown).
+        refund: bool,
+        /// The new count of consecutive verification failures.
+        verify_failures: i64,
+        /// When 404s began, if this was one.
+        not_found_since: Option<i64>,
+    },
+    /// Given up: `failed` or `needs_auth`.
+    GiveUp {
+        /// `Failed` or `NeedsAuth`.
+        state: DownloadState,
+        /// Why.
+        error: String,
+    },
+}
+
 /// A store failure: the database could not be opened, migrated, read or written.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -284,6 +364,65 @@ pub trait Store: Send + Sync + 'static {
         &self,
         state: Option<DownloadState>,
     ) -> Result<Vec<DownloadRow>, StoreError>;
+
+    /// Claims the next due job whose product has no other job running, for `owner` until `lease_until`.
+    async fn claim(
+        &self,
+        owner: &str,
+        lease_until: i64,
+        now: i64,
+    ) -> Result<Option<Job>, StoreError>;
+
+    /// Records progress and renews the lease; false if `owner` no longer holds the job.
+    async fn progress(
+        &self,
+        id: i64,
+        owner: &str,
+        lease_until: i64,
+        progress: &Progress,
+    ) -> Result<bool, StoreError>;
+
+    /// Renews the lease only; false if `owner` no longer holds the job.
+    async fn progress_lease(
+        &self,
+        id: i64,
+        owner: &str,
+        lease_until: i64,
+    ) -> Result<bool, StoreError>;
+
+    /// Ends an attempt; false (and nothing changed) if `owner` no longer holds the job.
+    async fn finish(
+        &self,
+        id: i64,
+        owner: &str,
+        finish: &Finish,
+        now: i64,
+    ) -> Result<bool, StoreError>;
+
+    /// Puts `running` jobs back to `queued` when their lease has expired or `abandoned(owner)` says their
+    /// owner is gone (a process that died); their attempt does not count. Returns how many.
+    async fn requeue_orphans(
+        &self,
+        now: i64,
+        abandoned: for<'a> fn(&'a str) -> bool,
+    ) -> Result<u64, StoreError>;
+
+    /// The earliest `next_attempt_at` of a queued job, if any.
+    async fn next_due(&self) -> Result<Option<i64>, StoreError>;
+
+    /// Re-queues jobs with fresh attempts: these ids (any state but `running` and `done`), or every
+    /// `failed` and `needs_auth` job. Returns how many.
+    async fn retry(&self, ids: Option<&[i64]>, now: i64) -> Result<u64, StoreError>;
+
+    /// Re-queues every `needs_auth` job (a token has appeared). Returns how many.
+    async fn requeue_needs_auth(&self, now: i64) -> Result<u64, StoreError>;
+
+    /// The version of the newest `done` job of `product` other than `except`: the file on disk now.
+    async fn version_on_disk(
+        &self,
+        product: &str,
+        except: i64,
+    ) -> Result<Option<String>, StoreError>;
 
     /// Closes connections cleanly (checkpoints the WAL).
     async fn close(&self);

@@ -18,8 +18,8 @@ use sqlx::sqlite::{
 use sqlx::{QueryBuilder, Row, Sqlite};
 
 use super::{
-    DownloadRow, DownloadState, IngestOutcome, NoticeMeta, NoticeStatus, StatusSnapshot, Store,
-    StoreError,
+    DownloadRow, DownloadState, Finish, IngestOutcome, Job, NoticeMeta, NoticeStatus, Progress,
+    StatusSnapshot, Store, StoreError,
 };
 use crate::categorize::{Categorizer, Disposition, JobRef, LatestJob};
 use crate::notice::{Event, EventType};
@@ -263,6 +263,79 @@ const LIST_DOWNLOADS: &str = "
            state, attempts, bytes_expected, bytes_done, last_error, updated_at
     FROM downloads WHERE ?1 IS NULL OR state = ?1 ORDER BY id";
 
+/// The due job with the earliest attempt time whose product has no job running (one transfer per file).
+const CLAIM: &str = "
+    UPDATE downloads SET
+        state = 'running', lease_owner = ?1, lease_expires_at = ?2, attempts = attempts + 1,
+        started_at = coalesce(started_at, ?3), updated_at = ?3
+    WHERE id = (
+        SELECT d.id FROM downloads AS d
+        WHERE d.state = 'queued' AND d.next_attempt_at <= ?3
+          AND NOT EXISTS (SELECT 1 FROM downloads AS r WHERE r.product = d.product AND r.state = 'running')
+        ORDER BY d.next_attempt_at, d.id
+        LIMIT 1)
+    RETURNING id, product, mission, filename, program, event_type, version, url, local_path, attempts,
+              bytes_expected, bytes_done, etag, last_modified, verify_failures, not_found_since";
+
+const PROGRESS: &str = "
+    UPDATE downloads SET
+        bytes_done = ?3, bytes_expected = ?4, etag = ?5, last_modified = ?6, lease_expires_at = ?7,
+        updated_at = ?8
+    WHERE id = ?1 AND lease_owner = ?2 AND state = 'running'";
+
+const RENEW_LEASE: &str = "
+    UPDATE downloads SET lease_expires_at = ?3 WHERE id = ?1 AND lease_owner = ?2 AND state = 'running'";
+
+const FINISH_DONE: &str = "
+    UPDATE downloads SET
+        state = 'done', bytes_done = ?3, bytes_expected = ?3, lease_owner = NULL, lease_expires_at = NULL,
+        last_error = NULL, verify_failures = 0, not_found_since = NULL, finished_at = ?4, updated_at = ?4
+    WHERE id = ?1 AND lease_owner = ?2 AND state = 'running'";
+
+const FINISH_RETRY: &str = "
+    UPDATE downloads SET
+        state = 'queued', next_attempt_at = ?3, last_error = ?4, attempts = max(attempts - ?5, 0),
+        verify_failures = ?6, not_found_since = ?7, lease_owner = NULL, lease_expires_at = NULL,
+        updated_at = ?8
+    WHERE id = ?1 AND lease_owner = ?2 AND state = 'running'";
+
+const FINISH_GIVE_UP: &str = "
+    UPDATE downloads SET
+        state = ?3, last_error = ?4, lease_owner = NULL, lease_expires_at = NULL, finished_at = ?5,
+        updated_at = ?5
+    WHERE id = ?1 AND lease_owner = ?2 AND state = 'running'";
+
+const RUNNING_LEASES: &str = "
+    SELECT id, coalesce(lease_owner, ''), coalesce(lease_expires_at, 0) FROM downloads WHERE state = 'running'";
+
+/// An orphaned attempt does not count: the worker did not fail, it vanished.
+const REQUEUE_IDS: &str = "
+    UPDATE downloads SET
+        state = 'queued', attempts = max(attempts - 1, 0), lease_owner = NULL, lease_expires_at = NULL,
+        next_attempt_at = ?2, updated_at = ?2
+    WHERE id IN (SELECT value FROM json_each(?1)) AND state = 'running'";
+
+const NEXT_DUE: &str = "SELECT min(next_attempt_at) FROM downloads WHERE state = 'queued'";
+
+const RETRY_IDS: &str = "
+    UPDATE downloads SET
+        state = 'queued', attempts = 0, next_attempt_at = ?2, last_error = NULL, verify_failures = 0,
+        not_found_since = NULL, updated_at = ?2
+    WHERE id IN (SELECT value FROM json_each(?1)) AND state IN ('queued', 'failed', 'needs_auth')";
+
+const RETRY_ALL_FAILED: &str = "
+    UPDATE downloads SET
+        state = 'queued', attempts = 0, next_attempt_at = ?1, last_error = NULL, verify_failures = 0,
+        not_found_since = NULL, updated_at = ?1
+    WHERE state IN ('failed', 'needs_auth')";
+
+const REQUEUE_NEEDS_AUTH: &str = "
+    UPDATE downloads SET state = 'queued', attempts = 0, next_attempt_at = ?1, last_error = NULL, updated_at = ?1
+    WHERE state = 'needs_auth'";
+
+const VERSION_ON_DISK: &str = "
+    SELECT version FROM downloads WHERE product = ?1 AND state = 'done' AND id != ?2 ORDER BY id DESC LIMIT 1";
+
 #[async_trait]
 impl Store for SqliteStore {
     async fn ingest_notice(
@@ -489,6 +562,191 @@ impl Store for SqliteStore {
             .await
             .map_err(self.query_err())?;
         rows.iter().map(|r| self.download_row(r)).collect()
+    }
+
+    async fn claim(
+        &self,
+        owner: &str,
+        lease_until: i64,
+        now: i64,
+    ) -> Result<Option<Job>, StoreError> {
+        let err = self.query_err();
+        let Some(row) = sqlx::query(CLAIM)
+            .bind(owner)
+            .bind(lease_until)
+            .bind(now)
+            .fetch_optional(&self.writer)
+            .await
+            .map_err(&err)?
+        else {
+            return Ok(None);
+        };
+        Ok(Some(Job {
+            id: row.try_get("id").map_err(&err)?,
+            product: row.try_get("product").map_err(&err)?,
+            mission: row.try_get("mission").map_err(&err)?,
+            filename: row.try_get("filename").map_err(&err)?,
+            program: row.try_get("program").map_err(&err)?,
+            event_type: row.try_get("event_type").map_err(&err)?,
+            version: row.try_get("version").map_err(&err)?,
+            url: row.try_get("url").map_err(&err)?,
+            local_path: row.try_get("local_path").map_err(&err)?,
+            attempt: row.try_get("attempts").map_err(&err)?,
+            bytes_expected: row.try_get("bytes_expected").map_err(&err)?,
+            bytes_done: row.try_get("bytes_done").map_err(&err)?,
+            etag: row.try_get("etag").map_err(&err)?,
+            last_modified: row.try_get("last_modified").map_err(&err)?,
+            verify_failures: row.try_get("verify_failures").map_err(&err)?,
+            not_found_since: row.try_get("not_found_since").map_err(&err)?,
+        }))
+    }
+
+    async fn progress(
+        &self,
+        id: i64,
+        owner: &str,
+        lease_until: i64,
+        p: &Progress,
+    ) -> Result<bool, StoreError> {
+        let done = sqlx::query(PROGRESS)
+            .bind(id)
+            .bind(owner)
+            .bind(p.bytes_done)
+            .bind(p.bytes_expected)
+            .bind(&p.etag)
+            .bind(&p.last_modified)
+            .bind(lease_until)
+            .bind(now_ms())
+            .execute(&self.writer)
+            .await
+            .map_err(self.query_err())?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    async fn progress_lease(
+        &self,
+        id: i64,
+        owner: &str,
+        lease_until: i64,
+    ) -> Result<bool, StoreError> {
+        let done = sqlx::query(RENEW_LEASE)
+            .bind(id)
+            .bind(owner)
+            .bind(lease_until)
+            .execute(&self.writer)
+            .await
+            .map_err(self.query_err())?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    async fn finish(
+        &self,
+        id: i64,
+        owner: &str,
+        finish: &Finish,
+        now: i64,
+    ) -> Result<bool, StoreError> {
+        let query = match finish {
+            Finish::Done { bytes } => sqlx::query(FINISH_DONE)
+                .bind(id)
+                .bind(owner)
+                .bind(bytes)
+                .bind(now),
+            Finish::Retry {
+                at,
+                error,
+                refund,
+                verify_failures,
+                not_found_since,
+            } => sqlx::query(FINISH_RETRY)
+                .bind(id)
+                .bind(owner)
+                .bind(at)
+                .bind(error)
+                .bind(i64::from(*refund))
+                .bind(verify_failures)
+                .bind(not_found_since)
+                .bind(now),
+            Finish::GiveUp { state, error } => sqlx::query(FINISH_GIVE_UP)
+                .bind(id)
+                .bind(owner)
+                .bind(state.as_str())
+                .bind(error)
+                .bind(now),
+        };
+        let done = query
+            .execute(&self.writer)
+            .await
+            .map_err(self.query_err())?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    async fn requeue_orphans(
+        &self,
+        now: i64,
+        abandoned: for<'a> fn(&'a str) -> bool,
+    ) -> Result<u64, StoreError> {
+        let err = self.query_err();
+        let running: Vec<(i64, String, i64)> = sqlx::query_as(RUNNING_LEASES)
+            .fetch_all(&self.writer)
+            .await
+            .map_err(&err)?;
+        let orphans: Vec<i64> = running
+            .into_iter()
+            .filter(|(_, owner, expires)| *expires <= now || abandoned(owner))
+            .map(|(id, _, _)| id)
+            .collect();
+        if orphans.is_empty() {
+            return Ok(0);
+        }
+        let done = sqlx::query(REQUEUE_IDS)
+            .bind(json_text(&orphans))
+            .bind(now)
+            .execute(&self.writer)
+            .await
+            .map_err(&err)?;
+        Ok(done.rows_affected())
+    }
+
+    async fn next_due(&self) -> Result<Option<i64>, StoreError> {
+        sqlx::query_scalar(NEXT_DUE)
+            .fetch_one(&self.readers)
+            .await
+            .map_err(self.query_err())
+    }
+
+    async fn retry(&self, ids: Option<&[i64]>, now: i64) -> Result<u64, StoreError> {
+        let query = match ids {
+            Some(ids) => sqlx::query(RETRY_IDS).bind(json_text(&ids)).bind(now),
+            None => sqlx::query(RETRY_ALL_FAILED).bind(now),
+        };
+        let done = query
+            .execute(&self.writer)
+            .await
+            .map_err(self.query_err())?;
+        Ok(done.rows_affected())
+    }
+
+    async fn requeue_needs_auth(&self, now: i64) -> Result<u64, StoreError> {
+        let done = sqlx::query(REQUEUE_NEEDS_AUTH)
+            .bind(now)
+            .execute(&self.writer)
+            .await
+            .map_err(self.query_err())?;
+        Ok(done.rows_affected())
+    }
+
+    async fn version_on_disk(
+        &self,
+        product: &str,
+        except: i64,
+    ) -> Result<Option<String>, StoreError> {
+        sqlx::query_scalar(VERSION_ON_DISK)
+            .bind(product)
+            .bind(except)
+            .fetch_optional(&self.readers)
+            .await
+            .map_err(self.query_err())
     }
 
     async fn close(&self) {

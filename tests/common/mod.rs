@@ -1,5 +1,8 @@
-//! Shared test helpers: a workspace with its own config, the real binary as a daemon, notice builders.
+//! Shared test helpers: a workspace with its own config, the real binary as a daemon, notice builders,
+//! and the MAST stand-in (`mast.rs`).
 #![allow(dead_code)] // each test crate uses its own subset
+
+pub mod mast;
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -27,12 +30,20 @@ impl Workspace {
 
     /// `extra` is TOML appended to the generated config (whole sections only).
     pub fn with_config(extra: &str) -> Workspace {
+        Workspace::with_base("http://127.0.0.1:9", extra)
+    }
+
+    /// A workspace whose MAST is `base_url` (a stand-in), with retries fast enough for tests: tweak
+    /// `[download]` through `MASTSUB_DOWNLOAD__*` variables, since `extra` cannot repeat that section.
+    pub fn with_base(base_url: &str, extra: &str) -> Workspace {
         let dir = tempfile::tempdir().expect("temp dir");
         let root = dir.path();
         let config = root.join("mastsub.toml");
         let text = format!(
             "[storage]\ndatabase = {:?}\ndownloads = {:?}\n\n[inbox]\ndir = {:?}\nsettle = \"100ms\"\n\n\
-             [mast]\nbase_url = \"http://127.0.0.1:9\"\n\n[log]\nlevel = \"debug\"\n\n{extra}",
+             [mast]\nbase_url = {base_url:?}\n\n[log]\nlevel = \"debug,sqlx=warn\"\n\n\
+             [download]\nretry_initial = \"20ms\"\nretry_max = \"200ms\"\nread_timeout = \"5s\"\n\
+             not_found_retry = \"200ms\"\nnot_found_give_up = \"3s\"\n\n{extra}",
             root.join("mastsub.db"),
             root.join("mastDownload"),
             root.join("inbox"),
@@ -93,6 +104,32 @@ impl Workspace {
         let dest = self.inbox().join(name);
         std::fs::rename(&staged, &dest).unwrap();
         dest
+    }
+
+    /// Every file under `rel`, recursively, as paths relative to it.
+    pub fn tree(&self, rel: &str) -> Vec<String> {
+        fn walk(root: &Path, dir: &Path, out: &mut Vec<String>) {
+            for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+                let p = e.path();
+                if p.is_dir() {
+                    walk(root, &p, out);
+                } else {
+                    out.push(p.strip_prefix(root).unwrap().to_string_lossy().into_owned());
+                }
+            }
+        }
+        let root = self.path(rel);
+        let mut out = Vec::new();
+        walk(&root, &root, &mut out);
+        out.sort();
+        out
+    }
+
+    /// The number of download jobs in `state`.
+    pub fn jobs_in(&self, state: &str) -> i64 {
+        self.query_i64(&format!(
+            "SELECT count(*) FROM downloads WHERE state = '{state}'"
+        ))
     }
 
     pub fn files_in(&self, rel: &str) -> Vec<String> {

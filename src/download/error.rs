@@ -1,0 +1,118 @@
+//! Why a download attempt ended early, and what that means for the job.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::store::StoreError;
+
+/// One attempt's failure. Whether and when to retry is decided in `policy.rs` from the variant.
+#[derive(Debug, thiserror::Error)]
+pub enum FetchError {
+    /// No connection, a timeout, or a transport error before the body.
+    #[error("{0}")]
+    Transport(String),
+    /// The body stopped before its announced end (reset, timeout, or a clean close).
+    #[error("the body was cut after {got} of {} bytes: {reason}", expected.map_or("?".to_string(), |e| e.to_string()))]
+    Cut {
+        /// Bytes in the `.part` file.
+        got: u64,
+        /// Bytes announced.
+        expected: Option<u64>,
+        /// What the connection said.
+        reason: String,
+    },
+    /// An HTTP status other than success, 401/403 and 404.
+    #[error("MAST answered HTTP {status}")]
+    Http {
+        /// The status.
+        status: u16,
+        /// Its Retry-After, if any.
+        retry_after: Option<Duration>,
+    },
+    /// 401 or 403: exclusive-access data without a (valid) token.
+    #[error("MAST answered HTTP {status}: this product needs a MAST token")]
+    Auth {
+        /// 401 or 403.
+        status: u16,
+    },
+    /// 404: not (yet) on MAST.
+    #[error("MAST answered HTTP 404: the product is not (yet) there")]
+    NotFound,
+    /// The server's answer does not add up (a Content-Range that does not start where asked, more bytes than
+    /// announced).
+    #[error("{0}")]
+    Protocol(String),
+    /// The file arrived whole but is not what it claims to be.
+    #[error("verification failed: {0}")]
+    Verify(String),
+    /// The disk refused: full, over quota, read-only, or permissions.
+    #[error("cannot {op} {}: {source}", path.display())]
+    Disk {
+        /// What was being done.
+        op: &'static str,
+        /// To which path.
+        path: PathBuf,
+        /// The error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Another I/O error on a local file.
+    #[error("cannot {op} {}: {source}", path.display())]
+    Io {
+        /// What was being done.
+        op: &'static str,
+        /// To which path.
+        path: PathBuf,
+        /// The error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The daemon is stopping; the `.part` file is kept.
+    #[error("interrupted by shutdown")]
+    Interrupted,
+    /// Another worker holds the job now (our lease expired).
+    #[error("the job's lease was lost")]
+    LeaseLost,
+    /// The store failed while the attempt ran.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+impl FetchError {
+    /// A local file operation failed: disk trouble or another I/O error.
+    pub fn local(op: &'static str, path: impl Into<PathBuf>, source: std::io::Error) -> FetchError {
+        let path = path.into();
+        if crate::fsutil::is_disk_trouble(&source) {
+            FetchError::Disk { op, path, source }
+        } else {
+            FetchError::Io { op, path, source }
+        }
+    }
+
+    /// Worth another attempt later: network trouble, cut bodies, 408, 429 and 5xx.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            FetchError::Transport(_)
+            | FetchError::Cut { .. }
+            | FetchError::Protocol(_)
+            | FetchError::Io { .. } => true,
+            FetchError::Store(_) => true,
+            FetchError::Http { status, .. } => matches!(status, 408 | 429 | 500..=599),
+            _ => false,
+        }
+    }
+}
+
+impl From<reqwest::Error> for FetchError {
+    fn from(e: reqwest::Error) -> FetchError {
+        // The chain says what really happened (connection refused, reset, timed out).
+        let mut text = e.to_string();
+        let mut source = std::error::Error::source(&e);
+        while let Some(s) = source {
+            text.push_str(": ");
+            text.push_str(&s.to_string());
+            source = s.source();
+        }
+        FetchError::Transport(text)
+    }
+}

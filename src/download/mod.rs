@@ -1,0 +1,372 @@
+//! The download engine: a pool of workers that claim jobs from the store and fetch products.
+//!
+//! `fetch.rs` does one attempt (verified resume, verify, publish), `policy.rs` decides what a failed
+//! attempt means for the job, `error.rs` names the failures. This module runs the pool: up to
+//! `download.workers` jobs at once, each claimed under a lease that is renewed while it runs; a newly queued
+//! job starts at once (ingest wakes the pool), a job whose next attempt time has come is picked up, and a
+//! sweep every few seconds is the fallback. Jobs of a process that died (same host, pid gone) or whose
+//! lease expired go back to `queued` at start-up and periodically. On shutdown the workers stop at a safe
+//! point, keep their `.part` files, and give their jobs back.
+
+pub mod error;
+pub mod fetch;
+pub mod policy;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use tokio::sync::Notify;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{Config, DownloadConfig};
+use crate::store::{DownloadState, Finish, Job, Store};
+use error::FetchError;
+use fetch::Transfer;
+
+/// How long a lease lasts; workers renew it every third of that.
+const LEASE: Duration = Duration::from_secs(60);
+/// The fallback sweep for due jobs and orphaned leases.
+const SWEEP: Duration = Duration::from_secs(5);
+/// A summary line this often while there is work.
+const SUMMARY_EVERY: Duration = Duration::from_secs(60);
+/// How long running transfers get to stop at a safe point on shutdown.
+const DRAIN: Duration = Duration::from_secs(8);
+
+fn now_ms() -> i64 {
+    chrono::Utc::now().timestamp_millis()
+}
+
+/// `host:pid:nonce`: the lease owner name of this process's pool.
+fn owner_name() -> String {
+    let host = nix::unistd::gethostname()
+        .ok()
+        .and_then(|h| h.into_string().ok())
+        .unwrap_or_else(|| "localhost".into());
+    format!("{host}:{}:{:08x}", std::process::id(), now_ms() as u32)
+}
+
+/// True when `owner` names a process on this host that no longer exists (it crashed or was killed).
+fn owner_is_dead(owner: &str) -> bool {
+    let mut parts = owner.rsplitn(3, ':');
+    let (_nonce, pid, host) = (parts.next(), parts.next(), parts.next());
+    let this_host = nix::unistd::gethostname()
+        .ok()
+        .and_then(|h| h.into_string().ok());
+    match (host, pid.and_then(|p| p.parse::<i32>().ok())) {
+        (Some(host), Some(pid))
+            if Some(host) == this_host.as_deref() && pid as u32 != std::process::id() =>
+        {
+            matches!(
+                nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None),
+                Err(nix::errno::Errno::ESRCH)
+            )
+        }
+        _ => false,
+    }
+}
+
+/// The MAST token: `mast.token`, else the contents of `mast.token_file`, else env `MAST_API_TOKEN`.
+pub fn load_token(config: &Config) -> Result<Option<String>, String> {
+    if let Some(t) = &config.mast.token {
+        return Ok(Some(t.expose().trim().to_string()).filter(|t| !t.is_empty()));
+    }
+    if let Some(path) = &config.mast.token_file {
+        return std::fs::read_to_string(path)
+            .map(|t| Some(t.trim().to_string()).filter(|t| !t.is_empty()))
+            .map_err(|e| format!("cannot read mast.token_file {}: {e}", path.display()));
+    }
+    Ok(std::env::var("MAST_API_TOKEN")
+        .ok()
+        .map(|t| t.trim().to_string())
+        .filter(|t| !t.is_empty()))
+}
+
+/// Builds the HTTP client: rustls, connect and read timeouts (no whole-transfer deadline), User-Agent.
+pub fn http_client(config: &DownloadConfig) -> reqwest::Result<reqwest::Client> {
+    // reqwest is built without a default crypto provider; ring is ours. Installing twice is harmless.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    reqwest::Client::builder()
+        .user_agent(concat!("mastsub/", env!("CARGO_PKG_VERSION")))
+        .connect_timeout(config.connect_timeout)
+        .read_timeout(config.read_timeout)
+        .redirect(reqwest::redirect::Policy::limited(10))
+        .build()
+}
+
+/// Shared by the pool and its workers.
+struct Pool {
+    transfer: Transfer,
+    config: DownloadConfig,
+}
+
+/// Runs the pool until `shutdown`; `wake` is notified when jobs are queued.
+pub async fn run(
+    config: &Config,
+    store: Arc<dyn Store>,
+    wake: Arc<Notify>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let token = match load_token(config) {
+        Ok(t) => t,
+        Err(e) => {
+            tracing::error!("{e}; downloading without a token (public data only)");
+            None
+        }
+    };
+    let base = url::Url::parse(&config.mast.base_url)?;
+    let pool = Arc::new(Pool {
+        transfer: Transfer {
+            client: http_client(&config.download)?,
+            token,
+            mast_origin: base.origin(),
+            root: config.storage.downloads.clone(),
+            keep_previous: config.download.keep_previous,
+            store: store.clone(),
+            owner: owner_name(),
+            lease: LEASE,
+            received: Arc::new(AtomicU64::new(0)),
+        },
+        config: config.download.clone(),
+    });
+    let orphans = store.requeue_orphans(now_ms(), owner_is_dead).await?;
+    if orphans > 0 {
+        tracing::info!(
+            "{orphans} interrupted download(s) queued again (their .part files are resumed)"
+        );
+    }
+    if pool.transfer.token.is_some() {
+        let n = store.requeue_needs_auth(now_ms()).await?;
+        if n > 0 {
+            tracing::info!("a MAST token is set: {n} download(s) waiting for one queued again");
+        }
+    }
+    tracing::info!(
+        "downloading with {} worker(s) into {} from {}{}",
+        pool.config.workers,
+        pool.transfer.root.display(),
+        config.mast.base_url,
+        if pool.transfer.token.is_some() {
+            " (with a MAST token)"
+        } else {
+            ""
+        }
+    );
+
+    let stop_work = CancellationToken::new();
+    let mut workers: JoinSet<()> = JoinSet::new();
+    let mut last_sweep = Instant::now();
+    let mut last_summary = Instant::now();
+    let mut received_at_summary = 0u64;
+    loop {
+        // Fill free worker slots with due jobs.
+        while workers.len() < pool.config.workers {
+            let lease_until = now_ms() + LEASE.as_millis() as i64;
+            match store
+                .claim(&pool.transfer.owner, lease_until, now_ms())
+                .await
+            {
+                Ok(Some(job)) => {
+                    let (pool, cancel) = (pool.clone(), stop_work.clone());
+                    workers.spawn(async move { pool.work(job, cancel).await });
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    tracing::error!("cannot claim a download job: {e}");
+                    break;
+                }
+            }
+        }
+        if last_sweep.elapsed() >= SWEEP {
+            last_sweep = Instant::now();
+            if let Err(e) = store.requeue_orphans(now_ms(), owner_is_dead).await {
+                tracing::error!("cannot look for orphaned download jobs: {e}");
+            }
+        }
+        if last_summary.elapsed() >= SUMMARY_EVERY {
+            let received = pool.transfer.received.load(Ordering::Relaxed);
+            let rate =
+                (received - received_at_summary) as f64 / last_summary.elapsed().as_secs_f64();
+            received_at_summary = received;
+            last_summary = Instant::now();
+            if let Ok(s) = store.status(0).await {
+                let n = |st| s.downloads.get(&st).copied().unwrap_or(0);
+                if n(DownloadState::Queued) + n(DownloadState::Running) > 0 || rate > 0.0 {
+                    tracing::info!(
+                        "downloads: {} queued, {} running, {} done, {} failed, {} need a token; {:.1} MB/s",
+                        n(DownloadState::Queued),
+                        n(DownloadState::Running),
+                        n(DownloadState::Done),
+                        n(DownloadState::Failed),
+                        n(DownloadState::NeedsAuth),
+                        rate / 1e6
+                    );
+                }
+            }
+        }
+        // Sleep until a job is queued, a worker ends, the next job is due, or the sweep.
+        let due_in = match store.next_due().await {
+            Ok(Some(at)) => Duration::from_millis((at - now_ms()).max(0) as u64),
+            _ => SWEEP,
+        };
+        let nap = due_in.clamp(Duration::from_millis(10), SWEEP);
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            _ = wake.notified() => {}
+            Some(_) = workers.join_next(), if !workers.is_empty() => {}
+            _ = tokio::time::sleep(nap) => {}
+        }
+    }
+
+    // Stop at a safe point: running transfers flush and keep their .part files, jobs go back to queued.
+    stop_work.cancel();
+    let running = workers.len();
+    if running > 0 {
+        tracing::info!("stopping {running} running download(s); their .part files are kept");
+    }
+    if tokio::time::timeout(DRAIN, async {
+        while workers.join_next().await.is_some() {}
+    })
+    .await
+    .is_err()
+    {
+        tracing::warn!(
+            "downloads did not stop within {}s; their leases expire and they resume later",
+            DRAIN.as_secs()
+        );
+        workers.abort_all();
+    }
+    Ok(())
+}
+
+impl Pool {
+    /// Runs one claimed job to the end of this attempt, renewing its lease meanwhile.
+    async fn work(&self, job: Job, cancel: CancellationToken) {
+        let t = &self.transfer;
+        let started = Instant::now();
+        tracing::info!(
+            "downloading {} (program {}, {}), attempt {}{}",
+            job.local_path,
+            job.program,
+            job.event_type,
+            job.attempt,
+            if job.bytes_done > 0 {
+                format!(", resuming at byte {}", job.bytes_done)
+            } else {
+                String::new()
+            }
+        );
+        let renew = async {
+            loop {
+                tokio::time::sleep(LEASE / 3).await;
+                match t
+                    .store
+                    .progress_lease(job.id, &t.owner, now_ms() + LEASE.as_millis() as i64)
+                    .await
+                {
+                    Ok(true) => {}
+                    Ok(false) => return FetchError::LeaseLost,
+                    Err(e) => tracing::warn!("cannot renew the lease of {}: {e}", job.local_path),
+                }
+            }
+        };
+        let result = tokio::select! {
+            r = t.fetch(&job, &cancel) => r,
+            lost = renew => Err(lost),
+        };
+        let now = now_ms();
+        let finish = match &result {
+            Ok(f) => {
+                let secs = started.elapsed().as_secs_f64();
+                tracing::info!(
+                    "done {} (program {}, {}): {} bytes in {:.1}s, {:.1} MB/s, attempt {}{}",
+                    job.local_path,
+                    job.program,
+                    job.event_type,
+                    f.bytes,
+                    secs,
+                    f.fetched as f64 / secs.max(1e-3) / 1e6,
+                    job.attempt,
+                    if f.resumed_from > 0 {
+                        format!(", resumed at byte {}", f.resumed_from)
+                    } else {
+                        String::new()
+                    }
+                );
+                Finish::Done {
+                    bytes: f.bytes as i64,
+                }
+            }
+            Err(FetchError::LeaseLost) => {
+                tracing::warn!(
+                    "{}: another worker took this job over (lease lost); leaving it",
+                    job.local_path
+                );
+                return;
+            }
+            Err(e) => {
+                let finish = policy::decide(&self.config, &job, e, now);
+                log_failure(&job, e, &finish, now);
+                finish
+            }
+        };
+        match t.store.finish(job.id, &t.owner, &finish, now).await {
+            Ok(true) => {}
+            Ok(false) => tracing::warn!(
+                "{}: the job's lease was lost before it could be recorded",
+                job.local_path
+            ),
+            Err(e) => tracing::error!(
+                "{}: cannot record the attempt's end: {e}; its lease will expire",
+                job.local_path
+            ),
+        }
+    }
+}
+
+fn log_failure(job: &Job, error: &FetchError, finish: &Finish, now: i64) {
+    let what = format!(
+        "{} (program {}, {})",
+        job.local_path, job.program, job.event_type
+    );
+    match finish {
+        Finish::Retry { at, .. } if matches!(error, FetchError::Interrupted) => {
+            let _ = at;
+            tracing::info!(
+                "{what}: stopped for shutdown; the .part file is kept and resumed next time"
+            );
+        }
+        Finish::Retry { at, .. } => {
+            let wait = Duration::from_millis((at - now).max(0) as u64);
+            let next = chrono::DateTime::from_timestamp_millis(*at)
+                .map(|t| t.format("%H:%M:%S UTC").to_string())
+                .unwrap_or_default();
+            let kind = match error {
+                FetchError::Disk { .. } => "disk trouble, waiting for it to clear",
+                FetchError::NotFound => "not on MAST yet",
+                _ => "will retry",
+            };
+            tracing::warn!(
+                "{what}: attempt {} failed: {error}; {kind}, next try in {} (at {next})",
+                job.attempt,
+                humantime::format_duration(Duration::from_secs(wait.as_secs()))
+            );
+        }
+        Finish::GiveUp {
+            state: DownloadState::NeedsAuth,
+            ..
+        } => tracing::warn!(
+            "{what}: {error}. Set mast.token_file (or MAST_API_TOKEN) to a MAST token and restart, or run \
+             `mastsub retry {}` once it is set; a Public event for it also queues it again",
+            job.id
+        ),
+        Finish::GiveUp { error, .. } => {
+            tracing::error!(
+                "{what}: failed: {error}; `mastsub retry {}` queues it again",
+                job.id
+            )
+        }
+        Finish::Done { .. } => {}
+    }
+}

@@ -1,0 +1,261 @@
+//! The retry policy: from how an attempt ended to the job's next state and time.
+//!
+//! Transient trouble (network, cut bodies, 408, 429, 5xx) backs off exponentially with jitter between
+//! `retry_initial` and `retry_max` (backon computes the delay), honouring Retry-After, up to
+//! `max_attempts`, then `failed`. 401/403: `needs_auth`. 404: retried every `not_found_retry` until
+//! `not_found_give_up` after the first 404 (products can lag their notice), then `failed`. Disk trouble
+//! waits and retries without counting the attempt. A file that arrives whole but fails verification is
+//! fetched again from zero once, then `failed`. A shutdown puts the job back at once, attempt not counted.
+
+use std::time::Duration;
+
+use backon::BackoffBuilder;
+
+use super::error::FetchError;
+use crate::config::DownloadConfig;
+use crate::store::{DownloadState, Finish, Job};
+
+/// The longest Retry-After honoured.
+const MAX_RETRY_AFTER: Duration = Duration::from_secs(3600);
+/// How long disk trouble is waited out between attempts, at most.
+const DISK_WAIT: Duration = Duration::from_secs(60);
+/// Verification failures in a row before the job fails.
+const VERIFY_FAILURES_ALLOWED: i64 = 2;
+
+/// The delay before attempt `attempt + 1` after `attempt` transient failures.
+pub fn backoff(config: &DownloadConfig, attempt: i64) -> Duration {
+    let nth = usize::try_from(attempt.max(1) - 1).unwrap_or(0);
+    backon::ExponentialBuilder::default()
+        .with_min_delay(config.retry_initial)
+        .with_max_delay(config.retry_max)
+        .with_factor(2.0)
+        .with_jitter()
+        .without_max_times()
+        .build()
+        .nth(nth)
+        .unwrap_or(config.retry_max)
+        .clamp(config.retry_initial, config.retry_max)
+}
+
+fn ms(d: Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+}
+
+/// What the store should record for a failed attempt of `job` at `now` (ms).
+pub fn decide(config: &DownloadConfig, job: &Job, error: &FetchError, now: i64) -> Finish {
+    let retry = |at: i64, refund: bool| Finish::Retry {
+        at,
+        error: error.to_string(),
+        refund,
+        verify_failures: job.verify_failures,
+        not_found_since: None,
+    };
+    match error {
+        FetchError::Interrupted | FetchError::LeaseLost => retry(now, true),
+        FetchError::Auth { .. } => Finish::GiveUp {
+            state: DownloadState::NeedsAuth,
+            error: error.to_string(),
+        },
+        FetchError::Disk { .. } => retry(now + ms(config.retry_max.min(DISK_WAIT)), true),
+        FetchError::NotFound => {
+            let since = job.not_found_since.unwrap_or(now);
+            if now - since >= ms(config.not_found_give_up) {
+                Finish::GiveUp {
+                    state: DownloadState::Failed,
+                    error: format!(
+                        "{error}, still after {}",
+                        humantime::format_duration(Duration::from_millis((now - since) as u64))
+                    ),
+                }
+            } else {
+                Finish::Retry {
+                    at: now + ms(config.not_found_retry),
+                    error: error.to_string(),
+                    refund: true,
+                    verify_failures: job.verify_failures,
+                    not_found_since: Some(since),
+                }
+            }
+        }
+        FetchError::Verify(_) => {
+            let failures = job.verify_failures + 1;
+            if failures >= VERIFY_FAILURES_ALLOWED {
+                Finish::GiveUp {
+                    state: DownloadState::Failed,
+                    error: format!("{error} (twice, fetched from zero in between)"),
+                }
+            } else {
+                Finish::Retry {
+                    at: now,
+                    error: error.to_string(),
+                    refund: false,
+                    verify_failures: failures,
+                    not_found_since: None,
+                }
+            }
+        }
+        e if e.is_transient() && job.attempt < i64::from(config.max_attempts) => {
+            let mut delay = backoff(config, job.attempt);
+            if let FetchError::Http {
+                retry_after: Some(after),
+                ..
+            } = e
+            {
+                delay = delay.max((*after).min(MAX_RETRY_AFTER));
+            }
+            retry(now + ms(delay), false)
+        }
+        e if e.is_transient() => Finish::GiveUp {
+            state: DownloadState::Failed,
+            error: format!("{e} (attempt {} of {})", job.attempt, config.max_attempts),
+        },
+        e => Finish::GiveUp {
+            state: DownloadState::Failed,
+            error: e.to_string(),
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn job(attempt: i64) -> Job {
+        Job {
+            id: 1,
+            product: "jwst/f/f.fits".into(),
+            mission: "JWST".into(),
+            filename: "f.fits".into(),
+            program: 1,
+            event_type: "New".into(),
+            version: "v".into(),
+            url: "https://mast.stsci.edu/x".into(),
+            local_path: "jwst/f/f.fits".into(),
+            attempt,
+            bytes_expected: None,
+            bytes_done: 0,
+            etag: None,
+            last_modified: None,
+            verify_failures: 0,
+            not_found_since: None,
+        }
+    }
+
+    fn config() -> DownloadConfig {
+        DownloadConfig {
+            retry_initial: Duration::from_secs(2),
+            retry_max: Duration::from_secs(60),
+            ..DownloadConfig::default()
+        }
+    }
+
+    #[test]
+    fn backoff_grows_and_stays_between_initial_and_max() {
+        let c = config();
+        for attempt in 1..20 {
+            let d = backoff(&c, attempt);
+            assert!(
+                d >= c.retry_initial && d <= c.retry_max,
+                "attempt {attempt}: {d:?}"
+            );
+        }
+        assert!(backoff(&c, 1) <= Duration::from_secs(4));
+        assert_eq!(backoff(&c, 12), c.retry_max);
+    }
+
+    #[test]
+    fn transient_errors_retry_until_max_attempts() {
+        let c = config();
+        let cut = FetchError::Cut {
+            got: 1,
+            expected: Some(2),
+            reason: "reset".into(),
+        };
+        assert!(
+            matches!(decide(&c, &job(1), &cut, 0), Finish::Retry { at, refund: false, .. } if at >= 2000)
+        );
+        let last = decide(&c, &job(i64::from(c.max_attempts)), &cut, 0);
+        assert!(
+            matches!(last, Finish::GiveUp { state: DownloadState::Failed, ref error } if error.contains("attempt 8 of 8"))
+        );
+    }
+
+    #[test]
+    fn retry_after_is_honoured() {
+        let e = FetchError::Http {
+            status: 503,
+            retry_after: Some(Duration::from_secs(30)),
+        };
+        assert!(
+            matches!(decide(&config(), &job(1), &e, 0), Finish::Retry { at, .. } if at >= 30_000)
+        );
+    }
+
+    #[test]
+    fn auth_not_found_disk_and_verify_have_their_own_rules() {
+        let c = config();
+        assert!(matches!(
+            decide(&c, &job(1), &FetchError::Auth { status: 401 }, 0),
+            Finish::GiveUp {
+                state: DownloadState::NeedsAuth,
+                ..
+            }
+        ));
+        let nf = decide(&c, &job(1), &FetchError::NotFound, 1000);
+        assert!(matches!(
+            nf,
+            Finish::Retry {
+                refund: true,
+                not_found_since: Some(1000),
+                ..
+            }
+        ));
+        let mut late = job(1);
+        late.not_found_since = Some(0);
+        let give_up = decide(&c, &late, &FetchError::NotFound, ms(c.not_found_give_up));
+        assert!(matches!(
+            give_up,
+            Finish::GiveUp {
+                state: DownloadState::Failed,
+                ..
+            }
+        ));
+        let disk = FetchError::local(
+            "write",
+            "/x",
+            std::io::Error::from_raw_os_error(nix::libc::ENOSPC),
+        );
+        assert!(matches!(
+            decide(&c, &job(8), &disk, 0),
+            Finish::Retry { refund: true, .. }
+        ));
+        let v = FetchError::Verify("not FITS".into());
+        assert!(matches!(
+            decide(&c, &job(1), &v, 0),
+            Finish::Retry {
+                verify_failures: 1,
+                ..
+            }
+        ));
+        let mut again = job(2);
+        again.verify_failures = 1;
+        assert!(matches!(
+            decide(&c, &again, &v, 0),
+            Finish::GiveUp {
+                state: DownloadState::Failed,
+                ..
+            }
+        ));
+        let gone = FetchError::Http {
+            status: 410,
+            retry_after: None,
+        };
+        assert!(matches!(
+            decide(&c, &job(1), &gone, 0),
+            Finish::GiveUp {
+                state: DownloadState::Failed,
+                ..
+            }
+        ));
+    }
+}

@@ -1,0 +1,421 @@
+//! The download engine against the MAST stand-in: byte-identical products at astroquery's paths, verified
+//! resume through cut bodies, 503s and 500s, servers that ignore Range, products that change, tokens,
+//! reprocessed products, 404s, and kill -9 / SIGTERM in the middle of transfers.
+
+mod common;
+
+use std::time::Duration;
+
+use common::mast::{Faults, MastStandIn, fits_product};
+use common::{Daemon, Workspace, wait_until};
+use serde_json::{Value, json};
+
+/// The sample's three products, served by `mast`; returns (local path, bytes).
+fn serve_sample(mast: &MastStandIn) -> Vec<(String, Vec<u8>)> {
+    let notice: Vec<Value> =
+        serde_json::from_slice(&std::fs::read(common::sample_notice()).unwrap()).unwrap();
+    notice
+        .iter()
+        .enumerate()
+        .map(|(i, r)| {
+            let name = r["filename"].as_str().unwrap();
+            let body = fits_product(name, 20 + i * 7, 1);
+            mast.put(name, body.clone());
+            (
+                format!("jwst/{}/{name}", r["fileset"].as_str().unwrap()),
+                body,
+            )
+        })
+        .collect()
+}
+
+/// A notice of `count` New products numbered from `first`, each served by `mast` with `blocks` blocks.
+fn serve_products(
+    mast: &MastStandIn,
+    first: u64,
+    count: u64,
+    blocks: usize,
+) -> (Vec<u8>, Vec<(String, Vec<u8>)>) {
+    let mut records = Vec::new();
+    let mut files = Vec::new();
+    for n in first..first + count {
+        let r = common::record(n, "New");
+        let name = r["filename"].as_str().unwrap().to_string();
+        let body = fits_product(&name, blocks, 1);
+        mast.put(&name, body.clone());
+        files.push((
+            format!("jwst/{}/{name}", r["fileset"].as_str().unwrap()),
+            body,
+        ));
+        records.push(r);
+    }
+    (serde_json::to_vec(&records).unwrap(), files)
+}
+
+fn assert_identical(ws: &Workspace, files: &[(String, Vec<u8>)]) {
+    for (path, body) in files {
+        let got = std::fs::read(ws.path("mastDownload").join(path))
+            .unwrap_or_else(|e| panic!("{path}: {e}"));
+        assert!(
+            got == *body,
+            "{path}: {} bytes on disk differ from the {} served",
+            got.len(),
+            body.len()
+        );
+    }
+    let parts: Vec<_> = ws
+        .tree("mastDownload")
+        .into_iter()
+        .filter(|p| p.ends_with(".part"))
+        .collect();
+    assert!(parts.is_empty(), ".part files left: {parts:?}");
+}
+
+fn wait_done(ws: &Workspace, d: &Daemon, n: i64, timeout: Duration) {
+    assert!(
+        wait_until(timeout, || ws.jobs_in("done") == n),
+        "{} of {n} done after {timeout:?} ({} queued, {} failed); log tail:\n{}",
+        ws.jobs_in("done"),
+        ws.jobs_in("queued"),
+        ws.jobs_in("failed"),
+        d.log()
+            .lines()
+            .rev()
+            .take(30)
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+}
+
+#[test]
+fn the_sample_products_arrive_byte_identical_at_astroquery_paths() {
+    let mast = MastStandIn::start();
+    let files = serve_sample(&mast);
+    let ws = Workspace::with_base(&mast.base_url, "");
+    let d = Daemon::start_watching(&ws);
+    std::fs::copy(common::sample_notice(), ws.path("s.json")).unwrap();
+    std::fs::rename(ws.path("s.json"), ws.inbox().join("JWST.json")).unwrap();
+    wait_done(&ws, &d, 3, Duration::from_secs(20));
+    assert_identical(&ws, &files);
+    let seen = mast.seen();
+    assert_eq!(seen.len(), 3, "{seen:?}");
+    assert!(seen.iter().all(|s| {
+        s.user_agent
+            .as_deref()
+            .is_some_and(|u| u.starts_with("mastsub/"))
+    }));
+    assert!(d.log().contains("done jwst/"), "{}", d.log());
+    let status = ws.status();
+    let total: usize = files.iter().map(|(_, b)| b.len()).sum();
+    assert_eq!(status["bytes_done"], json!(total));
+}
+
+#[test]
+fn a_hundred_products_through_cut_bodies_503s_and_500s_arrive_whole_by_resuming() {
+    let mast = MastStandIn::start();
+    let (notice, files) = serve_products(&mast, 1, 100, 40);
+    mast.set_faults(Faults {
+        cut_percent: 30,
+        unavailable_percent: 10,
+        retry_after: 0,
+        errors_500_next: 5,
+        ..Faults::default()
+    });
+    let ws = Workspace::with_base(&mast.base_url, "");
+    let d = Daemon::start_with_env(&ws, &[("MASTSUB_DOWNLOAD__MAX_ATTEMPTS", "50")]);
+    d.wait_for_log("watching inbox", Duration::from_secs(20));
+    ws.drop_notice("hundred.json", &notice);
+    wait_done(&ws, &d, 100, Duration::from_secs(120));
+    assert_identical(&ws, &files);
+    let total: u64 = files.iter().map(|(_, b)| b.len() as u64).sum();
+    let served = mast.bytes_served();
+    eprintln!(
+        "served {served} bytes for {total} ({:.3}x)",
+        served as f64 / total as f64
+    );
+    assert!(
+        served < total * 12 / 10,
+        "served {served} bytes for {total}: resumes restarted from zero"
+    );
+    let seen = mast.seen();
+    assert!(seen.iter().any(|s| s.status == 206), "no resume happened");
+    assert!(seen.iter().any(|s| s.status == 503) && seen.iter().any(|s| s.status == 500));
+    // Every resume carried the validator.
+    assert!(
+        seen.iter()
+            .filter(|s| s.range.is_some())
+            .all(|s| s.if_range.is_some())
+    );
+}
+
+#[test]
+fn a_server_that_ignores_range_still_gives_correct_files() {
+    let mast = MastStandIn::start();
+    let (notice, files) = serve_products(&mast, 1, 10, 30);
+    mast.set_faults(Faults {
+        cut_percent: 50,
+        cut_with_reset: true,
+        ignore_range: true,
+        ..Faults::default()
+    });
+    let ws = Workspace::with_base(&mast.base_url, "");
+    let d = Daemon::start_with_env(&ws, &[("MASTSUB_DOWNLOAD__MAX_ATTEMPTS", "50")]);
+    d.wait_for_log("watching inbox", Duration::from_secs(20));
+    ws.drop_notice("n.json", &notice);
+    wait_done(&ws, &d, 10, Duration::from_secs(60));
+    assert_identical(&ws, &files);
+    assert!(
+        mast.seen().iter().any(|s| s.range.is_some()),
+        "no resume was even tried"
+    );
+}
+
+#[test]
+fn a_product_that_changes_between_a_cut_and_the_resume_ends_as_the_new_version_whole() {
+    let mast = MastStandIn::start();
+    let name = "jw00001001001_02201_00001_mirimage_cal.fits";
+    mast.put(name, fits_product(name, 60, 1));
+    mast.set_faults(Faults {
+        cut_next: 1,
+        slow: Some(Duration::from_millis(20)),
+        ..Faults::default()
+    });
+    let ws = Workspace::with_base(&mast.base_url, "");
+    // A long first retry delay leaves time to change the product after the cut.
+    let d = Daemon::start_with_env(
+        &ws,
+        &[
+            ("MASTSUB_DOWNLOAD__RETRY_INITIAL", "1s"),
+            ("MASTSUB_DOWNLOAD__RETRY_MAX", "1s"),
+        ],
+    );
+    d.wait_for_log("watching inbox", Duration::from_secs(20));
+    ws.drop_notice(
+        "n.json",
+        &serde_json::to_vec(&[common::record(1, "New")]).unwrap(),
+    );
+    assert!(
+        wait_until(Duration::from_secs(20), || d
+            .log()
+            .contains("attempt 1 failed")),
+        "no cut happened"
+    );
+    let v2 = fits_product(name, 45, 2);
+    mast.put(name, v2.clone());
+    mast.set_faults(Faults::default());
+    wait_done(&ws, &d, 1, Duration::from_secs(20));
+    let path = "jwst/jw00001001001_02201_00001/jw00001001001_02201_00001_mirimage_cal.fits";
+    assert_identical(&ws, &[(path.to_string(), v2)]);
+    let seen = mast.seen();
+    let resume = seen
+        .iter()
+        .find(|s| s.range.is_some())
+        .expect("a resume with Range");
+    assert!(resume.if_range.is_some());
+    assert_eq!(
+        seen.last().unwrap().status,
+        200,
+        "the changed product must come whole: {seen:?}"
+    );
+}
+
+#[test]
+fn without_a_token_jobs_wait_and_with_one_they_download_and_the_token_is_never_logged() {
+    let mast = MastStandIn::start();
+    let files = serve_sample(&mast);
+    let token = "s3cr3t-t0k3n-abcdef";
+    mast.set_faults(Faults {
+        token: Some(token.to_string()),
+        ..Faults::default()
+    });
+    let ws = Workspace::with_base(&mast.base_url, "");
+    {
+        let mut d = Daemon::start_watching(&ws);
+        std::fs::copy(common::sample_notice(), ws.path("s.json")).unwrap();
+        std::fs::rename(ws.path("s.json"), ws.inbox().join("JWST.json")).unwrap();
+        assert!(wait_until(Duration::from_secs(20), || ws
+            .jobs_in("needs_auth")
+            == 3));
+        assert!(
+            d.log().contains("MAST_API_TOKEN"),
+            "no advice on how to set a token:\n{}",
+            d.log()
+        );
+        // No hot retries: one request per product.
+        std::thread::sleep(Duration::from_millis(500));
+        assert_eq!(mast.seen().len(), 3);
+        d.terminate();
+    }
+    let mut d = Daemon::start_with_env(&ws, &[("MAST_API_TOKEN", token)]);
+    wait_done(&ws, &d, 3, Duration::from_secs(20));
+    assert_identical(&ws, &files);
+    d.terminate();
+    assert!(!d.log().contains(token), "the token is in the log");
+    let out = ws
+        .cmd()
+        .args(["status", "--json"])
+        .env("MAST_API_TOKEN", token)
+        .output()
+        .unwrap();
+    assert!(!String::from_utf8_lossy(&out.stdout).contains(token));
+}
+
+#[test]
+fn a_reprocessed_event_replaces_the_file_and_keep_previous_keeps_the_old_one() {
+    let mast = MastStandIn::start();
+    let name = "jw00007001001_02201_00001_mirimage_cal.fits";
+    let v1 = fits_product(name, 10, 1);
+    mast.put(name, v1.clone());
+    let ws = Workspace::with_base(&mast.base_url, "");
+    let d = Daemon::start_with_env(&ws, &[("MASTSUB_DOWNLOAD__KEEP_PREVIOUS", "true")]);
+    d.wait_for_log("watching inbox", Duration::from_secs(20));
+    ws.drop_notice(
+        "new.json",
+        &serde_json::to_vec(&[common::record(7, "New")]).unwrap(),
+    );
+    wait_done(&ws, &d, 1, Duration::from_secs(20));
+    let v2 = fits_product(name, 12, 2);
+    mast.put(name, v2.clone());
+    let mut reprocessed = common::record(70, "Reprocessed");
+    reprocessed["fileset"] = json!("jw00007001001_02201_00001");
+    reprocessed["filename"] = json!(name);
+    reprocessed["archived_date"] = json!("2026-05-01T00:00:00");
+    ws.drop_notice(
+        "reprocessed.json",
+        &serde_json::to_vec(&[reprocessed]).unwrap(),
+    );
+    wait_done(&ws, &d, 2, Duration::from_secs(20));
+    let dir = "jwst/jw00007001001_02201_00001";
+    assert_identical(&ws, &[(format!("{dir}/{name}"), v2)]);
+    let kept = ws
+        .path("mastDownload")
+        .join(dir)
+        .join(format!("{name}.2026-03-30T17:53:19.6950000"));
+    assert_eq!(
+        std::fs::read(&kept).unwrap(),
+        v1,
+        "the previous version was not kept"
+    );
+}
+
+#[test]
+fn a_product_late_on_mast_is_fetched_once_it_appears_and_one_that_never_does_fails() {
+    let mast = MastStandIn::start();
+    let (notice, files) = serve_products(&mast, 1, 2, 5);
+    mast.remove("jw00001001001_02201_00001_mirimage_cal.fits");
+    mast.remove("jw00002001001_02201_00001_mirimage_cal.fits");
+    let ws = Workspace::with_base(&mast.base_url, "");
+    let d = Daemon::start_watching(&ws);
+    ws.drop_notice("late.json", &notice);
+    assert!(wait_until(Duration::from_secs(10), || mast
+        .seen()
+        .iter()
+        .filter(|s| s.status == 404)
+        .count()
+        >= 4));
+    mast.put(
+        "jw00001001001_02201_00001_mirimage_cal.fits",
+        files[0].1.clone(),
+    );
+    wait_done(&ws, &d, 1, Duration::from_secs(10));
+    // The other gives up after not_found_give_up (3 s in tests), with the reason.
+    assert!(wait_until(Duration::from_secs(15), || ws.jobs_in("failed") == 1));
+    let status = ws.status();
+    let reason = status["recent_failures"][0]["last_error"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(reason.contains("404"), "{reason}");
+
+    // `retry` queues it again; now it is there.
+    mast.put(
+        "jw00002001001_02201_00001_mirimage_cal.fits",
+        files[1].1.clone(),
+    );
+    ws.cmd()
+        .args(["retry", "--all-failed"])
+        .assert()
+        .success()
+        .stdout(predicates::str::contains("1 download(s) queued again"));
+    wait_done(&ws, &d, 2, Duration::from_secs(15));
+    assert_identical(&ws, &files);
+}
+
+#[test]
+fn kill_9_five_times_during_downloads_then_a_normal_run_completes_everything_once() {
+    let mast = MastStandIn::start();
+    // About 1.5 s per product at this pace (12 products, 4 at a time): the kills land mid-transfer.
+    let (notice, files) = serve_products(&mast, 1, 12, 200);
+    mast.set_faults(Faults {
+        slow: Some(Duration::from_millis(40)),
+        ..Faults::default()
+    });
+    let ws = Workspace::with_base(&mast.base_url, "");
+    ws.drop_notice("n.json", &notice);
+    for round in 0..5u64 {
+        let mut d = Daemon::start_with_env(&ws, &[("MASTSUB_INBOX__WRITE_TIMEOUT", "100ms")]);
+        std::thread::sleep(Duration::from_millis(700 + round * 170));
+        d.kill9();
+    }
+    let served_before = mast.bytes_served();
+    mast.set_faults(Faults::default());
+    let d = Daemon::start(&ws);
+    wait_done(&ws, &d, 12, Duration::from_secs(60));
+    assert_identical(&ws, &files);
+    assert_eq!(
+        ws.query_i64("SELECT count(*) FROM downloads"),
+        12,
+        "a job was duplicated"
+    );
+    let total: u64 = files.iter().map(|(_, b)| b.len() as u64).sum();
+    let served = mast.bytes_served();
+    eprintln!("served {served_before} bytes during the kills, {served} in all, for {total}");
+    assert!(
+        mast.seen().iter().any(|s| s.status == 206),
+        "nothing was resumed after kill -9"
+    );
+    assert!(
+        served < total * 3 / 2,
+        "served {served} for {total}: too much fetched twice"
+    );
+}
+
+#[test]
+fn sigterm_during_downloads_keeps_part_files_and_the_next_run_resumes_them() {
+    let mast = MastStandIn::start();
+    // About 2 s per product at this pace: progress is recorded (every second) well before the end.
+    let (notice, files) = serve_products(&mast, 1, 4, 200);
+    mast.set_faults(Faults {
+        slow: Some(Duration::from_millis(60)),
+        ..Faults::default()
+    });
+    let ws = Workspace::with_base(&mast.base_url, "");
+    let mut d = Daemon::start_watching(&ws);
+    ws.drop_notice("n.json", &notice);
+    assert!(wait_until(Duration::from_secs(20), || ws.query_i64(
+        "SELECT count(*) FROM downloads WHERE bytes_done > 0"
+    ) >= 2));
+    let took = d.terminate();
+    assert!(took < Duration::from_secs(10), "stop took {took:?}");
+    let parts: Vec<_> = ws
+        .tree("mastDownload")
+        .into_iter()
+        .filter(|p| p.ends_with(".part"))
+        .collect();
+    assert!(!parts.is_empty(), "no .part file kept");
+    assert_eq!(
+        ws.jobs_in("running"),
+        0,
+        "jobs left running after a clean stop"
+    );
+    mast.set_faults(Faults::default());
+    let d = Daemon::start(&ws);
+    wait_done(&ws, &d, 4, Duration::from_secs(30));
+    assert_identical(&ws, &files);
+    let resumed = mast.seen().iter().filter(|s| s.status == 206).count();
+    assert!(
+        resumed >= parts.len(),
+        "{resumed} resumes for {} .part files",
+        parts.len()
+    );
+}
