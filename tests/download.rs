@@ -419,3 +419,69 @@ fn sigterm_during_downloads_keeps_part_files_and_the_next_run_resumes_them() {
         parts.len()
     );
 }
+
+/// A tmpfs mounted for the length of a test (needs root; the test says so and stops if it cannot mount).
+struct SmallDisk(std::path::PathBuf);
+
+impl SmallDisk {
+    fn mount(dir: &std::path::Path, size: &str) -> Option<SmallDisk> {
+        std::fs::create_dir_all(dir).unwrap();
+        let ok = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir)
+            .status()
+            .is_ok_and(|s| s.success());
+        ok.then(|| SmallDisk(dir.to_path_buf()))
+    }
+
+    fn grow(&self, size: &str) {
+        let ok = std::process::Command::new("mount")
+            .args(["-o", &format!("remount,size={size}")])
+            .arg(&self.0)
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(ok, "cannot remount {}", self.0.display());
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+#[test]
+fn a_full_disk_leaves_no_corrupt_file_and_the_jobs_resume_once_space_returns() {
+    let mast = MastStandIn::start();
+    // Three products of about 580 KB on a 1 MiB disk: at most one fits.
+    let (notice, files) = serve_products(&mast, 1, 3, 200);
+    let ws = Workspace::with_base(&mast.base_url, "");
+    let Some(disk) = SmallDisk::mount(&ws.path("mastDownload"), "1m") else {
+        eprintln!(
+            "SKIPPED: cannot mount a tmpfs here (not root?); the full-disk behaviour was not checked"
+        );
+        return;
+    };
+    let mut d = Daemon::start_watching(&ws);
+    ws.drop_notice("n.json", &notice);
+    assert!(
+        wait_until(Duration::from_secs(20), || d.log().contains("disk trouble")),
+        "no disk trouble reported; log:\n{}",
+        d.log()
+    );
+    assert!(d.is_running());
+    // Whatever was published is whole; nothing half-written carries a final name.
+    for (path, body) in &files {
+        if let Ok(got) = std::fs::read(ws.path("mastDownload").join(path)) {
+            assert!(got == *body, "{path}: a corrupt file was published");
+        }
+    }
+    assert_eq!(ws.jobs_in("failed"), 0, "disk trouble must not fail jobs");
+    disk.grow("16m");
+    wait_done(&ws, &d, 3, Duration::from_secs(30));
+    assert_identical(&ws, &files);
+    d.kill9();
+}
