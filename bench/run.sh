@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Runs mastsub's benchmarks and prints Markdown tables for bench/RESULTS.md.
 # Usage: bench/run.sh [REPEAT]   (from anywhere; builds the release binary first)
+# Needs nginx, curl and aria2c (apt-get install nginx curl aria2) and, optionally, astroquery
+# (pip install astroquery); about 4 GiB free under bench/work.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 repeat=${1:-3}
@@ -16,3 +18,7 @@ echo
 echo "## Ingest"
 echo
 python3 bench/ingest.py target/release/mastsub "$work" "$repeat"
+echo
+echo "## Downloads"
+echo
+python3 bench/download.py target/release/mastsub "$work" "$repeat"

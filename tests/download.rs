@@ -485,3 +485,46 @@ fn a_full_disk_leaves_no_corrupt_file_and_the_jobs_resume_once_space_returns() {
     assert_identical(&ws, &files);
     d.kill9();
 }
+
+#[test]
+fn a_product_that_is_not_fits_is_fetched_again_once_then_fails_with_the_reason() {
+    let mast = MastStandIn::start();
+    let name = "jw00003001001_02201_00001_mirimage_cal.fits";
+    // The right size for FITS, the wrong first bytes: an HTML error page, say, padded to 2880 bytes.
+    let mut page = b"<html>Service temporarily unavailable</html>".to_vec();
+    page.resize(2880 * 2, b' ');
+    mast.put(name, page);
+    let ws = Workspace::with_base(&mast.base_url, "");
+    let d = Daemon::start_watching(&ws);
+    ws.drop_notice(
+        "n.json",
+        &serde_json::to_vec(&[common::record(3, "New")]).unwrap(),
+    );
+    assert!(
+        wait_until(Duration::from_secs(20), || ws.jobs_in("failed") == 1),
+        "not failed; log:\n{}",
+        d.log()
+    );
+    let requests = mast.seen();
+    assert_eq!(
+        requests.len(),
+        2,
+        "fetched {} times, expected twice: {requests:?}",
+        requests.len()
+    );
+    assert!(
+        requests.iter().all(|r| r.range.is_none()),
+        "the second fetch must start from zero"
+    );
+    let status = ws.status();
+    let reason = status["recent_failures"][0]["last_error"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(reason.contains("SIMPLE"), "{reason}");
+    assert!(
+        ws.tree("mastDownload").is_empty(),
+        "something was left: {:?}",
+        ws.tree("mastDownload")
+    );
+}

@@ -164,12 +164,12 @@ fn check_config_redacts_secrets_and_fails_on_bad_values() {
         .assert()
         .code(2)
         .stderr(predicates::str::contains("download.workers"));
-    let typo = Workspace::with_config("[download]\nworkerz = 3\n");
+    let typo = Workspace::with_config("[events]\nnwe = \"record\"\n");
     typo.cmd()
         .arg("check-config")
         .assert()
         .code(2)
-        .stderr(predicates::str::contains("workerz"));
+        .stderr(predicates::str::contains("nwe"));
     assert_cmd::Command::cargo_bin("mastsub")
         .unwrap()
         .args(["--config", "/nonexistent/mastsub.toml", "check-config"])

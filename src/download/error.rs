@@ -76,6 +76,9 @@ pub enum FetchError {
     /// The store failed while the attempt ran.
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// A bug: the attempt panicked. The job fails rather than retrying the same bug forever.
+    #[error("internal error (please report it): {0}")]
+    Internal(String),
 }
 
 impl FetchError {

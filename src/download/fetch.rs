@@ -16,7 +16,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use reqwest::header::{self, HeaderMap, HeaderValue};
-use tokio::io::{AsyncReadExt, AsyncWriteExt, BufWriter};
 use tokio_util::sync::CancellationToken;
 
 use super::error::FetchError;
@@ -310,22 +309,15 @@ impl Transfer {
     ) -> Result<Fetched, FetchError> {
         let final_path = self.root.join(&job.local_path);
         let part = part_path(&final_path);
-        let dir = final_path
-            .parent()
-            .ok_or_else(|| FetchError::Protocol(format!("no folder in {}", job.local_path)))?
-            .to_path_buf();
-        tokio::fs::create_dir_all(&dir)
-            .await
-            .map_err(|e| FetchError::local("create folder", &dir, e))?;
         let stored = Validator {
             etag: job.etag.clone(),
             last_modified: job.last_modified.clone(),
         };
-        let on_disk = match tokio::fs::metadata(&part).await {
-            Ok(m) => m.len(),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => 0,
-            Err(e) => return Err(FetchError::local("read", &part, e)),
-        };
+        let on_disk = blocking({
+            let (final_path, part) = (final_path.clone(), part.clone());
+            move || disk::prepare(&final_path, &part)
+        })
+        .await?;
         // Bytes without a validator cannot be continued safely.
         let offset = if stored.if_range().is_some() {
             on_disk
@@ -336,7 +328,12 @@ impl Transfer {
         let (mut response, start, total, validator) =
             match self.open(job, offset, &part, &stored).await? {
                 Answer::AlreadyWhole { total } => {
-                    self.verify_and_publish(job, &part, &final_path, &dir, total)
+                    let file = blocking({
+                        let part = part.clone();
+                        move || disk::open(&part, true)
+                    })
+                    .await?;
+                    self.verify_and_publish(job, file, &part, &final_path, total)
                         .await?;
                     return Ok(Fetched {
                         bytes: total,
@@ -351,17 +348,17 @@ impl Transfer {
                     validator,
                 } => (response, start, total, validator),
             };
-        // The validator and size are on record before any byte lands, so a crash can resume.
+        // The validator and size are on record before the first byte lands, so a crash at any moment can
+        // resume (with job bookkeeping at synchronous=NORMAL this write costs no fsync).
         self.report(job, start, total, &validator).await?;
-        let file = tokio::fs::OpenOptions::new()
-            .create(true)
-            .write(true)
-            .append(start > 0)
-            .truncate(start == 0)
-            .open(&part)
-            .await
-            .map_err(|e| FetchError::local("open", &part, e))?;
-        let mut out = BufWriter::with_capacity(WRITE_BUFFER, file);
+        let mut out = disk::PartWriter::new(
+            blocking({
+                let part = part.clone();
+                move || disk::open(&part, start > 0)
+            })
+            .await?,
+            part.clone(),
+        );
         let mut written = start;
         let mut last_report = Instant::now();
         let ended = loop {
@@ -377,15 +374,15 @@ impl Transfer {
                             total.unwrap_or_default()
                         )));
                     }
-                    if let Err(e) = out.write_all(&bytes).await {
-                        break Err(FetchError::local("write", &part, e));
+                    if let Err(e) = out.write(&bytes).await {
+                        break Err(e);
                     }
                     written += bytes.len() as u64;
                     self.received
                         .fetch_add(bytes.len() as u64, Ordering::Relaxed);
                     if last_report.elapsed() >= PROGRESS_EVERY {
                         if let Err(e) = out.flush().await {
-                            break Err(FetchError::local("write", &part, e));
+                            break Err(e);
                         }
                         if let Err(e) = self.report(job, written, total, &validator).await {
                             break Err(e);
@@ -404,15 +401,14 @@ impl Transfer {
             }
         };
         // Whatever happened, what was received is kept (and recorded) for the next attempt.
-        let flushed = out
-            .flush()
-            .await
-            .map_err(|e| FetchError::local("write", &part, e));
+        let flushed = out.flush().await;
         if let Err(e) = ended.and(flushed) {
             if matches!(e, FetchError::Protocol(_)) {
-                tokio::fs::write(&part, b"")
-                    .await
-                    .map_err(|e| FetchError::local("truncate", &part, e))?;
+                blocking({
+                    let part = part.clone();
+                    move || disk::open(&part, false).map(drop)
+                })
+                .await?;
                 written = 0;
             }
             if !matches!(e, FetchError::LeaseLost) {
@@ -428,13 +424,7 @@ impl Transfer {
                 reason: "the connection closed early".into(),
             });
         }
-        let file = out.into_inner();
-        file.sync_all()
-            .await
-            .map_err(|e| FetchError::local("fsync", &part, e))?;
-        drop(file);
-        self.report(job, written, Some(written), &validator).await?;
-        self.verify_and_publish(job, &part, &final_path, &dir, written)
+        self.verify_and_publish(job, out.into_file(), &part, &final_path, written)
             .await?;
         Ok(Fetched {
             bytes: written,
@@ -443,53 +433,189 @@ impl Transfer {
         })
     }
 
-    /// Checks the whole `.part` file, then renames it into place durably.
+    /// Checks the whole `.part` file, then fsyncs it, renames it into place and fsyncs its folder, in one
+    /// blocking call.
     async fn verify_and_publish(
         &self,
         job: &Job,
+        file: std::fs::File,
         part: &Path,
         final_path: &Path,
-        dir: &Path,
         size: u64,
     ) -> Result<(), FetchError> {
-        let actual = tokio::fs::metadata(part)
-            .await
+        let keep_as = if self.keep_previous {
+            self.store
+                .version_on_disk(&job.product, job.id)
+                .await?
+                .map(|previous| {
+                    let mut kept = final_path.as_os_str().to_owned();
+                    kept.push(format!(".{previous}"));
+                    PathBuf::from(kept)
+                })
+        } else {
+            None
+        };
+        let check = disk::Check {
+            size,
+            fits: is_fits(&job.filename),
+        };
+        let (part, final_path) = (part.to_path_buf(), final_path.to_path_buf());
+        blocking(move || {
+            disk::verify_and_publish(file, &part, &final_path, check, keep_as.as_deref())
+        })
+        .await
+    }
+}
+
+/// Runs blocking file work off the async threads.
+async fn blocking<T: Send + 'static>(
+    work: impl FnOnce() -> Result<T, FetchError> + Send + 'static,
+) -> Result<T, FetchError> {
+    tokio::task::spawn_blocking(work)
+        .await
+        .map_err(|e| FetchError::Io {
+            op: "run file work for",
+            path: PathBuf::from("a download"),
+            source: std::io::Error::other(e),
+        })?
+}
+
+/// The file side of an attempt, as plain blocking calls, few per file: every call from async code costs a
+/// hop to the blocking pool, and on many small files those hops were most of the time.
+mod disk {
+    use std::io::{Read, Seek, SeekFrom, Write};
+    use std::path::{Path, PathBuf};
+
+    use super::{FITS_BLOCK, FITS_MAGIC, FetchError, WRITE_BUFFER, blocking};
+
+    /// Creates the folder; returns the size of an existing `.part` file (0 if none).
+    pub fn prepare(final_path: &Path, part: &Path) -> Result<u64, FetchError> {
+        let dir = final_path.parent().unwrap_or(Path::new("."));
+        std::fs::create_dir_all(dir).map_err(|e| FetchError::local("create folder", dir, e))?;
+        match std::fs::metadata(part) {
+            Ok(m) => Ok(m.len()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(0),
+            Err(e) => Err(FetchError::local("read", part, e)),
+        }
+    }
+
+    /// Opens the `.part` file to continue it, or empties it to start over.
+    pub fn open(part: &Path, append: bool) -> Result<std::fs::File, FetchError> {
+        let mut file = std::fs::OpenOptions::new()
+            .create(true)
+            .read(true)
+            .write(true)
+            .truncate(!append)
+            .open(part)
+            .map_err(|e| FetchError::local("open", part, e))?;
+        file.seek(SeekFrom::End(0))
+            .map_err(|e| FetchError::local("open", part, e))?;
+        Ok(file)
+    }
+
+    /// Buffers up to `WRITE_BUFFER` bytes, then writes them in one blocking call.
+    pub struct PartWriter {
+        file: Option<std::fs::File>,
+        buffer: Vec<u8>,
+        path: PathBuf,
+    }
+
+    impl PartWriter {
+        pub fn new(file: std::fs::File, path: PathBuf) -> PartWriter {
+            PartWriter {
+                file: Some(file),
+                buffer: Vec::with_capacity(WRITE_BUFFER),
+                path,
+            }
+        }
+
+        pub async fn write(&mut self, bytes: &[u8]) -> Result<(), FetchError> {
+            self.buffer.extend_from_slice(bytes);
+            if self.buffer.len() >= WRITE_BUFFER {
+                self.flush().await?;
+            }
+            Ok(())
+        }
+
+        pub async fn flush(&mut self) -> Result<(), FetchError> {
+            if self.buffer.is_empty() {
+                return Ok(());
+            }
+            let Some(mut file) = self.file.take() else {
+                return Ok(());
+            };
+            let mut buffer = std::mem::take(&mut self.buffer);
+            let path = self.path.clone();
+            let (file, buffer) = blocking(move || {
+                file.write_all(&buffer)
+                    .map_err(|e| FetchError::local("write", &path, e))?;
+                buffer.clear();
+                Ok((file, buffer))
+            })
+            .await?;
+            self.file = Some(file);
+            self.buffer = buffer;
+            Ok(())
+        }
+
+        /// The file, once flushed.
+        pub fn into_file(mut self) -> std::fs::File {
+            // `flush` always gives the file back on success; the caller flushed.
+            self.file
+                .take()
+                .expect("the file is back after a successful flush")
+        }
+    }
+
+    /// What a finished `.part` file must be.
+    pub struct Check {
+        pub size: u64,
+        pub fits: bool,
+    }
+
+    /// Verifies, fsyncs, keeps the previous version if asked, renames into place, fsyncs the folder.
+    pub fn verify_and_publish(
+        mut file: std::fs::File,
+        part: &Path,
+        final_path: &Path,
+        check: Check,
+        keep_as: Option<&Path>,
+    ) -> Result<(), FetchError> {
+        let actual = file
+            .metadata()
             .map_err(|e| FetchError::local("read", part, e))?
             .len();
-        let bad = |why: String| async move {
-            // Fetched again from zero next time.
-            let _ = tokio::fs::remove_file(part).await;
-            Err(FetchError::Verify(why))
-        };
-        if actual != size {
-            return bad(format!(
-                "the file has {actual} bytes, the server announced {size}"
+        let problem = if actual != check.size {
+            Some(format!(
+                "the file has {actual} bytes, the server announced {}",
+                check.size
             ))
-            .await;
-        }
-        if is_fits(&job.filename) {
-            if !size.is_multiple_of(FITS_BLOCK) {
-                return bad(format!(
-                    "{size} bytes is not a whole number of 2880-byte FITS blocks"
-                ))
-                .await;
-            }
+        } else if check.fits && !check.size.is_multiple_of(FITS_BLOCK) {
+            Some(format!(
+                "{} bytes is not a whole number of 2880-byte FITS blocks",
+                check.size
+            ))
+        } else if check.fits {
             let mut head = [0u8; 9];
-            let mut f = tokio::fs::File::open(part)
-                .await
-                .map_err(|e| FetchError::local("read", part, e))?;
-            if f.read_exact(&mut head).await.is_err() || head != FITS_MAGIC {
-                return bad("the file does not begin with \"SIMPLE  =\", so it is not FITS".into())
-                    .await;
-            }
+            let read = file
+                .seek(SeekFrom::Start(0))
+                .and_then(|_| file.read_exact(&mut head));
+            (read.is_err() || head != FITS_MAGIC).then(|| {
+                "the file does not begin with \"SIMPLE  =\", so it is not FITS".to_string()
+            })
+        } else {
+            None
+        };
+        if let Some(why) = problem {
+            // Fetched again from zero next time.
+            let _ = std::fs::remove_file(part);
+            return Err(FetchError::Verify(why));
         }
-        if self.keep_previous
-            && tokio::fs::try_exists(final_path).await.unwrap_or(false)
-            && let Some(previous) = self.store.version_on_disk(&job.product, job.id).await?
-        {
-            let mut kept = final_path.as_os_str().to_owned();
-            kept.push(format!(".{previous}"));
-            match crate::fsutil::rename_no_replace(final_path, Path::new(&kept)) {
+        file.sync_all()
+            .map_err(|e| FetchError::local("fsync", part, e))?;
+        drop(file);
+        if let Some(kept) = keep_as.filter(|_| final_path.exists()) {
+            match crate::fsutil::rename_no_replace(final_path, kept) {
                 Ok(()) => {}
                 // That version is kept already: the file in place is another copy of it.
                 Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
@@ -502,11 +628,10 @@ impl Transfer {
                 }
             }
         }
-        tokio::fs::rename(part, final_path)
-            .await
+        std::fs::rename(part, final_path)
             .map_err(|e| FetchError::local("publish", final_path, e))?;
-        crate::fsutil::fsync_dir(dir).map_err(|e| FetchError::local("fsync", dir, e))?;
-        Ok(())
+        let dir = final_path.parent().unwrap_or(Path::new("."));
+        crate::fsutil::fsync_dir(dir).map_err(|e| FetchError::local("fsync", dir, e))
     }
 }
 
@@ -520,6 +645,18 @@ mod tests {
             h.insert(*k, HeaderValue::from_str(v).unwrap());
         }
         h
+    }
+
+    #[tokio::test]
+    async fn a_write_that_ends_on_a_buffer_boundary_keeps_its_file() {
+        let tmp = tempfile::tempdir().unwrap();
+        let part = tmp.path().join("x.part");
+        let mut w = disk::PartWriter::new(disk::open(&part, false).unwrap(), part.clone());
+        w.write(&vec![7u8; WRITE_BUFFER]).await.unwrap();
+        w.flush().await.unwrap();
+        w.flush().await.unwrap();
+        let file = w.into_file();
+        assert_eq!(file.metadata().unwrap().len(), WRITE_BUFFER as u64);
     }
 
     #[test]

@@ -242,7 +242,7 @@ pub async fn run(
 
 impl Pool {
     /// Runs one claimed job to the end of this attempt, renewing its lease meanwhile.
-    async fn work(&self, job: Job, cancel: CancellationToken) {
+    async fn work(self: Arc<Self>, job: Job, cancel: CancellationToken) {
         let t = &self.transfer;
         let started = Instant::now();
         tracing::info!(
@@ -271,9 +271,18 @@ impl Pool {
                 }
             }
         };
+        // The attempt runs as its own task, so that a panic (a bug) ends this job as failed instead of
+        // leaving it `running` to be retried into the same panic forever.
+        let mut attempt = tokio::spawn({
+            let (pool, job, cancel) = (self.clone(), job.clone(), cancel.clone());
+            async move { pool.transfer.fetch(&job, &cancel).await }
+        });
         let result = tokio::select! {
-            r = t.fetch(&job, &cancel) => r,
-            lost = renew => Err(lost),
+            r = &mut attempt => r.unwrap_or_else(|e| Err(FetchError::Internal(e.to_string()))),
+            lost = renew => {
+                attempt.abort();
+                Err(lost)
+            }
         };
         let now = now_ms();
         let finish = match &result {

@@ -85,14 +85,14 @@ impl SqliteStore {
             .await
             .map_err(|e| open_err(sqlx::Error::Io(std::io::Error::other(e))))?
             .map_err(|e| open_err(sqlx::Error::Io(e)))?;
-        // Durability: synchronous=FULL makes every committed notice survive a power cut, which matters
-        // because the inbox moves a file away once its transaction has committed.
         let base = SqliteConnectOptions::from_str("sqlite:")
             .map_err(open_err)?
             .filename(path)
             .busy_timeout(BUSY_TIMEOUT)
             .foreign_keys(true)
-            .synchronous(SqliteSynchronous::Full);
+            // Job bookkeeping (claims, progress, ends) replays safely after a power cut: a job that loses
+            // its `done` runs again over a file already fsynced. Ingest raises this to FULL for its commit.
+            .synchronous(SqliteSynchronous::Normal);
         let writer = SqlitePoolOptions::new()
             .max_connections(1)
             .min_connections(1)
@@ -336,21 +336,19 @@ const REQUEUE_NEEDS_AUTH: &str = "
 const VERSION_ON_DISK: &str = "
     SELECT version FROM downloads WHERE product = ?1 AND state = 'done' AND id != ?2 ORDER BY id DESC LIMIT 1";
 
-#[async_trait]
-impl Store for SqliteStore {
-    async fn ingest_notice(
+impl SqliteStore {
+    /// The ingest transaction on the writer connection (switched to `synchronous=FULL` by the caller).
+    async fn ingest_on(
         &self,
+        conn: &mut sqlx::SqliteConnection,
         notice: &NoticeMeta,
         events: &[Event],
         categorizer: &Categorizer,
     ) -> Result<IngestOutcome, StoreError> {
+        use sqlx::Connection;
         let err = self.query_err();
         let now = now_ms();
-        let mut tx = self
-            .writer
-            .begin_with("BEGIN IMMEDIATE")
-            .await
-            .map_err(&err)?;
+        let mut tx = conn.begin_with("BEGIN IMMEDIATE").await.map_err(&err)?;
 
         let (notice_id, times_seen): (i64, i64) = sqlx::query_as(UPSERT_NOTICE)
             .bind(&notice.sha256)
@@ -497,6 +495,31 @@ impl Store for SqliteStore {
             .map_err(&err)?;
         tx.commit().await.map_err(&err)?;
         Ok(outcome)
+    }
+}
+
+#[async_trait]
+impl Store for SqliteStore {
+    async fn ingest_notice(
+        &self,
+        notice: &NoticeMeta,
+        events: &[Event],
+        categorizer: &Categorizer,
+    ) -> Result<IngestOutcome, StoreError> {
+        let err = self.query_err();
+        let mut conn = self.writer.acquire().await.map_err(&err)?;
+        // A committed notice must survive a power cut (the inbox moves the file away after the commit), so
+        // this transaction syncs fully; job bookkeeping, which is safe to replay, does not.
+        sqlx::query("PRAGMA synchronous = FULL")
+            .execute(&mut *conn)
+            .await
+            .map_err(&err)?;
+        let result = self.ingest_on(&mut conn, notice, events, categorizer).await;
+        sqlx::query("PRAGMA synchronous = NORMAL")
+            .execute(&mut *conn)
+            .await
+            .map_err(&err)?;
+        result
     }
 
     async fn status(&self, recent_failures: usize) -> Result<StatusSnapshot, StoreError> {

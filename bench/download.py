@@ -1,0 +1,271 @@
+#!/usr/bin/env python3
+"""Download benchmark: mastsub against curl, aria2c and astroquery on the same files, side by side.
+
+nginx (Debian's) serves FITS-shaped products from a folder, with MAST's
+`/search/jwst/api/v0.1/retrieve_product?product_name=X` URL mapped onto it (Range, If-Range, ETag and
+Last-Modified as a static server does). Sets: 8 x 128 MiB and 400 x 256 KiB. Four at a time for mastsub
+(`download.workers = 4`), `curl --parallel --parallel-max 4` and `aria2c -j4`; astroquery's own transfer
+function (`BaseQuery._download_file`, what `download_products` calls) one file at a time, as astroquery
+works. mastsub is timed from `mastsub run` start until every job is done, on a notice ingested beforehand;
+it fsyncs every file and its folder before publishing, which the others do not do.
+
+Also: peak RSS of mastsub downloading one 2 GiB product, and the bytes fetched twice when mastsub is
+killed with -9 halfway through it and restarted (from nginx's access log).
+
+Usage: bench/download.py BINARY WORKDIR [REPEAT]
+"""
+import json, os, shutil, signal, sqlite3, statistics, subprocess, sys, time
+
+BIN, WORK = os.path.abspath(sys.argv[1]), os.path.abspath(sys.argv[2])
+REPEAT = int(sys.argv[3]) if len(sys.argv) > 3 else 3
+DATA = os.path.join(WORK, "data")
+BLOCK = 2880
+
+
+def fits_file(path, size):
+    """A FITS-shaped file of about `size` bytes (whole 2880-byte blocks), random data after the header."""
+    blocks = max(2, size // BLOCK)
+    if os.path.exists(path) and os.path.getsize(path) == blocks * BLOCK:
+        return
+    header = "".join(f"{c:<80}" for c in ["SIMPLE  =                    T", "BITPIX  =                    8",
+                                          "NAXIS   =                    0", "END"])
+    with open(path, "wb") as f:
+        f.write(f"{header:<2880}".encode())
+        remaining = (blocks - 1) * BLOCK
+        chunk = os.urandom(4 * 1024 * 1024)
+        while remaining > 0:
+            n = min(remaining, len(chunk))
+            f.write(chunk[:n])
+            remaining -= n
+
+
+def make_sets():
+    os.makedirs(DATA, exist_ok=True)
+    sets = {
+        "8 x 128 MiB": [f"jw{n:05d}_large_cal.fits" for n in range(8)],
+        "400 x 256 KiB": [f"jw{n:05d}_small_cal.fits" for n in range(400)],
+    }
+    for name in sets["8 x 128 MiB"]:
+        fits_file(os.path.join(DATA, name), 128 * 1024 * 1024)
+    for name in sets["400 x 256 KiB"]:
+        fits_file(os.path.join(DATA, name), 256 * 1024)
+    fits_file(os.path.join(DATA, "jw99999_huge_cal.fits"), 2 * 1024 * 1024 * 1024)
+    return sets
+
+
+def start_nginx():
+    port = 18000 + os.getpid() % 1000
+    conf_dir = os.path.join(WORK, "nginx")
+    shutil.rmtree(conf_dir, ignore_errors=True)
+    os.makedirs(conf_dir)
+    conf = f"""
+daemon off;
+worker_processes 1;
+pid {conf_dir}/nginx.pid;
+error_log {conf_dir}/error.log;
+events {{ worker_connections 1024; }}
+http {{
+    log_format bytes '$request_uri $status $body_bytes_sent';
+    access_log {conf_dir}/access.log bytes;
+    client_body_temp_path {conf_dir}/tmp;
+    proxy_temp_path {conf_dir}/tmp;
+    fastcgi_temp_path {conf_dir}/tmp;
+    uwsgi_temp_path {conf_dir}/tmp;
+    scgi_temp_path {conf_dir}/tmp;
+    sendfile on;
+    server {{
+        listen 127.0.0.1:{port};
+        location = /search/jwst/api/v0.1/retrieve_product {{ rewrite ^ /files/$arg_product_name last; }}
+        location /files/ {{ alias {DATA}/; }}
+    }}
+}}
+"""
+    path = os.path.join(conf_dir, "nginx.conf")
+    with open(path, "w") as f:
+        f.write(conf)
+    check = subprocess.run(["nginx", "-t", "-c", path, "-p", conf_dir], capture_output=True, text=True)
+    if check.returncode != 0:
+        sys.exit(f"nginx refuses the configuration: {check.stderr}")
+    proc = subprocess.Popen(["nginx", "-c", path, "-p", conf_dir], stderr=subprocess.DEVNULL)
+    probe = url_of(f"http://127.0.0.1:{port}", "jw00000_small_cal.fits")
+    for _ in range(100):
+        if subprocess.run(["curl", "-sf", "-o", "/dev/null", probe]).returncode == 0:
+            break
+        time.sleep(0.05)
+    else:
+        sys.exit("nginx did not start")
+    return proc, f"http://127.0.0.1:{port}", os.path.join(conf_dir, "access.log")
+
+
+def url_of(base, name):
+    return f"{base}/search/jwst/api/v0.1/retrieve_product?product_name={name}"
+
+
+def fresh(tool):
+    d = os.path.join(WORK, "out", tool)
+    shutil.rmtree(d, ignore_errors=True)
+    os.makedirs(d)
+    return d
+
+
+def timed(argv, cwd=None):
+    start = time.perf_counter()
+    p = subprocess.Popen(argv, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(p.pid, 0)
+    elapsed = time.perf_counter() - start
+    if os.waitstatus_to_exitcode(status) != 0:
+        sys.exit(f"{argv[0]} failed: {p.stderr.read().decode()[-2000:]}")
+    return elapsed, usage.ru_maxrss / 1024
+
+
+def notice(names):
+    return [{
+        "event_id": f"00000000-0000-4000-8000-{i:012d}", "mission": "JWST", "fileset": "bench",
+        "filename": n, "program": 1, "event_type": "New",
+        "archived_date": "2026-01-01T00:00:00", "public_release_date": "2026-01-01T00:00:00",
+    } for i, n in enumerate(names)]
+
+
+def done_count(db):
+    """Jobs done; stops the benchmark if any has failed (it would wait forever)."""
+    try:
+        con = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+        n = con.execute("SELECT count(*) FROM downloads WHERE state = 'done'").fetchone()[0]
+        failed = con.execute("SELECT last_error FROM downloads WHERE state IN ('failed', 'needs_auth')").fetchall()
+        con.close()
+    except sqlite3.Error:
+        return 0
+    if failed:
+        sys.exit(f"mastsub: {len(failed)} download(s) failed, e.g. {failed[0][0]}")
+    return n
+
+
+def mastsub_run(base, names, kill_after=None):
+    """Ingests a notice for `names`, runs the daemon until all are done; returns (seconds, peak RSS MiB)."""
+    d = fresh("mastsub")
+    with open(os.path.join(d, "mastsub.toml"), "w") as f:
+        f.write(f'[mast]\nbase_url = "{base}"\n[download]\nworkers = 4\n[log]\nlevel = "warn"\n')
+    with open(os.path.join(d, "notice.json"), "w") as f:
+        json.dump(notice(names), f)
+    subprocess.run([BIN, "--config", "mastsub.toml", "ingest", "notice.json"], cwd=d, check=True,
+                   stdout=subprocess.DEVNULL)
+    db = os.path.join(d, "mastsub.db")
+    if kill_after is not None:
+        proc = subprocess.Popen([BIN, "--config", "mastsub.toml", "run"], cwd=d, stderr=subprocess.DEVNULL)
+        time.sleep(kill_after)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    start = time.perf_counter()
+    proc = subprocess.Popen([BIN, "--config", "mastsub.toml", "run"], cwd=d, stderr=subprocess.DEVNULL)
+    while done_count(db) < len(names):
+        if proc.poll() is not None:
+            sys.exit("mastsub run exited early")
+        time.sleep(0.02)
+    elapsed = time.perf_counter() - start
+    proc.terminate()
+    _, _, usage = os.wait4(proc.pid, 0)
+    return elapsed, usage.ru_maxrss / 1024
+
+
+def curl_run(base, names):
+    d = fresh("curl")
+    cfg = os.path.join(d, "urls.txt")
+    with open(cfg, "w") as f:
+        for n in names:
+            f.write(f'url = "{url_of(base, n)}"\noutput = "{os.path.join(d, n)}"\n')
+    return timed(["curl", "--parallel", "--parallel-max", "4", "-s", "-f", "-K", cfg])
+
+
+def aria2c_run(base, names):
+    d = fresh("aria2c")
+    lst = os.path.join(d, "urls.txt")
+    with open(lst, "w") as f:
+        for n in names:
+            f.write(f"{url_of(base, n)}\n  out={n}\n")
+    return timed(["aria2c", "-q", "-j4", "-x1", "--file-allocation=none", "--auto-file-renaming=false",
+                  "--allow-overwrite=true", "-d", d, "-i", lst])
+
+
+ASTROQUERY = r'''
+import sys
+from astroquery.query import BaseQuery
+q = BaseQuery()
+base, out = sys.argv[1], sys.argv[2]
+for name in sys.argv[3:]:
+    q._download_file(f"{base}/search/jwst/api/v0.1/retrieve_product?product_name={name}", f"{out}/{name}")
+'''
+
+
+def astroquery_run(base, names):
+    d = fresh("astroquery")
+    script = os.path.join(d, "aq.py")
+    with open(script, "w") as f:
+        f.write(ASTROQUERY)
+    return timed([sys.executable, script, base, d, *names])
+
+
+def have_astroquery():
+    return subprocess.run([sys.executable, "-c", "import astroquery.query"], capture_output=True).returncode == 0
+
+
+def check_same(tool, names):
+    """Every file the tool wrote is the one served, byte for byte."""
+    import filecmp
+    for n in names:
+        got = (os.path.join(WORK, "out", tool, "mastDownload", "jwst", "bench", n) if tool == "mastsub"
+               else os.path.join(WORK, "out", tool, n))
+        if not filecmp.cmp(got, os.path.join(DATA, n), shallow=False):
+            sys.exit(f"{tool}: {n} differs from what was served")
+
+
+def main():
+    sets = make_sets()
+    nginx, base, access_log = start_nginx()
+    try:
+        tools = [("mastsub", mastsub_run), ("curl --parallel-max 4", curl_run), ("aria2c -j4", aria2c_run)]
+        if have_astroquery():
+            tools.append(("astroquery _download_file (sequential)", astroquery_run))
+        print(f"| set | tool | seconds (median of {REPEAT}) | MB/s | peak RSS MiB | mastsub speed vs it |")
+        print("|---|---|---:|---:|---:|---:|")
+        for set_name, names in sets.items():
+            total = sum(os.path.getsize(os.path.join(DATA, n)) for n in names)
+            results = {}
+            for tool, fn in tools:
+                runs = [fn(base, names) for _ in range(REPEAT)]
+                results[tool] = (statistics.median(r[0] for r in runs), max(r[1] for r in runs))
+                check_same(tool.split()[0], names)
+            m = results["mastsub"][0]
+            for tool, (t, rss) in results.items():
+                ratio = "-" if tool == "mastsub" else f"{t / m:.2f}x"
+                print(f"| {set_name} | {tool} | {t:.2f} | {total / t / 1e6:.0f} | {rss:.0f} | {ratio} |")
+        # One 2 GiB product: peak RSS, and bytes fetched twice after kill -9 halfway.
+        huge = ["jw99999_huge_cal.fits"]
+        size = os.path.getsize(os.path.join(DATA, huge[0]))
+        t, rss = mastsub_run(base, huge)
+        print()
+        print(f"One 2 GiB product: mastsub {t:.2f} s ({size / t / 1e6:.0f} MB/s), peak RSS {rss:.0f} MiB.")
+        open(access_log, "w").close()
+        nginx.send_signal(signal.SIGUSR1)  # reopen the log
+        time.sleep(0.2)
+        t, _ = mastsub_run(base, huge, kill_after=t / 2)
+        time.sleep(0.3)
+        requests = []
+        with open(access_log) as f:
+            for line in f:
+                parts = line.split()
+                if len(parts) == 3 and "huge" in parts[0]:
+                    requests.append((int(parts[1]), int(parts[2])))
+        served = sum(b for _, b in requests)
+        answers = ", ".join(f"{status} with {sent} bytes" for status, sent in requests)
+        if len(requests) < 2 or not any(status == 206 for status, _ in requests):
+            print(f"Killed with -9 halfway, then restarted: nginx logged {answers or 'nothing'}; the kill did not "
+                  "land inside a logged transfer, so this run measured nothing about resuming.")
+        else:
+            print(f"Killed with -9 halfway, then restarted: nginx logged {answers}: {served} bytes for {size} "
+                  f"({served - size} fetched twice, {100 * (served - size) / size:.3f}%).")
+    finally:
+        nginx.terminate()
+        nginx.wait()
+
+
+main()
