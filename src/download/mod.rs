@@ -262,7 +262,7 @@ impl Pool {
                 tokio::time::sleep(LEASE / 3).await;
                 match t
                     .store
-                    .progress_lease(job.id, &t.owner, now_ms() + LEASE.as_millis() as i64)
+                    .renew_lease(job.id, &t.owner, now_ms() + LEASE.as_millis() as i64)
                     .await
                 {
                     Ok(true) => {}

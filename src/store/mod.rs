@@ -383,12 +383,8 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<bool, StoreError>;
 
     /// Renews the lease only; false if `owner` no longer holds the job.
-    async fn progress_lease(
-        &self,
-        id: i64,
-        owner: &str,
-        lease_until: i64,
-    ) -> Result<bool, StoreError>;
+    async fn renew_lease(&self, id: i64, owner: &str, lease_until: i64)
+    -> Result<bool, StoreError>;
 
     /// Ends an attempt; false (and nothing changed) if `owner` no longer holds the job.
     async fn finish(

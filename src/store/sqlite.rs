@@ -646,7 +646,7 @@ impl Store for SqliteStore {
         Ok(done.rows_affected() == 1)
     }
 
-    async fn progress_lease(
+    async fn renew_lease(
         &self,
         id: i64,
         owner: &str,

@@ -146,44 +146,40 @@ impl Workspace {
 
     /// One integer from a read-only SQL query on the workspace's database.
     pub fn query_i64(&self, sql: &str) -> i64 {
-        let db = self.db();
-        let sql = sql.to_string();
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        rt.block_on(async move {
-            let opts = sqlx::sqlite::SqliteConnectOptions::new()
-                .filename(&db)
-                .read_only(true);
-            let pool = sqlx::SqlitePool::connect_with(opts).await.expect("open db");
-            let v: i64 = sqlx::query_scalar(sql.as_str())
+        self.with_db(true, sql, |pool, sql| async move {
+            sqlx::query_scalar(&sql)
                 .fetch_one(&pool)
                 .await
-                .expect("query");
-            pool.close().await;
-            v
+                .expect("query")
         })
     }
-}
 
-impl Workspace {
     /// Runs one write statement on the workspace's database (to put a job in a state no API sets yet).
     pub fn execute(&self, sql: &str) {
-        let db = self.db();
+        self.with_db(false, sql, |pool, sql| async move {
+            sqlx::query(&sql).execute(&pool).await.expect("execute");
+        })
+    }
+
+    /// Opens the database (read-only or not) on a runtime of its own and runs `f` with it.
+    fn with_db<T, F, Fut>(&self, read_only: bool, sql: &str, f: F) -> T
+    where
+        F: FnOnce(sqlx::SqlitePool, String) -> Fut,
+        Fut: std::future::Future<Output = T>,
+    {
+        let opts = sqlx::sqlite::SqliteConnectOptions::new()
+            .filename(self.db())
+            .read_only(read_only);
         let sql = sql.to_string();
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .unwrap();
         rt.block_on(async move {
-            let opts = sqlx::sqlite::SqliteConnectOptions::new().filename(&db);
             let pool = sqlx::SqlitePool::connect_with(opts).await.expect("open db");
-            sqlx::query(sql.as_str())
-                .execute(&pool)
-                .await
-                .expect("execute");
+            let out = f(pool.clone(), sql).await;
             pool.close().await;
+            out
         })
     }
 }
