@@ -179,7 +179,7 @@ async fn ingest(config: Config, files: Vec<PathBuf>) -> anyhow::Result<ExitCode>
             }
             Ok(report) => {
                 all_accepted = false;
-                match report.status() {
+                match report.status {
                     NoticeStatus::Partial => {
                         println!("partly rejected {}: {}", file.display(), report.summary())
                     }

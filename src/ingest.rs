@@ -103,11 +103,6 @@ impl IngestReport {
         self.fatal.is_none() && self.record_errors.is_empty()
     }
 
-    /// Whether the notice was accepted, accepted in part, or refused.
-    pub fn status(&self) -> NoticeStatus {
-        self.status
-    }
-
     /// "3 events (1 New, 1 Reprocessed, 1 Public), 3 downloads queued", plus whatever else happened.
     pub fn summary(&self) -> String {
         let o = &self.outcome;

@@ -328,10 +328,10 @@ async fn ingest_every_case(ws: &Workspace) -> i64 {
         );
         match case.expect {
             Expect::Whole(_) => {
-                assert_eq!(report.status(), NoticeStatus::Rejected, "{}", case.name)
+                assert_eq!(report.status, NoticeStatus::Rejected, "{}", case.name)
             }
             _ => {
-                assert_eq!(report.status(), NoticeStatus::Partial, "{}", case.name);
+                assert_eq!(report.status, NoticeStatus::Partial, "{}", case.name);
                 assert_eq!(
                     report.outcome.recorded_total(),
                     1,

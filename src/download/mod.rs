@@ -205,12 +205,16 @@ pub async fn run(
                 }
             }
         }
-        // Sleep until a job is queued, a worker ends, the next job is due, or the sweep.
-        let due_in = match store.next_due().await {
-            Ok(Some(at)) => Duration::from_millis((at - now_ms()).max(0) as u64),
-            _ => SWEEP,
-        };
-        let nap = due_in.clamp(Duration::from_millis(10), SWEEP);
+        // Sleep until a job is queued, a worker ends, a retry comes due, or the sweep. With every slot
+        // busy, or with due jobs that cannot be claimed (their product is running), only a worker's end
+        // can change anything: asking the store when the next job is due would spin on a past time.
+        let mut nap = SWEEP;
+        if workers.len() < pool.config.workers
+            && let Ok(Some(at)) = store.next_due().await
+            && at > now_ms()
+        {
+            nap = Duration::from_millis((at - now_ms()) as u64).min(SWEEP);
+        }
         tokio::select! {
             _ = shutdown.cancelled() => break,
             _ = wake.notified() => {}
@@ -340,8 +344,7 @@ fn log_failure(job: &Job, error: &FetchError, finish: &Finish, now: i64) {
         job.local_path, job.program, job.event_type
     );
     match finish {
-        Finish::Retry { at, .. } if matches!(error, FetchError::Interrupted) => {
-            let _ = at;
+        Finish::Retry { .. } if matches!(error, FetchError::Interrupted) => {
             tracing::info!(
                 "{what}: stopped for shutdown; the .part file is kept and resumed next time"
             );
@@ -377,5 +380,23 @@ fn log_failure(job: &Job, error: &FetchError, finish: &Finish, now: i64) {
             )
         }
         Finish::Done { .. } => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_vanished_process_on_this_host_is_dead() {
+        let host = nix::unistd::gethostname().unwrap().into_string().unwrap();
+        assert!(!owner_is_dead(&owner_name()), "this very process");
+        // Pid 2^22 + 1 is above Linux's pid_max: no such process.
+        assert!(owner_is_dead(&format!("{host}:4194305:0000abcd")));
+        assert!(
+            !owner_is_dead("another-host:4194305:0000abcd"),
+            "a process elsewhere is not ours to judge"
+        );
+        assert!(!owner_is_dead("garbage"));
     }
 }
