@@ -5,8 +5,10 @@
 //! `Content-Range` starts at N and whose ETag (if any) is the one the `.part` holds. A 200 means the server
 //! ignored the range or the product changed: the file starts over, so a changed product ends as the new
 //! version whole, never a splice of two. A 416 is checked against what is on disk. The validator and the
-//! announced size are stored before the first byte is written, and progress at least every second, so a
-//! kill -9 costs little. At the end the size must match what was announced, a `.fits` file must be whole
+//! announced size are stored before the first byte reaches the `.part` file, and progress at least every
+//! second, so a kill -9 costs little. A small body (up to 1 MiB) that arrives within 100 ms is held in
+//! memory and written once, when it is published: on many small products that halves the work per file.
+//! At the end the size must match what was announced, a `.fits` file must be whole
 //! 2880-byte blocks starting with `SIMPLE  =`, and only then is the file fsynced, renamed into place, and
 //! its folder fsynced.
 
@@ -26,6 +28,13 @@ const PROGRESS_EVERY: Duration = Duration::from_secs(1);
 /// Bytes buffered in memory before a write to the `.part` file: all a kill -9 can lose of a transfer,
 /// besides what was in flight.
 const WRITE_BUFFER: usize = 64 * 1024;
+/// A body of at most this many bytes is held whole in memory and written when the file is published: on
+/// small products the per-write hops to the blocking pool and the progress write cost more than the
+/// transfer.
+const WHOLE_IN_MEMORY: usize = 1024 * 1024;
+/// ... unless it takes longer than this: a slow body goes to disk as it comes, so that a kill -9 loses
+/// little of it.
+const HOLD_AT_MOST: Duration = Duration::from_millis(100);
 /// The first bytes of every FITS file.
 const FITS_MAGIC: &[u8] = b"SIMPLE  =";
 /// FITS files are made of blocks of this many bytes.
@@ -313,14 +322,14 @@ impl Transfer {
             etag: job.etag.clone(),
             last_modified: job.last_modified.clone(),
         };
-        let on_disk = blocking({
-            let (final_path, part) = (final_path.clone(), part.clone());
-            move || disk::prepare(&final_path, &part)
-        })
-        .await?;
-        // Bytes without a validator cannot be continued safely.
+        // Bytes without a validator cannot be continued safely, so without one the `.part` file (if any)
+        // is not even looked at: it is emptied when the first bytes are written.
         let offset = if stored.if_range().is_some() {
-            on_disk
+            blocking({
+                let part = part.clone();
+                move || disk::part_size(&part)
+            })
+            .await?
         } else {
             0
         };
@@ -328,12 +337,8 @@ impl Transfer {
         let (mut response, start, total, validator) =
             match self.open(job, offset, &part, &stored).await? {
                 Answer::AlreadyWhole { total } => {
-                    let file = blocking({
-                        let part = part.clone();
-                        move || disk::open(&part, true)
-                    })
-                    .await?;
-                    self.verify_and_publish(job, file, &part, &final_path, total)
+                    let out = disk::PartWriter::new(part.clone(), true, None);
+                    self.verify_and_publish(job, out, &final_path, total)
                         .await?;
                     return Ok(Fetched {
                         bytes: total,
@@ -348,19 +353,25 @@ impl Transfer {
                     validator,
                 } => (response, start, total, validator),
             };
-        // The validator and size are on record before the first byte lands, so a crash at any moment can
-        // resume (with job bookkeeping at synchronous=NORMAL this write costs no fsync).
-        self.report(job, start, total, &validator).await?;
-        let mut out = disk::PartWriter::new(
-            blocking({
-                let part = part.clone();
-                move || disk::open(&part, start > 0)
-            })
-            .await?,
-            part.clone(),
-        );
+        // The validator and size go on record before the first byte can land in the `.part` file, so
+        // that a crash at any moment can resume. When the bytes in the `.part` file are of the version the store already names
+        // (or the store names none, so a crash restarts from zero anyway), that write runs beside the
+        // transfer instead of in front of it; a changed version is recorded first, so that a crash can
+        // never pair the new bytes with the old validator.
+        // A body held whole in memory reaches the disk only when it is published, so there is no
+        // `.part` file to resume before then and nothing to record.
+        let out = disk::PartWriter::new(part.clone(), start > 0, total.map(|t| t - start));
+        let mut pending = None;
+        if !out.holds_whole_body() {
+            pending = Some(self.report_in_background(job, start, total, &validator));
+            if stored.if_range().is_some() && stored != validator {
+                settle(&mut pending).await?;
+            }
+        }
+        let mut out = out;
         let mut written = start;
-        let mut last_report = Instant::now();
+        let began = Instant::now();
+        let mut last_report = began;
         let ended = loop {
             let chunk = tokio::select! {
                 _ = cancel.cancelled() => break Err(FetchError::Interrupted),
@@ -380,8 +391,22 @@ impl Transfer {
                     written += bytes.len() as u64;
                     self.received
                         .fetch_add(bytes.len() as u64, Ordering::Relaxed);
+                    if out.holds_whole_body() && began.elapsed() >= HOLD_AT_MOST {
+                        // A slow body: from now on it goes to disk as it comes, after its validator.
+                        if let Err(e) = self.report(job, start, total, &validator).await {
+                            break Err(e);
+                        }
+                        out.stop_holding();
+                        if let Err(e) = out.flush().await {
+                            break Err(e);
+                        }
+                        last_report = Instant::now();
+                    }
                     if last_report.elapsed() >= PROGRESS_EVERY {
                         if let Err(e) = out.flush().await {
+                            break Err(e);
+                        }
+                        if let Err(e) = settle(&mut pending).await {
                             break Err(e);
                         }
                         if let Err(e) = self.report(job, written, total, &validator).await {
@@ -400,31 +425,41 @@ impl Transfer {
                 }
             }
         };
-        // Whatever happened, what was received is kept (and recorded) for the next attempt.
-        let flushed = out.flush().await;
-        if let Err(e) = ended.and(flushed) {
+        let recorded = settle(&mut pending).await;
+        let cut_short = total.filter(|t| written < *t).map(|t| FetchError::Cut {
+            got: written,
+            expected: Some(t),
+            reason: "the connection closed early".into(),
+        });
+        let ended = match (ended.and(recorded), cut_short) {
+            (Ok(()), Some(cut)) => Err(cut),
+            (other, _) => other,
+        };
+        if let Err(e) = ended {
             if matches!(e, FetchError::Protocol(_)) {
+                // Nothing of this answer is worth keeping.
                 blocking({
                     let part = part.clone();
                     move || disk::open(&part, false).map(drop)
                 })
                 .await?;
                 written = 0;
+            } else if !matches!(e, FetchError::LeaseLost) {
+                // What was received is kept for the next attempt; a held body's validator goes on
+                // record before its bytes reach the disk.
+                if out.holds_whole_body() {
+                    self.report(job, start, total, &validator).await?;
+                }
+                if let Err(flush) = out.flush().await {
+                    tracing::warn!("{}: {flush}", job.filename);
+                }
             }
             if !matches!(e, FetchError::LeaseLost) {
                 let _ = self.report(job, written, total, &validator).await;
             }
             return Err(e);
         }
-        if let Some(t) = total.filter(|t| written < *t) {
-            self.report(job, written, total, &validator).await?;
-            return Err(FetchError::Cut {
-                got: written,
-                expected: Some(t),
-                reason: "the connection closed early".into(),
-            });
-        }
-        self.verify_and_publish(job, out.into_file(), &part, &final_path, written)
+        self.verify_and_publish(job, out, &final_path, written)
             .await?;
         Ok(Fetched {
             bytes: written,
@@ -433,13 +468,35 @@ impl Transfer {
         })
     }
 
-    /// Checks the whole `.part` file, then fsyncs it, renames it into place and fsyncs its folder, in one
-    /// blocking call.
+    /// Stores progress in a task of its own; `settle` waits for it.
+    fn report_in_background(
+        &self,
+        job: &Job,
+        bytes_done: u64,
+        total: Option<u64>,
+        v: &Validator,
+    ) -> tokio::task::JoinHandle<Result<bool, crate::store::StoreError>> {
+        let progress = Progress {
+            bytes_done: bytes_done as i64,
+            bytes_expected: total.map(|t| t as i64),
+            etag: v.etag.clone(),
+            last_modified: v.last_modified.clone(),
+        };
+        let (store, owner, id, until) = (
+            Arc::clone(&self.store),
+            self.owner.clone(),
+            job.id,
+            self.lease_until(),
+        );
+        tokio::spawn(async move { store.progress(id, &owner, until, &progress).await })
+    }
+
+    /// Writes what is still buffered, checks the whole `.part` file, then fsyncs it, renames it into place
+    /// and fsyncs its folder, in one blocking call.
     async fn verify_and_publish(
         &self,
         job: &Job,
-        file: std::fs::File,
-        part: &Path,
+        out: disk::PartWriter,
         final_path: &Path,
         size: u64,
     ) -> Result<(), FetchError> {
@@ -459,11 +516,29 @@ impl Transfer {
             size,
             fits: is_fits(&job.filename),
         };
-        let (part, final_path) = (part.to_path_buf(), final_path.to_path_buf());
+        let final_path = final_path.to_path_buf();
         blocking(move || {
+            let (file, part) = out.write_all_now()?;
             disk::verify_and_publish(file, &part, &final_path, check, keep_as.as_deref())
         })
         .await
+    }
+}
+
+/// Waits for a progress write started by `report_in_background`.
+async fn settle(
+    pending: &mut Option<tokio::task::JoinHandle<Result<bool, crate::store::StoreError>>>,
+) -> Result<(), FetchError> {
+    let Some(task) = pending.take() else {
+        return Ok(());
+    };
+    match task.await {
+        Ok(Ok(true)) => Ok(()),
+        Ok(Ok(false)) => Err(FetchError::LeaseLost),
+        Ok(Err(e)) => Err(e.into()),
+        Err(e) => Err(FetchError::Internal(format!(
+            "the progress write failed: {e}"
+        ))),
     }
 }
 
@@ -486,12 +561,10 @@ mod disk {
     use std::io::{Read, Seek, SeekFrom, Write};
     use std::path::{Path, PathBuf};
 
-    use super::{FITS_BLOCK, FITS_MAGIC, FetchError, WRITE_BUFFER, blocking};
+    use super::{FITS_BLOCK, FITS_MAGIC, FetchError, WHOLE_IN_MEMORY, WRITE_BUFFER, blocking};
 
-    /// Creates the folder; returns the size of an existing `.part` file (0 if none).
-    pub fn prepare(final_path: &Path, part: &Path) -> Result<u64, FetchError> {
-        let dir = final_path.parent().unwrap_or(Path::new("."));
-        std::fs::create_dir_all(dir).map_err(|e| FetchError::local("create folder", dir, e))?;
+    /// The size of an existing `.part` file (0 if none).
+    pub fn part_size(part: &Path) -> Result<u64, FetchError> {
         match std::fs::metadata(part) {
             Ok(m) => Ok(m.len()),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(0),
@@ -499,8 +572,10 @@ mod disk {
         }
     }
 
-    /// Opens the `.part` file to continue it, or empties it to start over.
+    /// Opens the `.part` file (creating its folder) to continue it, or empties it to start over.
     pub fn open(part: &Path, append: bool) -> Result<std::fs::File, FetchError> {
+        let dir = part.parent().unwrap_or(Path::new("."));
+        std::fs::create_dir_all(dir).map_err(|e| FetchError::local("create folder", dir, e))?;
         let mut file = std::fs::OpenOptions::new()
             .create(true)
             .read(true)
@@ -513,25 +588,46 @@ mod disk {
         Ok(file)
     }
 
-    /// Buffers up to `WRITE_BUFFER` bytes, then writes them in one blocking call.
+    /// Buffers the body and writes it to the `.part` file in few blocking calls: `WRITE_BUFFER` bytes at a
+    /// time, or, for a body of at most `WHOLE_IN_MEMORY` bytes, all at once when the file is published (the
+    /// file is opened by the first write, so a small product costs one blocking call in all).
     pub struct PartWriter {
         file: Option<std::fs::File>,
+        append: bool,
         buffer: Vec<u8>,
+        limit: usize,
         path: PathBuf,
     }
 
     impl PartWriter {
-        pub fn new(file: std::fs::File, path: PathBuf) -> PartWriter {
+        /// A writer for `path`, continuing it when `append`; `remaining` is the body's announced size.
+        pub fn new(path: PathBuf, append: bool, remaining: Option<u64>) -> PartWriter {
+            let (limit, capacity) = match remaining {
+                Some(r) if r <= WHOLE_IN_MEMORY as u64 => (usize::MAX, r as usize),
+                _ => (WRITE_BUFFER, WRITE_BUFFER),
+            };
             PartWriter {
-                file: Some(file),
-                buffer: Vec::with_capacity(WRITE_BUFFER),
+                file: None,
+                append,
+                buffer: Vec::with_capacity(capacity),
+                limit,
                 path,
             }
         }
 
+        /// From now on, writes go to disk `WRITE_BUFFER` bytes at a time.
+        pub fn stop_holding(&mut self) {
+            self.limit = WRITE_BUFFER;
+        }
+
+        /// Whether the body is kept in memory until it is published.
+        pub fn holds_whole_body(&self) -> bool {
+            self.limit == usize::MAX
+        }
+
         pub async fn write(&mut self, bytes: &[u8]) -> Result<(), FetchError> {
             self.buffer.extend_from_slice(bytes);
-            if self.buffer.len() >= WRITE_BUFFER {
+            if self.buffer.len() >= self.limit {
                 self.flush().await?;
             }
             Ok(())
@@ -541,30 +637,42 @@ mod disk {
             if self.buffer.is_empty() {
                 return Ok(());
             }
-            let Some(mut file) = self.file.take() else {
-                return Ok(());
-            };
-            let mut buffer = std::mem::take(&mut self.buffer);
-            let path = self.path.clone();
-            let (file, buffer) = blocking(move || {
-                file.write_all(&buffer)
-                    .map_err(|e| FetchError::local("write", &path, e))?;
-                buffer.clear();
-                Ok((file, buffer))
-            })
-            .await?;
+            let (file, append, buffer, path) = (
+                self.file.take(),
+                self.append,
+                std::mem::take(&mut self.buffer),
+                self.path.clone(),
+            );
+            let (file, mut buffer) =
+                blocking(move || write_at_end(file, &path, append, buffer)).await?;
+            buffer.clear();
             self.file = Some(file);
+            self.append = true;
             self.buffer = buffer;
             Ok(())
         }
 
-        /// The file, once flushed.
-        pub fn into_file(mut self) -> std::fs::File {
-            // `flush` always gives the file back on success; the caller flushed.
-            self.file
-                .take()
-                .expect("the file is back after a successful flush")
+        /// Blocking: writes what is buffered; gives back the file and its path.
+        pub fn write_all_now(self) -> Result<(std::fs::File, PathBuf), FetchError> {
+            let (file, _) = write_at_end(self.file, &self.path, self.append, self.buffer)?;
+            Ok((file, self.path))
         }
+    }
+
+    /// Blocking: opens the file if it is not open yet, and writes `buffer` at its end.
+    fn write_at_end(
+        file: Option<std::fs::File>,
+        path: &Path,
+        append: bool,
+        buffer: Vec<u8>,
+    ) -> Result<(std::fs::File, Vec<u8>), FetchError> {
+        let mut file = match file {
+            Some(f) => f,
+            None => open(path, append)?,
+        };
+        file.write_all(&buffer)
+            .map_err(|e| FetchError::local("write", path, e))?;
+        Ok((file, buffer))
     }
 
     /// What a finished `.part` file must be.
@@ -651,12 +759,37 @@ mod tests {
     async fn a_write_that_ends_on_a_buffer_boundary_keeps_its_file() {
         let tmp = tempfile::tempdir().unwrap();
         let part = tmp.path().join("x.part");
-        let mut w = disk::PartWriter::new(disk::open(&part, false).unwrap(), part.clone());
+        std::fs::write(&part, b"old bytes of another version").unwrap();
+        let mut w = disk::PartWriter::new(part.clone(), false, None);
         w.write(&vec![7u8; WRITE_BUFFER]).await.unwrap();
         w.flush().await.unwrap();
         w.flush().await.unwrap();
-        let file = w.into_file();
+        let (file, _) = w.write_all_now().unwrap();
         assert_eq!(file.metadata().unwrap().len(), WRITE_BUFFER as u64);
+    }
+
+    #[tokio::test]
+    async fn a_small_body_is_written_once_at_the_end_and_large_ones_as_they_come() {
+        let tmp = tempfile::tempdir().unwrap();
+        let small = tmp.path().join("sub/small.part");
+        let mut w = disk::PartWriter::new(small.clone(), false, Some(3 * WRITE_BUFFER as u64));
+        for _ in 0..3 {
+            w.write(&vec![1u8; WRITE_BUFFER]).await.unwrap();
+        }
+        assert!(!small.exists(), "a small body waits in memory");
+        let (file, _) = w.write_all_now().unwrap();
+        assert_eq!(file.metadata().unwrap().len(), 3 * WRITE_BUFFER as u64);
+
+        let large = tmp.path().join("large.part");
+        std::fs::write(&large, vec![2u8; 10]).unwrap();
+        let remaining = 2 * WHOLE_IN_MEMORY as u64;
+        let mut w = disk::PartWriter::new(large.clone(), true, Some(remaining));
+        w.write(&vec![3u8; WRITE_BUFFER]).await.unwrap();
+        assert_eq!(
+            std::fs::metadata(&large).unwrap().len(),
+            10 + WRITE_BUFFER as u64,
+            "a large body is written as it comes, after what the file held"
+        );
     }
 
     #[test]
