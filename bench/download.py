@@ -19,6 +19,7 @@ product: for quick comparisons while working on one case.
 import json, os, shutil, signal, sqlite3, statistics, subprocess, sys, time
 
 BIN, WORK = os.path.abspath(sys.argv[1]), os.path.abspath(sys.argv[2])
+FLOOR = os.path.join(os.path.dirname(BIN), "examples", "download_floor")
 REPEAT = int(sys.argv[3]) if len(sys.argv) > 3 else 3
 DATA = os.path.join(WORK, "data")
 BLOCK = 2880
@@ -178,6 +179,22 @@ def curl_run(base, names):
     return timed(["curl", "--parallel", "--parallel-max", "4", "-s", "-f", "-K", cfg])
 
 
+def curl_sync_run(base, names):
+    """curl, then `sync`: the same durability as mastsub's fsync + rename (for the whole machine)."""
+    d = fresh("curlsync")
+    cfg = os.path.join(d, "urls.txt")
+    with open(cfg, "w") as f:
+        for n in names:
+            f.write(f'url = "{url_of(base, n)}"\noutput = "{os.path.join(d, n)}"\n')
+    return timed(["sh", "-c", f'curl --parallel --parallel-max 4 -s -f -K "{cfg}" && sync'])
+
+
+def floor_run(base, names):
+    """bench/download_floor.rs: mastsub's HTTP client with fsync + rename and no bookkeeping at all."""
+    d = fresh("floor")
+    return timed([FLOOR, base, d, *names])
+
+
 def aria2c_run(base, names):
     d = fresh("aria2c")
     lst = os.path.join(d, "urls.txt")
@@ -228,19 +245,22 @@ def main():
                 (("256 KiB" in k) == (only == "small"))}
     nginx, base, access_log = start_nginx()
     try:
-        tools = [("mastsub", mastsub_run), ("curl --parallel-max 4", curl_run), ("aria2c -j4", aria2c_run)]
+        tools = [("mastsub", "mastsub", mastsub_run), ("curl --parallel-max 4", "curl", curl_run),
+                 ("aria2c -j4", "aria2c", aria2c_run)]
         if have_astroquery() and not only:
-            tools.append(("astroquery _download_file (sequential)", astroquery_run))
+            tools.append(("astroquery _download_file (sequential)", "astroquery", astroquery_run))
+        tools += [("curl --parallel-max 4, then sync", "curlsync", curl_sync_run),
+                  ("floor: mastsub's HTTP client + fsync + rename, no bookkeeping", "floor", floor_run)]
         print(f"| set | tool | seconds (median of {REPEAT}) | MB/s | peak RSS MiB | mastsub speed vs it |")
         print("|---|---|---:|---:|---:|---:|")
         for set_name, names in sets.items():
             total = sum(os.path.getsize(os.path.join(DATA, n)) for n in names)
             # Rounds take every tool in turn, so that the VM's drift falls on all of them alike.
-            runs = {tool: [] for tool, _ in tools}
+            runs = {tool: [] for tool, _, _ in tools}
             for _ in range(REPEAT):
-                for tool, fn in tools:
+                for tool, key, fn in tools:
                     runs[tool].append(fn(base, names))
-                    check_same(tool.split()[0], names)
+                    check_same(key, names)
             results = {tool: (statistics.median(r[0] for r in rs), max(r[1] for r in rs))
                        for tool, rs in runs.items()}
             m = results["mastsub"][0]

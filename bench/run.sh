@@ -6,7 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 repeat=${1:-3}
-cargo build --release --locked >&2
+cargo build --release --locked --bin mastsub --example download_floor >&2
 work=bench/work
 mkdir -p "$work"
 echo "## Machine"

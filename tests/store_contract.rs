@@ -10,7 +10,8 @@ use mastsub::categorize::Categorizer;
 use mastsub::config::EventsConfig;
 use mastsub::notice::{self, Event, Limits};
 use mastsub::store::{
-    DownloadState, IngestOutcome, NoticeMeta, NoticeStatus, SourceKind, SqliteStore, Store,
+    DownloadState, Finish, IngestOutcome, NoticeMeta, NoticeStatus, SourceHealth, SourceKind,
+    SqliteStore, Store,
 };
 use rstest::rstest;
 use serde_json::{Value, json};
@@ -250,6 +251,165 @@ fn public_requeues_a_job_waiting_for_a_token_and_any_event_a_failed_one(#[case] 
         ws.query_i64("SELECT count(*) FROM downloads WHERE next_attempt_at = 9999999999999"),
         0
     );
+}
+
+#[rstest]
+#[case::sqlite(Backend::Sqlite)]
+fn ending_a_job_and_claiming_the_next_checks_the_lease_and_keeps_products_apart(
+    #[case] backend: Backend,
+) {
+    let ws = Workspace::new();
+    runtime().block_on(async {
+        let store = open(&backend, &ws).await;
+        // Products 1 and 2, and a newer version of product 1 queued behind the first.
+        ingest(
+            &store,
+            "a",
+            &[
+                same_product(1, 1, "New", "2026-01-01T00:00:00"),
+                same_product(2, 2, "New", "2026-01-01T00:00:00"),
+            ],
+        )
+        .await;
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as i64
+            + 1_000;
+        let first = store.claim("w1", i64::MAX, now).await.unwrap().unwrap();
+        assert!(first.filename.starts_with("jw00001"), "{}", first.filename);
+        ingest(
+            &store,
+            "b",
+            &[same_product(1, 3, "Reprocessed", "2026-02-01T00:00:00")],
+        )
+        .await;
+
+        // Another owner cannot end it.
+        let done = Finish::Done { bytes: 10 };
+        let (ended, next) = store
+            .finish_and_claim(first.id, "intruder", &done, now, i64::MAX)
+            .await
+            .unwrap();
+        assert!(!ended, "a worker without the lease ended the job");
+        let next = next.expect("the intruder still claims what is free");
+        assert!(next.filename.starts_with("jw00002"), "{}", next.filename);
+
+        // The holder ends it with a retry; the newer version of the same product is then free.
+        let retry = Finish::Retry {
+            at: now + 60_000,
+            error: "HTTP 503".into(),
+            refund: false,
+            verify_failures: 0,
+            not_found_since: None,
+        };
+        let (ended, next) = store
+            .finish_and_claim(first.id, "w1", &retry, now, i64::MAX)
+            .await
+            .unwrap();
+        assert!(ended);
+        let newer = next.expect("the queued newer version of product 1");
+        assert_eq!(newer.event_type, "Reprocessed");
+        assert_eq!(newer.attempt, 1);
+
+        // Giving up the newer one claims nothing: the retry is not due yet.
+        let give_up = Finish::GiveUp {
+            state: DownloadState::NeedsAuth,
+            error: "HTTP 401".into(),
+        };
+        let (ended, next) = store
+            .finish_and_claim(newer.id, "w1", &give_up, now, i64::MAX)
+            .await
+            .unwrap();
+        assert!(ended);
+        assert!(next.is_none(), "{next:?}");
+        // Done, with the retry due: it comes back.
+        let (ended, next) = store
+            .finish_and_claim(
+                store
+                    .claim("w2", i64::MAX, now)
+                    .await
+                    .unwrap()
+                    .map_or(-1, |j| j.id),
+                "w2",
+                &done,
+                now + 120_000,
+                i64::MAX,
+            )
+            .await
+            .unwrap();
+        assert!(!ended, "nothing was free for w2 to claim and end");
+        assert_eq!(next.map(|j| j.id), Some(first.id));
+        store.close().await;
+    });
+    assert_eq!(
+        ws.query_i64(
+            "SELECT count(*) FROM downloads WHERE state = 'needs_auth' AND last_error = 'HTTP 401'"
+        ),
+        1
+    );
+}
+
+#[rstest]
+#[case::sqlite(Backend::Sqlite)]
+fn mailbox_positions_and_source_health_are_kept(#[case] backend: Backend) {
+    let ws = Workspace::new();
+    runtime().block_on(async {
+        let store = open(&backend, &ws).await;
+        assert_eq!(store.imap_position("u@h:993", "INBOX").await.unwrap(), None);
+        store
+            .set_imap_position("u@h:993", "INBOX", 7, 41)
+            .await
+            .unwrap();
+        store
+            .set_imap_position("u@h:993", "INBOX", 7, 42)
+            .await
+            .unwrap();
+        store
+            .set_imap_position("u@h:993", "Other", 9, 1)
+            .await
+            .unwrap();
+        assert_eq!(
+            store.imap_position("u@h:993", "INBOX").await.unwrap(),
+            Some((7, 42))
+        );
+        let mut h = SourceHealth {
+            source: "imap".into(),
+            state: "reconnecting".into(),
+            last_error: Some("connection refused".into()),
+            last_error_at: Some(5),
+            updated_at: 5,
+            ..SourceHealth::default()
+        };
+        store.record_source_health(&h).await.unwrap();
+        h.state = "idle".into();
+        h.connected = true;
+        h.last_error = None;
+        h.last_error_at = None;
+        h.last_contact = Some(9);
+        h.taken = 2;
+        store.record_source_health(&h).await.unwrap();
+        h.taken = 1;
+        store.record_source_health(&h).await.unwrap();
+        let s = store.status(0).await.unwrap();
+        assert_eq!(s.sources.len(), 1);
+        let got = &s.sources[0];
+        assert_eq!(
+            (
+                got.state.as_str(),
+                got.connected,
+                got.taken,
+                got.last_contact
+            ),
+            ("idle", true, 3, Some(9))
+        );
+        assert_eq!(
+            (got.last_error.as_deref(), got.last_error_at),
+            (Some("connection refused"), Some(5)),
+            "the last error stays after recovery"
+        );
+        store.close().await;
+    });
 }
 
 #[rstest]

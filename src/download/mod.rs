@@ -169,7 +169,14 @@ pub async fn run(
             {
                 Ok(Some(job)) => {
                     let (pool, cancel) = (pool.clone(), stop_work.clone());
-                    workers.spawn(async move { pool.work(job, cancel).await });
+                    // A worker goes on with the jobs it claims as it ends each one, and leaves its slot
+                    // when there is none.
+                    workers.spawn(async move {
+                        let mut next = Some(job);
+                        while let Some(job) = next {
+                            next = pool.clone().work(job, cancel.clone()).await;
+                        }
+                    });
                 }
                 Ok(None) => break,
                 Err(e) => {
@@ -245,8 +252,9 @@ pub async fn run(
 }
 
 impl Pool {
-    /// Runs one claimed job to the end of this attempt, renewing its lease meanwhile.
-    async fn work(self: Arc<Self>, job: Job, cancel: CancellationToken) {
+    /// Runs one claimed job to the end of this attempt, renewing its lease meanwhile; returns the job
+    /// claimed next, if any.
+    async fn work(self: Arc<Self>, job: Job, cancel: CancellationToken) -> Option<Job> {
         let t = &self.transfer;
         let started = Instant::now();
         tracing::info!(
@@ -316,7 +324,7 @@ impl Pool {
                     "{}: another worker took this job over (lease lost); leaving it",
                     job.local_path
                 );
-                return;
+                return None;
             }
             Err(e) => {
                 let finish = policy::decide(&self.config, &job, e, now);
@@ -324,7 +332,21 @@ impl Pool {
                 finish
             }
         };
-        match t.store.finish(job.id, &t.owner, &finish, now).await {
+        // The worker takes its next job as it records this one's end, unless the pool is stopping.
+        let (recorded, next) = if cancel.is_cancelled() {
+            (t.store.finish(job.id, &t.owner, &finish, now).await, None)
+        } else {
+            let lease_until = now_ms() + LEASE.as_millis() as i64;
+            match t
+                .store
+                .finish_and_claim(job.id, &t.owner, &finish, now, lease_until)
+                .await
+            {
+                Ok((recorded, next)) => (Ok(recorded), next),
+                Err(e) => (Err(e), None),
+            }
+        };
+        match recorded {
             Ok(true) => {}
             Ok(false) => tracing::warn!(
                 "{}: the job's lease was lost before it could be recorded",
@@ -335,6 +357,7 @@ impl Pool {
                 job.local_path
             ),
         }
+        next
     }
 }
 

@@ -220,6 +220,31 @@ pub struct StatusSnapshot {
     pub bytes_done: u64,
     /// The latest failed or `needs_auth` jobs, newest first.
     pub recent_failures: Vec<DownloadRow>,
+    /// The health of each source that has reported it.
+    pub sources: Vec<SourceHealth>,
+}
+
+/// How a source is doing, for `status`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct SourceHealth {
+    /// `imap` (later also `inbox`).
+    pub source: String,
+    /// What it is doing: `connecting`, `idle`, `polling`, `reconnecting`, `stopped`...
+    pub state: String,
+    /// What it reads, e.g. `notices@imap.example.org:993/INBOX`.
+    pub detail: Option<String>,
+    /// Whether it holds a working connection.
+    pub connected: bool,
+    /// The last answer from its server, ms since the epoch.
+    pub last_contact: Option<i64>,
+    /// The last error (kept after recovery, with its time).
+    pub last_error: Option<String>,
+    /// When `last_error` happened, ms since the epoch.
+    pub last_error_at: Option<i64>,
+    /// Mails taken since the database was created.
+    pub taken: u64,
+    /// When this was written, ms since the epoch.
+    pub updated_at: i64,
 }
 
 /// A job as a worker holds it.
@@ -395,6 +420,20 @@ pub trait Store: Send + Sync + 'static {
         now: i64,
     ) -> Result<bool, StoreError>;
 
+    /// `finish`, then `claim` for the same owner: the worker that ends a job takes the next one. Returns
+    /// whether the end was recorded (as `finish`) and the job claimed, if any.
+    async fn finish_and_claim(
+        &self,
+        id: i64,
+        owner: &str,
+        finish: &Finish,
+        now: i64,
+        lease_until: i64,
+    ) -> Result<(bool, Option<Job>), StoreError> {
+        let finished = self.finish(id, owner, finish, now).await?;
+        Ok((finished, self.claim(owner, lease_until, now).await?))
+    }
+
     /// Puts `running` jobs back to `queued` when their lease has expired or `abandoned(owner)` says their
     /// owner is gone (a process that died); their attempt does not count. Returns how many.
     async fn requeue_orphans(
@@ -419,6 +458,26 @@ pub trait Store: Send + Sync + 'static {
         product: &str,
         except: i64,
     ) -> Result<Option<String>, StoreError>;
+
+    /// The UIDVALIDITY and highest handled UID of `mailbox` for `account`, if it was read before.
+    async fn imap_position(
+        &self,
+        account: &str,
+        mailbox: &str,
+    ) -> Result<Option<(u32, u32)>, StoreError>;
+
+    /// Records the UIDVALIDITY and highest handled UID of `mailbox` for `account`.
+    async fn set_imap_position(
+        &self,
+        account: &str,
+        mailbox: &str,
+        uidvalidity: u32,
+        last_uid: u32,
+    ) -> Result<(), StoreError>;
+
+    /// Records a source's health; `taken` in `health` is added to the count kept, and a `last_error`
+    /// or `last_contact` of `None` keeps the one recorded before.
+    async fn record_source_health(&self, health: &SourceHealth) -> Result<(), StoreError>;
 
     /// Closes connections cleanly (checkpoints the WAL).
     async fn close(&self);

@@ -19,7 +19,7 @@ use sqlx::{QueryBuilder, Row, Sqlite};
 
 use super::{
     DownloadRow, DownloadState, Finish, IngestOutcome, Job, NoticeMeta, NoticeStatus, Progress,
-    StatusSnapshot, Store, StoreError,
+    SourceHealth, StatusSnapshot, Store, StoreError,
 };
 use crate::categorize::{Categorizer, Disposition, JobRef, LatestJob};
 use crate::notice::{Event, EventType};
@@ -167,6 +167,29 @@ impl SqliteStore {
         }
     }
 
+    /// A claimed job from a `RETURNING` row.
+    fn job(&self, row: &sqlx::sqlite::SqliteRow) -> Result<Job, StoreError> {
+        let err = self.query_err();
+        Ok(Job {
+            id: row.try_get("id").map_err(&err)?,
+            product: row.try_get("product").map_err(&err)?,
+            mission: row.try_get("mission").map_err(&err)?,
+            filename: row.try_get("filename").map_err(&err)?,
+            program: row.try_get("program").map_err(&err)?,
+            event_type: row.try_get("event_type").map_err(&err)?,
+            version: row.try_get("version").map_err(&err)?,
+            url: row.try_get("url").map_err(&err)?,
+            local_path: row.try_get("local_path").map_err(&err)?,
+            attempt: row.try_get("attempts").map_err(&err)?,
+            bytes_expected: row.try_get("bytes_expected").map_err(&err)?,
+            bytes_done: row.try_get("bytes_done").map_err(&err)?,
+            etag: row.try_get("etag").map_err(&err)?,
+            last_modified: row.try_get("last_modified").map_err(&err)?,
+            verify_failures: row.try_get("verify_failures").map_err(&err)?,
+            not_found_since: row.try_get("not_found_since").map_err(&err)?,
+        })
+    }
+
     fn download_row(&self, row: &SqliteRow) -> Result<DownloadRow, StoreError> {
         let err = self.query_err();
         let state: String = row.try_get("state").map_err(&err)?;
@@ -271,6 +294,20 @@ const CLAIM: &str = "
     WHERE id = (
         SELECT d.id FROM downloads AS d
         WHERE d.state = 'queued' AND d.next_attempt_at <= ?3
+          AND NOT EXISTS (SELECT 1 FROM downloads AS r WHERE r.product = d.product AND r.state = 'running')
+        ORDER BY d.next_attempt_at, d.id
+        LIMIT 1)
+    RETURNING id, product, mission, filename, program, event_type, version, url, local_path, attempts,
+              bytes_expected, bytes_done, etag, last_modified, verify_failures, not_found_since";
+
+/// `CLAIM` run right after a `FINISH_*` statement in one query: the owner is ?2, the lease ?9, now ?10.
+const CLAIM_AFTER_FINISH: &str = "
+    UPDATE downloads SET
+        state = 'running', lease_owner = ?2, lease_expires_at = ?9, attempts = attempts + 1,
+        started_at = coalesce(started_at, ?10), updated_at = ?10
+    WHERE id = (
+        SELECT d.id FROM downloads AS d
+        WHERE d.state = 'queued' AND d.next_attempt_at <= ?10
           AND NOT EXISTS (SELECT 1 FROM downloads AS r WHERE r.product = d.product AND r.state = 'running')
         ORDER BY d.next_attempt_at, d.id
         LIMIT 1)
@@ -567,12 +604,114 @@ impl Store for SqliteStore {
             .fetch_all(&mut *conn)
             .await
             .map_err(&err)?;
+        let health: Vec<(String, String, Option<String>, bool, Option<i64>, Option<String>, Option<i64>, i64, i64)> =
+            sqlx::query_as(
+                "SELECT source, state, detail, connected, last_contact, last_error, last_error_at, taken,
+                        updated_at
+                 FROM source_health ORDER BY source",
+            )
+            .fetch_all(&mut *conn)
+            .await
+            .map_err(&err)?;
+        snap.sources = health
+            .into_iter()
+            .map(
+                |(
+                    source,
+                    state,
+                    detail,
+                    connected,
+                    last_contact,
+                    last_error,
+                    last_error_at,
+                    taken,
+                    updated_at,
+                )| {
+                    SourceHealth {
+                        source,
+                        state,
+                        detail,
+                        connected,
+                        last_contact,
+                        last_error,
+                        last_error_at,
+                        taken: taken as u64,
+                        updated_at,
+                    }
+                },
+            )
+            .collect();
         conn.commit().await.map_err(&err)?;
         snap.recent_failures = rows
             .iter()
             .map(|r| self.download_row(r))
             .collect::<Result<_, _>>()?;
         Ok(snap)
+    }
+
+    async fn finish_and_claim(
+        &self,
+        id: i64,
+        owner: &str,
+        finish: &Finish,
+        now: i64,
+        lease_until: i64,
+    ) -> Result<(bool, Option<Job>), StoreError> {
+        let err = self.query_err();
+        // Both statements in one round trip to the database thread (each commits on its own): the end of
+        // a job and the claim of the next were the two writes per file that the workers queued for.
+        let finish_sql = match finish {
+            Finish::Done { .. } => FINISH_DONE,
+            Finish::Retry { .. } => FINISH_RETRY,
+            Finish::GiveUp { .. } => FINISH_GIVE_UP,
+        };
+        let sql = format!("{finish_sql} RETURNING 1 AS finished; {CLAIM_AFTER_FINISH};");
+        let query = sqlx::query(&sql).bind(id).bind(owner);
+        let query = match finish {
+            Finish::Done { bytes } => query
+                .bind(bytes)
+                .bind(now)
+                .bind(None::<i64>)
+                .bind(None::<i64>)
+                .bind(None::<i64>)
+                .bind(None::<i64>),
+            Finish::Retry {
+                at,
+                error,
+                refund,
+                verify_failures,
+                not_found_since,
+            } => query
+                .bind(at)
+                .bind(error)
+                .bind(i64::from(*refund))
+                .bind(verify_failures)
+                .bind(not_found_since)
+                .bind(now),
+            Finish::GiveUp { state, error } => query
+                .bind(state.as_str())
+                .bind(error)
+                .bind(now)
+                .bind(None::<i64>)
+                .bind(None::<i64>)
+                .bind(None::<i64>),
+        };
+        let rows = query
+            .bind(lease_until) // ?9
+            .bind(now) // ?10
+            .fetch_all(&self.writer)
+            .await
+            .map_err(&err)?;
+        let mut finished = false;
+        let mut next = None;
+        for row in &rows {
+            if row.try_get::<i64, _>("finished").is_ok() {
+                finished = true;
+            } else {
+                next = Some(self.job(row)?);
+            }
+        }
+        Ok((finished, next))
     }
 
     async fn list_downloads(
@@ -604,24 +743,7 @@ impl Store for SqliteStore {
         else {
             return Ok(None);
         };
-        Ok(Some(Job {
-            id: row.try_get("id").map_err(&err)?,
-            product: row.try_get("product").map_err(&err)?,
-            mission: row.try_get("mission").map_err(&err)?,
-            filename: row.try_get("filename").map_err(&err)?,
-            program: row.try_get("program").map_err(&err)?,
-            event_type: row.try_get("event_type").map_err(&err)?,
-            version: row.try_get("version").map_err(&err)?,
-            url: row.try_get("url").map_err(&err)?,
-            local_path: row.try_get("local_path").map_err(&err)?,
-            attempt: row.try_get("attempts").map_err(&err)?,
-            bytes_expected: row.try_get("bytes_expected").map_err(&err)?,
-            bytes_done: row.try_get("bytes_done").map_err(&err)?,
-            etag: row.try_get("etag").map_err(&err)?,
-            last_modified: row.try_get("last_modified").map_err(&err)?,
-            verify_failures: row.try_get("verify_failures").map_err(&err)?,
-            not_found_since: row.try_get("not_found_since").map_err(&err)?,
-        }))
+        self.job(&row).map(Some)
     }
 
     async fn progress(
@@ -770,6 +892,74 @@ impl Store for SqliteStore {
             .fetch_optional(&self.readers)
             .await
             .map_err(self.query_err())
+    }
+
+    async fn imap_position(
+        &self,
+        account: &str,
+        mailbox: &str,
+    ) -> Result<Option<(u32, u32)>, StoreError> {
+        let row: Option<(i64, i64)> = sqlx::query_as(
+            "SELECT uidvalidity, last_uid FROM imap_mailboxes WHERE account = ?1 AND mailbox = ?2",
+        )
+        .bind(account)
+        .bind(mailbox)
+        .fetch_optional(&self.writer)
+        .await
+        .map_err(self.query_err())?;
+        Ok(row.map(|(v, u)| (v as u32, u as u32)))
+    }
+
+    async fn set_imap_position(
+        &self,
+        account: &str,
+        mailbox: &str,
+        uidvalidity: u32,
+        last_uid: u32,
+    ) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO imap_mailboxes (account, mailbox, uidvalidity, last_uid, updated_at)
+             VALUES (?1, ?2, ?3, ?4, ?5)
+             ON CONFLICT (account, mailbox) DO UPDATE SET
+                 uidvalidity = excluded.uidvalidity, last_uid = excluded.last_uid,
+                 updated_at = excluded.updated_at",
+        )
+        .bind(account)
+        .bind(mailbox)
+        .bind(i64::from(uidvalidity))
+        .bind(i64::from(last_uid))
+        .bind(now_ms())
+        .execute(&self.writer)
+        .await
+        .map_err(self.query_err())?;
+        Ok(())
+    }
+
+    async fn record_source_health(&self, h: &SourceHealth) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO source_health (source, state, detail, connected, last_contact, last_error,
+                                        last_error_at, taken, updated_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)
+             ON CONFLICT (source) DO UPDATE SET
+                 state = excluded.state, detail = excluded.detail, connected = excluded.connected,
+                 last_contact = coalesce(excluded.last_contact, last_contact),
+                 last_error = coalesce(excluded.last_error, last_error),
+                 last_error_at = coalesce(excluded.last_error_at, last_error_at),
+                 taken = taken + excluded.taken, updated_at = excluded.updated_at",
+        )
+        .bind(&h.source)
+        .bind(&h.state)
+        .bind(&h.detail)
+        .bind(h.connected)
+        .bind(h.last_contact)
+        .bind(&h.last_error)
+        .bind(h.last_error_at)
+        .bind(h.taken as i64)
+        .bind(h.updated_at)
+        .execute(&self.writer)
+        .await
+        .map_err(self.query_err())?;
+        Ok(())
     }
 
     async fn close(&self) {
