@@ -1,6 +1,6 @@
 //! The floor for mastsub's downloads: the same HTTP client (reqwest on tokio), 4 transfers at a time, each
-//! body written to `<name>.part`, fsynced, renamed into place and its folder fsynced, and nothing else (no
-//! database, no resume, no retry, no checks). What is left between this and mastsub is the cost of
+//! body held whole in memory, then written to `<name>.part`, fsynced, renamed into place and its folder
+//! fsynced, and nothing else (no database, no resume, no retry, no checks, no bound on memory). What is left between this and mastsub is the cost of
 //! mastsub's bookkeeping; what is left between this and curl is the cost of durability.
 //!
 //! Usage: download_floor BASE_URL OUT_DIR NAME... (built by `bench/run.sh` as a cargo example)

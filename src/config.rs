@@ -279,23 +279,39 @@ pub struct ImapConfig {
     pub port: u16,
     /// `implicit`, `starttls` or `none`.
     pub tls: TlsMode,
+    /// A PEM file of CA certificates to trust instead of the system's.
+    pub ca_file: Option<PathBuf>,
     /// The login name.
     pub username: String,
-    /// The password (or `password_file`).
+    /// The password (or `password_file`, `password_credential`).
     pub password: Option<Secret>,
     /// A file holding the password.
     pub password_file: Option<PathBuf>,
+    /// The name of a systemd credential holding the password (`$CREDENTIALS_DIRECTORY/<name>`).
+    pub password_credential: Option<String>,
+    /// A file holding an OAuth2 access token: XOAUTH2 instead of LOGIN.
+    pub oauth2_token_file: Option<PathBuf>,
+    /// A command (run with `sh -c`) printing an OAuth2 access token: XOAUTH2 instead of LOGIN.
+    pub oauth2_token_command: Option<String>,
     /// The mailbox notices arrive in.
     pub mailbox: String,
     /// Where taken mails are moved, if set.
     pub processed_mailbox: Option<String>,
     /// Addresses or `@domain`s notices are accepted from; empty accepts any sender.
     pub allowed_senders: Vec<String>,
+    /// Mails larger than this are left alone.
+    pub max_message_size: ByteSize,
     /// Use IDLE when the server offers it.
     pub idle: bool,
     /// How often to poll when IDLE is off or missing.
     #[serde(with = "humantime_serde")]
     pub poll_interval: Duration,
+    /// How often IDLE is ended and issued again.
+    #[serde(with = "humantime_serde")]
+    pub idle_refresh: Duration,
+    /// How long any command (and connecting, and logging in) may take.
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
 }
 
 impl Default for ImapConfig {
@@ -305,14 +321,21 @@ impl Default for ImapConfig {
             host: String::new(),
             port: 993,
             tls: TlsMode::Implicit,
+            ca_file: None,
             username: String::new(),
             password: None,
             password_file: None,
+            password_credential: None,
+            oauth2_token_file: None,
+            oauth2_token_command: None,
             mailbox: "INBOX".to_string(),
             processed_mailbox: None,
             allowed_senders: Vec::new(),
+            max_message_size: ByteSize::mib(96),
             idle: true,
             poll_interval: Duration::from_secs(300),
+            idle_refresh: Duration::from_secs(9 * 60),
+            timeout: Duration::from_secs(60),
         }
     }
 }
@@ -504,11 +527,52 @@ impl Config {
             if self.imap.username.is_empty() {
                 problems.push("imap.enabled = true but imap.username is empty".into());
             }
-            if self.imap.password.is_none() && self.imap.password_file.is_none() {
-                problems.push(
-                    "imap.enabled = true but neither imap.password nor imap.password_file is set"
+            let i = &self.imap;
+            let ways = [
+                ("password", i.password.is_some()),
+                ("password_file", i.password_file.is_some()),
+                ("password_credential", i.password_credential.is_some()),
+                ("oauth2_token_file", i.oauth2_token_file.is_some()),
+                ("oauth2_token_command", i.oauth2_token_command.is_some()),
+            ];
+            let given: Vec<&str> = ways.iter().filter(|w| w.1).map(|w| w.0).collect();
+            match given.len() {
+                0 => problems.push(
+                    "imap.enabled = true but no credential is set: set one of imap.password, \
+                     imap.password_file, imap.password_credential (LOGIN), imap.oauth2_token_file or \
+                     imap.oauth2_token_command (XOAUTH2)"
                         .into(),
-                );
+                ),
+                1 => {}
+                _ => problems.push(format!(
+                    "imap: set only one credential, not {}",
+                    given
+                        .iter()
+                        .map(|g| format!("imap.{g}"))
+                        .collect::<Vec<_>>()
+                        .join(" and ")
+                )),
+            }
+            if i.mailbox.is_empty() {
+                problems.push("imap.mailbox must not be empty".into());
+            }
+            if i.processed_mailbox.as_deref() == Some(i.mailbox.as_str()) {
+                problems.push("imap.processed_mailbox must differ from imap.mailbox".into());
+            }
+            if i.idle_refresh.is_zero() || i.idle_refresh > Duration::from_secs(600) {
+                problems.push(format!(
+                    "imap.idle_refresh = {:?} must be between 1s and 10m (servers drop silent IDLE)",
+                    i.idle_refresh
+                ));
+            }
+            if i.timeout < Duration::from_secs(1) {
+                problems.push("imap.timeout must be at least 1s".into());
+            }
+            if i.poll_interval < Duration::from_secs(1) {
+                problems.push("imap.poll_interval must be at least 1s".into());
+            }
+            if i.max_message_size.as_u64() == 0 {
+                problems.push("imap.max_message_size must be larger than 0".into());
             }
         }
         if self.email.enabled {

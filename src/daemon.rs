@@ -14,6 +14,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::Config;
 use crate::download;
 use crate::ingest::Ingestor;
+use crate::sources::imap::ImapSource;
 use crate::sources::inbox;
 use crate::store::{SqliteStore, Store};
 
@@ -46,6 +47,13 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
                     (Loop::Inbox, Ok(()))
                 });
             }
+            Loop::Imap => {
+                let source = ImapSource::new(config.imap.clone(), store.clone(), ingestor.clone());
+                tasks.spawn(async move {
+                    source.run(token).await;
+                    (Loop::Imap, Ok(()))
+                });
+            }
             Loop::Downloads => {
                 let (cfg, store, wake) = (config.clone(), store.clone(), wake.clone());
                 tasks.spawn(async move {
@@ -64,9 +72,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     }
     start(&mut tasks, Loop::Downloads);
     if config.imap.enabled {
-        tracing::warn!(
-            "[imap] is enabled but this build has no IMAP source yet; the mailbox is not read"
-        );
+        start(&mut tasks, Loop::Imap);
     }
 
     loop {
@@ -121,5 +127,6 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
 #[derive(Debug, Clone, Copy)]
 enum Loop {
     Inbox,
+    Imap,
     Downloads,
 }

@@ -58,6 +58,26 @@ pub fn render_text(database: &str, s: &StatusSnapshot) -> String {
         )
     );
     let _ = writeln!(out, "  bytes done: {}", human_bytes(s.bytes_done));
+    let now = crate::store::now_ms();
+    for h in &s.sources {
+        let ago = |at: Option<i64>| {
+            at.map(|t| format!("{} ago", human_age(now - t)))
+                .unwrap_or_else(|| "never".into())
+        };
+        let _ = writeln!(
+            out,
+            "  {}: {}{} ({}), last contact {}, {} mail(s) taken",
+            h.source,
+            h.state,
+            if h.connected { ", connected" } else { "" },
+            h.detail.as_deref().unwrap_or("-"),
+            ago(h.last_contact),
+            h.taken
+        );
+        if let Some(e) = &h.last_error {
+            let _ = writeln!(out, "    last error ({}): {e}", ago(h.last_error_at));
+        }
+    }
     if s.recent_failures.is_empty() {
         out.push_str("  recent failures: none\n");
     } else {
@@ -76,6 +96,17 @@ pub fn render_text(database: &str, s: &StatusSnapshot) -> String {
         }
     }
     out
+}
+
+/// "3s", "5m", "2h", "4d": how long ago, roughly.
+fn human_age(ms: i64) -> String {
+    let s = (ms.max(0) / 1000) as u64;
+    match s {
+        0..60 => format!("{s}s"),
+        60..3600 => format!("{}m", s / 60),
+        3600..86400 => format!("{}h", s / 3600),
+        _ => format!("{}d", s / 86400),
+    }
 }
 
 /// `list` for a terminal: one row per job.

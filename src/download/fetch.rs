@@ -12,6 +12,7 @@
 //! 2880-byte blocks starting with `SIMPLE  =`, and only then is the file fsynced, renamed into place, and
 //! its folder fsynced.
 
+use crate::store::now_ms;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -137,10 +138,6 @@ fn retry_after(headers: &HeaderMap) -> Option<Duration> {
 
 fn is_fits(filename: &str) -> bool {
     filename.to_ascii_lowercase().ends_with(".fits")
-}
-
-fn now_ms() -> i64 {
-    chrono::Utc::now().timestamp_millis()
 }
 
 /// How the server answered.

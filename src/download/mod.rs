@@ -12,6 +12,7 @@ pub mod error;
 pub mod fetch;
 pub mod policy;
 
+use crate::store::now_ms;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -33,10 +34,6 @@ const SWEEP: Duration = Duration::from_secs(5);
 const SUMMARY_EVERY: Duration = Duration::from_secs(60);
 /// How long running transfers get to stop at a safe point on shutdown.
 const DRAIN: Duration = Duration::from_secs(8);
-
-fn now_ms() -> i64 {
-    chrono::Utc::now().timestamp_millis()
-}
 
 /// `host:pid:nonce`: the lease owner name of this process's pool.
 fn owner_name() -> String {

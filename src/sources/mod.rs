@@ -1,3 +1,5 @@
-//! Sources of notices: the inbox folder (and, later, the IMAP mailbox). Sources only hand bytes to ingest.
+//! Sources of notices: the inbox folder and the IMAP mailbox. Sources only hand bytes to ingest.
 
+pub mod imap;
 pub mod inbox;
+pub mod mail;

@@ -369,6 +369,11 @@ pub enum StoreError {
     },
 }
 
+/// Now, in milliseconds since the epoch: the unit of every time in the store.
+pub fn now_ms() -> i64 {
+    chrono::Utc::now().timestamp_millis()
+}
+
 /// The narrow interface every backend implements.
 #[async_trait]
 pub trait Store: Send + Sync + 'static {

@@ -4,6 +4,7 @@
 //! chunks of bound parameters (never one round trip per event), and look-ups send their keys as one JSON
 //! parameter that SQLite's `json_each` unpacks.
 
+use super::now_ms;
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
@@ -44,10 +45,6 @@ pub struct SqliteStore {
 fn json_text<T: serde::Serialize>(keys: &T) -> String {
     // Serializing strings into a String cannot fail.
     serde_json::to_string(keys).unwrap_or_else(|_| "[]".to_string())
-}
-
-fn now_ms() -> i64 {
-    chrono::Utc::now().timestamp_millis()
 }
 
 impl SqliteStore {

@@ -2,6 +2,7 @@
 //! and the MAST stand-in (`mast.rs`).
 #![allow(dead_code)] // each test crate uses its own subset
 
+pub mod dovecot;
 pub mod mast;
 
 use std::io::{BufRead, BufReader};
@@ -149,6 +150,16 @@ impl Workspace {
         self.with_db(true, sql, |pool, sql| async move {
             sqlx::query_scalar(&sql)
                 .fetch_one(&pool)
+                .await
+                .expect("query")
+        })
+    }
+
+    /// The first column of every row of a read-only SQL query, as integers.
+    pub fn query_column_i64(&self, sql: &str) -> Vec<i64> {
+        self.with_db(true, sql, |pool, sql| async move {
+            sqlx::query_scalar(&sql)
+                .fetch_all(&pool)
                 .await
                 .expect("query")
         })

@@ -1,0 +1,915 @@
+//! The IMAP source: takes notices straight from a mailbox.
+//!
+//! State lives in the store, not in flags: per account and mailbox, the UIDVALIDITY seen and the highest
+//! UID handled. After every connect and every IDLE wake, a catch-up `UID SEARCH UID <last+1>:*` finds what
+//! is new, so mail that arrives between a search and IDLE, or while mastsub is down, is never missed; a
+//! human reading the mailbox (and so setting `\Seen`) changes nothing. A new UIDVALIDITY reads the mailbox
+//! again from the start; the notice content hash keeps that free of duplicates.
+//!
+//! Each new mail: the sender is checked against `allowed_senders` (the From address only); every JSON
+//! attachment (also inside a forwarded `message/rfc822`) is ingested through the same path as the inbox;
+//! then the mail is marked `\Seen` and, with `processed_mailbox`, moved there (MOVE, else COPY + EXPUNGE).
+//! A mail with no notice, from a sender not allowed, or too large is logged once and left where it is.
+//!
+//! Every command has a timeout; IDLE is ended and issued again every `idle_refresh`; TCP keepalive finds
+//! dead peers. Any error or drop reconnects with exponential backoff and jitter, logging each change of
+//! state; the loop never stops the inbox watcher or the downloads.
+
+use std::collections::HashSet;
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use async_imap::extensions::idle::IdleResponse;
+use async_imap::types::UnsolicitedResponse;
+use async_imap::{Client, Session};
+use backon::BackoffBuilder;
+use futures_util::TryStreamExt;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, ServerName};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+use tokio_util::sync::CancellationToken;
+
+use super::mail::{self, Mail};
+use crate::config::{ImapConfig, TlsMode};
+use crate::ingest::{IngestError, Ingestor, NoticeSource};
+use crate::store::{SourceHealth, SourceKind, Store};
+
+/// The first pause before reconnecting; it doubles (with jitter) up to `RECONNECT_MAX`.
+const RECONNECT_MIN: Duration = Duration::from_secs(1);
+/// The longest pause before reconnecting.
+const RECONNECT_MAX: Duration = Duration::from_secs(300);
+/// A session that lasted this long resets the backoff.
+const HEALTHY_SESSION: Duration = Duration::from_secs(60);
+
+/// Why a session ended.
+#[derive(Debug, thiserror::Error)]
+pub enum ImapError {
+    /// Could not reach the server.
+    #[error("cannot connect to {addr}: {reason}")]
+    Connect {
+        /// host:port
+        addr: String,
+        /// Why.
+        reason: String,
+    },
+    /// The TLS handshake failed (certificate, protocol).
+    #[error("TLS with {host} failed: {reason} (for a private CA set imap.ca_file)")]
+    Tls {
+        /// The host.
+        host: String,
+        /// Why.
+        reason: String,
+    },
+    /// The server refused the credentials.
+    #[error("the server refused the login of {user}: {reason} (check the imap credential)")]
+    Auth {
+        /// The user.
+        user: String,
+        /// What the server said.
+        reason: String,
+    },
+    /// A credential could not be read or made.
+    #[error("{0}")]
+    Credential(String),
+    /// The mailbox cannot be selected.
+    #[error("cannot open mailbox {mailbox:?}: {reason}")]
+    Mailbox {
+        /// The mailbox.
+        mailbox: String,
+        /// What the server said.
+        reason: String,
+    },
+    /// A command took too long.
+    #[error("no answer to {0} within the timeout (imap.timeout)")]
+    Timeout(&'static str),
+    /// The connection failed or the server said something unexpected.
+    #[error("{0}")]
+    Protocol(String),
+    /// A notice could not be recorded; its mail stays for the next try.
+    #[error("{0}")]
+    Ingest(#[from] IngestError),
+    /// The store could not record the mailbox position or the health.
+    #[error("{0}")]
+    Store(#[from] crate::store::StoreError),
+}
+
+impl From<std::io::Error> for ImapError {
+    fn from(e: std::io::Error) -> Self {
+        ImapError::Protocol(e.to_string())
+    }
+}
+
+impl From<async_imap::error::Error> for ImapError {
+    fn from(e: async_imap::error::Error) -> Self {
+        ImapError::Protocol(e.to_string())
+    }
+}
+
+/// The stream under the IMAP client: TLS or, with `tls = "none"`, plain TCP.
+#[derive(Debug)]
+enum Stream {
+    Plain(TcpStream),
+    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+}
+
+impl AsyncRead for Stream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Stream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_flush(cx),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
+    }
+}
+
+/// XOAUTH2 (Gmail, Microsoft 365): the first answer carries user and token; an error challenge gets an
+/// empty answer, after which the server ends the exchange with NO.
+struct XOAuth2 {
+    user: String,
+    token: String,
+    answered: bool,
+}
+
+impl async_imap::Authenticator for XOAuth2 {
+    type Response = String;
+
+    fn process(&mut self, _challenge: &[u8]) -> String {
+        if self.answered {
+            return String::new();
+        }
+        self.answered = true;
+        format!("user={}\x01auth=Bearer {}\x01\x01", self.user, self.token)
+    }
+}
+
+/// How mastsub logs in.
+enum Credential {
+    Password(String),
+    OAuth2Token(String),
+}
+
+/// Reads the credential anew (at every connection, so that a changed file or a refreshed token is used).
+async fn credential(cfg: &ImapConfig) -> Result<Credential, ImapError> {
+    let read = |path: &Path, what: &str| {
+        std::fs::read_to_string(path)
+            .map(|s| s.trim_end_matches(['\r', '\n']).to_string())
+            .map_err(|e| {
+                ImapError::Credential(format!("cannot read {what} {}: {e}", path.display()))
+            })
+    };
+    if let Some(p) = &cfg.password {
+        return Ok(Credential::Password(p.expose().to_string()));
+    }
+    if let Some(path) = &cfg.password_file {
+        return read(path, "imap.password_file").map(Credential::Password);
+    }
+    if let Some(name) = &cfg.password_credential {
+        let dir = std::env::var_os("CREDENTIALS_DIRECTORY").ok_or_else(|| {
+            ImapError::Credential(format!(
+                "imap.password_credential = {name:?} but $CREDENTIALS_DIRECTORY is not set: give the \
+                 unit LoadCredential={name}:<file> (or use imap.password_file)"
+            ))
+        })?;
+        return read(&PathBuf::from(dir).join(name), "the systemd credential")
+            .map(Credential::Password);
+    }
+    if let Some(path) = &cfg.oauth2_token_file {
+        return read(path, "imap.oauth2_token_file").map(Credential::OAuth2Token);
+    }
+    if let Some(command) = &cfg.oauth2_token_command {
+        let run = tokio::process::Command::new("sh")
+            .arg("-c")
+            .arg(command)
+            .stdin(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .output();
+        let out = tokio::time::timeout(cfg.timeout, run)
+            .await
+            .map_err(|_| {
+                ImapError::Credential(
+                    "imap.oauth2_token_command did not finish within imap.timeout".into(),
+                )
+            })?
+            .map_err(|e| {
+                ImapError::Credential(format!("cannot run imap.oauth2_token_command: {e}"))
+            })?;
+        if !out.status.success() {
+            // Its error output, never its standard output (which may hold a token).
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            return Err(ImapError::Credential(format!(
+                "imap.oauth2_token_command failed ({}): {}",
+                out.status,
+                stderr.trim().chars().take(300).collect::<String>()
+            )));
+        }
+        let token = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        if token.is_empty() {
+            return Err(ImapError::Credential(
+                "imap.oauth2_token_command printed no token".into(),
+            ));
+        }
+        return Ok(Credential::OAuth2Token(token));
+    }
+    Err(ImapError::Credential(
+        "no IMAP credential is configured".into(),
+    ))
+}
+
+/// The TLS settings: the system's roots, or only the CAs in `ca_file`.
+fn tls_config(cfg: &ImapConfig) -> Result<Arc<rustls::ClientConfig>, ImapError> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| ImapError::Credential(format!("TLS setup: {e}")))?;
+    let config = match &cfg.ca_file {
+        Some(path) => {
+            let mut roots = rustls::RootCertStore::empty();
+            let certs = CertificateDer::pem_file_iter(path)
+                .and_then(|it| it.collect::<Result<Vec<_>, _>>())
+                .map_err(|e| {
+                    ImapError::Credential(format!(
+                        "cannot read imap.ca_file {}: {e}",
+                        path.display()
+                    ))
+                })?;
+            let (added, _) = roots.add_parsable_certificates(certs);
+            if added == 0 {
+                return Err(ImapError::Credential(format!(
+                    "imap.ca_file {} holds no usable certificate",
+                    path.display()
+                )));
+            }
+            builder.with_root_certificates(roots).with_no_client_auth()
+        }
+        None => {
+            use rustls_platform_verifier::BuilderVerifierExt;
+            builder
+                .with_platform_verifier()
+                .map_err(|e| ImapError::Credential(format!("TLS setup: {e}")))?
+                .with_no_client_auth()
+        }
+    };
+    Ok(Arc::new(config))
+}
+
+/// Runs `f`, or fails with `Timeout(what)`.
+async fn timed<T, E: Into<ImapError>>(
+    limit: Duration,
+    what: &'static str,
+    f: impl Future<Output = Result<T, E>>,
+) -> Result<T, ImapError> {
+    match tokio::time::timeout(limit, f).await {
+        Ok(r) => r.map_err(Into::into),
+        Err(_) => Err(ImapError::Timeout(what)),
+    }
+}
+
+/// The source: one account, one mailbox.
+pub struct ImapSource {
+    cfg: ImapConfig,
+    store: Arc<dyn Store>,
+    ingestor: Arc<Ingestor>,
+    /// `user@host:port`, the key of the mailbox position in the store.
+    account: String,
+    health: SourceHealth,
+}
+
+impl ImapSource {
+    /// A source for `cfg`.
+    pub fn new(cfg: ImapConfig, store: Arc<dyn Store>, ingestor: Arc<Ingestor>) -> ImapSource {
+        let account = format!("{}@{}:{}", cfg.username, cfg.host, cfg.port);
+        let health = SourceHealth {
+            source: "imap".into(),
+            state: "starting".into(),
+            detail: Some(format!("{account}/{}", cfg.mailbox)),
+            ..SourceHealth::default()
+        };
+        ImapSource {
+            cfg,
+            store,
+            ingestor,
+            account,
+            health,
+        }
+    }
+
+    /// Runs until `shutdown`: sessions, with backoff between them.
+    pub async fn run(mut self, shutdown: CancellationToken) {
+        if self.cfg.tls == TlsMode::None {
+            tracing::warn!(
+                "imap.tls = \"none\": the password and the mail cross the network in plain text"
+            );
+        }
+        if self.cfg.allowed_senders.is_empty() {
+            tracing::warn!(
+                "imap.allowed_senders is empty: notices are taken from any sender; name MAST's address \
+                 (or @stsci.edu) to refuse others"
+            );
+        }
+        let mut backoff = new_backoff();
+        loop {
+            let began = Instant::now();
+            let ended = tokio::select! {
+                r = self.session(&shutdown) => r,
+                _ = shutdown.cancelled() => Ok(()),
+            };
+            if shutdown.is_cancelled() {
+                self.set_state("stopped", false, None).await;
+                return;
+            }
+            if began.elapsed() >= HEALTHY_SESSION {
+                backoff = new_backoff();
+            }
+            let pause = backoff.next().unwrap_or(RECONNECT_MAX);
+            let why = match ended {
+                Ok(()) => "the session ended".to_string(),
+                Err(e) => e.to_string(),
+            };
+            tracing::warn!(
+                "IMAP {}: {why}; reconnecting in {:.0}s",
+                self.account,
+                pause.as_secs_f64().ceil()
+            );
+            self.set_state("reconnecting", false, Some(why)).await;
+            tokio::select! {
+                _ = tokio::time::sleep(pause) => {}
+                _ = shutdown.cancelled() => {
+                    self.set_state("stopped", false, None).await;
+                    return;
+                }
+            }
+        }
+    }
+
+    async fn set_state(&mut self, state: &str, connected: bool, error: Option<String>) {
+        let now = crate::store::now_ms();
+        self.health.state = state.to_string();
+        self.health.connected = connected;
+        self.health.last_error_at = error.as_ref().map(|_| now);
+        self.health.last_error = error;
+        if connected {
+            self.health.last_contact = Some(now);
+        }
+        self.health.updated_at = now;
+        self.write_health().await;
+    }
+
+    async fn write_health(&mut self) {
+        if let Err(e) = self.store.record_source_health(&self.health).await {
+            tracing::warn!("cannot record the IMAP source's health: {e}");
+        } else {
+            // `taken` is a count to add: what was added is now on record.
+            self.health.taken = 0;
+        }
+    }
+
+    /// Connects and logs in.
+    async fn connect(&mut self) -> Result<Session<Stream>, ImapError> {
+        let cfg = &self.cfg;
+        let addr = format!("{}:{}", cfg.host, cfg.port);
+        let tcp = timed(cfg.timeout, "the connection", async {
+            TcpStream::connect((cfg.host.as_str(), cfg.port)).await
+        })
+        .await
+        .map_err(|e| match e {
+            ImapError::Timeout(_) => ImapError::Connect {
+                addr: addr.clone(),
+                reason: "timed out".into(),
+            },
+            other => ImapError::Connect {
+                addr: addr.clone(),
+                reason: other.to_string(),
+            },
+        })?;
+        let keepalive = socket2::TcpKeepalive::new()
+            .with_time(Duration::from_secs(60))
+            .with_interval(Duration::from_secs(10));
+        let _ = socket2::SockRef::from(&tcp).set_tcp_keepalive(&keepalive);
+        let _ = tcp.set_nodelay(true);
+
+        let tls = |tcp: TcpStream| async move {
+            let name = ServerName::try_from(cfg.host.clone()).map_err(|e| ImapError::Tls {
+                host: cfg.host.clone(),
+                reason: format!("not a valid server name: {e}"),
+            })?;
+            let connector = tokio_rustls::TlsConnector::from(tls_config(cfg)?);
+            timed(cfg.timeout, "the TLS handshake", async {
+                connector
+                    .connect(name, tcp)
+                    .await
+                    .map_err(|e| ImapError::Tls {
+                        host: cfg.host.clone(),
+                        reason: e.to_string(),
+                    })
+            })
+            .await
+        };
+        let client = match cfg.tls {
+            TlsMode::Implicit => {
+                let mut c = Client::new(Stream::Tls(Box::new(tls(tcp).await?)));
+                greeting(&mut c, cfg.timeout).await?;
+                c
+            }
+            TlsMode::None => {
+                let mut c = Client::new(Stream::Plain(tcp));
+                greeting(&mut c, cfg.timeout).await?;
+                c
+            }
+            TlsMode::Starttls => {
+                let mut c = Client::new(tcp);
+                greeting(&mut c, cfg.timeout).await?;
+                timed(
+                    cfg.timeout,
+                    "STARTTLS",
+                    c.run_command_and_check_ok("STARTTLS", None),
+                )
+                .await
+                .map_err(|e| ImapError::Tls {
+                    host: cfg.host.clone(),
+                    reason: format!("STARTTLS refused: {e}"),
+                })?;
+                Client::new(Stream::Tls(Box::new(tls(c.into_inner()).await?)))
+            }
+        };
+        let credential = credential(cfg).await?;
+        let user = cfg.username.clone();
+        let login = async {
+            match credential {
+                Credential::Password(p) => client.login(&user, &p).await,
+                Credential::OAuth2Token(token) => {
+                    let auth = XOAuth2 {
+                        user: user.clone(),
+                        token,
+                        answered: false,
+                    };
+                    client.authenticate("XOAUTH2", auth).await
+                }
+            }
+        };
+        match tokio::time::timeout(cfg.timeout, login).await {
+            Err(_) => Err(ImapError::Timeout("the login")),
+            Ok(Ok(session)) => Ok(session),
+            Ok(Err((e, _))) => Err(ImapError::Auth {
+                user,
+                reason: e.to_string(),
+            }),
+        }
+    }
+
+    /// One session: connect, select, catch up, then IDLE (or poll) until an error or shutdown.
+    async fn session(&mut self, shutdown: &CancellationToken) -> Result<(), ImapError> {
+        self.set_state("connecting", false, None).await;
+        let mut session = self.connect().await?;
+        let t = self.cfg.timeout;
+        let caps = timed(t, "CAPABILITY", session.capabilities()).await?;
+        let use_idle = self.cfg.idle && caps.has_str("IDLE");
+        let can_move = caps.has_str("MOVE");
+        let uidplus = caps.has_str("UIDPLUS");
+        if let Some(target) = self.cfg.processed_mailbox.clone() {
+            // Created if missing; "already exists" is the usual answer.
+            if let Err(e) = timed(t, "CREATE", session.create(&target)).await {
+                match e {
+                    ImapError::Protocol(_) => tracing::debug!("CREATE {target}: {e}"),
+                    other => return Err(other),
+                }
+            }
+        }
+        let mailbox = self.cfg.mailbox.clone();
+        let selected = match timed(t, "SELECT", session.select(&mailbox)).await {
+            Ok(m) => m,
+            Err(ImapError::Protocol(reason)) => {
+                return Err(ImapError::Mailbox { mailbox, reason });
+            }
+            Err(e) => return Err(e),
+        };
+        let uidvalidity = selected.uid_validity.ok_or_else(|| {
+            ImapError::Protocol(format!("the server gave no UIDVALIDITY for {mailbox}"))
+        })?;
+        let mut last_uid = match self.store.imap_position(&self.account, &mailbox).await? {
+            Some((v, uid)) if v == uidvalidity => uid,
+            Some((v, _)) => {
+                tracing::warn!(
+                    "IMAP {}/{mailbox}: UIDVALIDITY changed from {v} to {uidvalidity} (the mailbox was \
+                     recreated or rebuilt); reading all of it again, already recorded notices are skipped",
+                    self.account
+                );
+                self.store
+                    .set_imap_position(&self.account, &mailbox, uidvalidity, 0)
+                    .await?;
+                0
+            }
+            None => {
+                self.store
+                    .set_imap_position(&self.account, &mailbox, uidvalidity, 0)
+                    .await?;
+                0
+            }
+        };
+        tracing::info!(
+            "IMAP {}: connected, {mailbox} selected ({} mails, UIDVALIDITY {uidvalidity}, handled up to \
+             UID {last_uid}); {}",
+            self.account,
+            selected.exists,
+            if use_idle {
+                "waiting with IDLE".to_string()
+            } else {
+                format!(
+                    "polling every {}",
+                    humantime::format_duration(self.cfg.poll_interval)
+                )
+            }
+        );
+        self.set_state("connected", true, None).await;
+        let moves = Moves {
+            target: self.cfg.processed_mailbox.clone(),
+            can_move,
+            uidplus,
+        };
+
+        loop {
+            self.catch_up(&mut session, uidvalidity, &mut last_uid, &moves)
+                .await?;
+            // Anything announced meanwhile is fetched before waiting.
+            let mut announced = false;
+            while let Ok(r) = session.unsolicited_responses.try_recv() {
+                announced |= matches!(
+                    r,
+                    UnsolicitedResponse::Exists(_) | UnsolicitedResponse::Recent(_)
+                );
+            }
+            if announced {
+                continue;
+            }
+            if use_idle {
+                self.set_state("idle", true, None).await;
+                let mut idle = session.idle();
+                timed(t, "IDLE", idle.init()).await?;
+                let woke = {
+                    let (wait, stop) = idle.wait_with_timeout(self.cfg.idle_refresh);
+                    let woke = tokio::select! {
+                        r = wait => Some(r),
+                        _ = tokio::time::sleep(self.cfg.idle_refresh) => None,
+                        _ = shutdown.cancelled() => None,
+                    };
+                    drop(stop);
+                    woke
+                };
+                match woke {
+                    Some(Err(e)) => return Err(e.into()),
+                    Some(Ok(IdleResponse::NewData(data))) => {
+                        use async_imap::imap_proto::{Response, Status};
+                        // A server in trouble (an untagged NO, BAD or BYE, e.g. for a mailbox deleted
+                        // under it) would wake IDLE again at once, forever: the session ends instead.
+                        if let Response::Data {
+                            status: status @ (Status::No | Status::Bad | Status::Bye),
+                            outcome,
+                        } = data.parsed()
+                        {
+                            return Err(ImapError::Protocol(format!(
+                                "the server reported {status:?} during IDLE: {}",
+                                outcome.information.as_deref().unwrap_or("(no text)")
+                            )));
+                        }
+                        tracing::debug!("IMAP {}: the server announced a change", self.account);
+                    }
+                    Some(Ok(IdleResponse::Timeout | IdleResponse::ManualInterrupt)) | None => {}
+                }
+                session = timed(t, "DONE (the end of IDLE)", idle.done()).await?;
+            } else {
+                self.set_state("polling", true, None).await;
+                tokio::select! {
+                    _ = tokio::time::sleep(self.cfg.poll_interval) => {}
+                    _ = shutdown.cancelled() => {}
+                }
+                timed(t, "NOOP", session.noop()).await?;
+            }
+            if shutdown.is_cancelled() {
+                let _ = tokio::time::timeout(Duration::from_secs(2), session.logout()).await;
+                return Ok(());
+            }
+            self.health.last_contact = Some(crate::store::now_ms());
+        }
+    }
+
+    /// Takes every mail above `last_uid`, oldest first.
+    async fn catch_up(
+        &mut self,
+        session: &mut Session<Stream>,
+        uidvalidity: u32,
+        last_uid: &mut u32,
+        moves: &Moves,
+    ) -> Result<(), ImapError> {
+        let t = self.cfg.timeout;
+        let query = format!("UID {}:*", last_uid.saturating_add(1));
+        let found: HashSet<u32> = timed(t, "UID SEARCH", session.uid_search(&query)).await?;
+        // `n:*` always matches the highest UID, even below n.
+        let mut uids: Vec<u32> = found.into_iter().filter(|u| *u > *last_uid).collect();
+        uids.sort_unstable();
+        for uid in uids {
+            self.take(session, uidvalidity, uid, moves).await?;
+            self.store
+                .set_imap_position(&self.account, &self.cfg.mailbox, uidvalidity, uid)
+                .await?;
+            *last_uid = uid;
+        }
+        self.health.last_contact = Some(crate::store::now_ms());
+        Ok(())
+    }
+
+    /// Handles one mail.
+    async fn take(
+        &mut self,
+        session: &mut Session<Stream>,
+        uidvalidity: u32,
+        uid: u32,
+        moves: &Moves,
+    ) -> Result<(), ImapError> {
+        let t = self.cfg.timeout;
+        let mailbox = self.cfg.mailbox.clone();
+        let uid_s = uid.to_string();
+        let size: Option<u32> = timed(t, "UID FETCH (size)", async {
+            let fetched = session
+                .uid_fetch(&uid_s, "(UID RFC822.SIZE)")
+                .await?
+                .try_collect::<Vec<_>>()
+                .await?;
+            Ok::<_, async_imap::error::Error>(
+                fetched
+                    .iter()
+                    .find(|f| f.uid == Some(uid))
+                    .and_then(|f| f.size),
+            )
+        })
+        .await?;
+        let Some(size) = size else {
+            // Gone meanwhile (moved or deleted by someone else).
+            return Ok(());
+        };
+        let limit = self.cfg.max_message_size.as_u64();
+        if u64::from(size) > limit {
+            tracing::warn!(
+                "IMAP {mailbox} UID {uid}: {size} bytes is more than imap.max_message_size ({limit}); \
+                 left where it is"
+            );
+            return Ok(());
+        }
+        let raw: Vec<u8> = timed(t, "UID FETCH (the mail)", async {
+            let fetched = session
+                .uid_fetch(&uid_s, "(UID BODY.PEEK[])")
+                .await?
+                .try_collect::<Vec<_>>()
+                .await?;
+            Ok::<_, async_imap::error::Error>(
+                fetched
+                    .iter()
+                    .find(|f| f.uid == Some(uid))
+                    .and_then(|f| f.body())
+                    .map(<[u8]>::to_vec)
+                    .unwrap_or_default(),
+            )
+        })
+        .await?;
+        let allowed = self.cfg.allowed_senders.clone();
+        let read = tokio::task::spawn_blocking(move || {
+            (mail::read(&raw, &allowed), mail::message_id(&raw))
+        })
+        .await;
+        let (mail, message_id) = match read {
+            Ok(read) => read,
+            Err(e) => {
+                // A bug met by this mail: taking it again would meet it again, forever.
+                tracing::error!(
+                    "IMAP {mailbox} UID {uid}: reading the mail failed ({e}); left where it is"
+                );
+                return Ok(());
+            }
+        };
+        let message_id = message_id.unwrap_or_else(|| "(no Message-ID)".into());
+        let what = format!("IMAP {mailbox} UID {uid} <{message_id}>");
+        let attachments = match mail {
+            Mail::Unreadable => {
+                tracing::warn!("{what}: not a readable mail; left where it is");
+                return Ok(());
+            }
+            Mail::NotAllowed { from } => {
+                tracing::warn!(
+                    "{what}: from {from}, which imap.allowed_senders does not name; left where it is"
+                );
+                return Ok(());
+            }
+            Mail::NoNotice { from } => {
+                tracing::info!("{what}: from {from}, has no JSON attachment; left where it is");
+                return Ok(());
+            }
+            Mail::Notices { from, attachments } => {
+                tracing::info!(
+                    "{what}: from {from}, {} notice attachment(s)",
+                    attachments.len()
+                );
+                attachments
+            }
+        };
+        for a in attachments {
+            let source = NoticeSource {
+                kind: SourceKind::Imap,
+                reference: format!(
+                    "imap://{}/{mailbox};UIDVALIDITY={uidvalidity}/;UID={uid} <{message_id}>",
+                    self.account
+                ),
+                name: a.name,
+            };
+            let report = match self.ingestor.ingest_bytes(&source, a.bytes).await {
+                Ok(report) => report,
+                Err(e @ IngestError::Parser { .. }) => {
+                    // As above: a bug met by this attachment is not retried forever.
+                    tracing::error!("{what}: {e}; the mail is kept in the mailbox");
+                    continue;
+                }
+                Err(e) => return Err(e.into()),
+            };
+            if !report.is_accepted() {
+                tracing::warn!(
+                    "{what}: notice {} was not accepted whole; the mail is kept in the mailbox, and the \
+                     errors are in the log and the store",
+                    report.name
+                );
+            }
+        }
+        self.health.taken += 1;
+        // Then, and only then, the mail is marked and moved; a refusal is logged, never retried forever.
+        let flagged = timed(t, "UID STORE", async {
+            session
+                .uid_store(&uid_s, "+FLAGS.SILENT (\\Seen)")
+                .await?
+                .try_collect::<Vec<_>>()
+                .await
+        })
+        .await;
+        settle(flagged.map(drop), &what, "mark it \\Seen")?;
+        if let Some(target) = &moves.target {
+            let moved = if moves.can_move {
+                timed(t, "UID MOVE", session.uid_mv(&uid_s, target)).await
+            } else {
+                let copied = timed(t, "UID COPY", session.uid_copy(&uid_s, target)).await;
+                match copied {
+                    Ok(()) => {
+                        let deleted = timed(t, "UID STORE", async {
+                            session
+                                .uid_store(&uid_s, "+FLAGS.SILENT (\\Deleted)")
+                                .await?
+                                .try_collect::<Vec<_>>()
+                                .await
+                        })
+                        .await;
+                        match deleted {
+                            Ok(_) if moves.uidplus => timed(t, "UID EXPUNGE", async {
+                                session
+                                    .uid_expunge(&uid_s)
+                                    .await?
+                                    .try_collect::<Vec<_>>()
+                                    .await
+                            })
+                            .await
+                            .map(drop),
+                            Ok(_) => timed(t, "EXPUNGE", async {
+                                session.expunge().await?.try_collect::<Vec<_>>().await
+                            })
+                            .await
+                            .map(drop),
+                            Err(e) => Err(e),
+                        }
+                    }
+                    Err(e) => Err(e),
+                }
+            };
+            settle(moved, &what, &format!("move it to {target}"))?;
+        }
+        self.write_health().await;
+        Ok(())
+    }
+}
+
+/// Where and how taken mails are moved.
+struct Moves {
+    target: Option<String>,
+    can_move: bool,
+    uidplus: bool,
+}
+
+/// A server's refusal (NO, BAD) of a flag or a move is logged and passed over: the notice is recorded,
+/// and the mail must not be taken again and again. A lost connection or a timeout ends the session.
+fn settle(result: Result<(), ImapError>, what: &str, doing: &str) -> Result<(), ImapError> {
+    match result {
+        Ok(()) => Ok(()),
+        Err(ImapError::Protocol(reason)) if !reason.contains("connection lost") => {
+            tracing::warn!("{what}: the server refused to {doing}: {reason}");
+            Ok(())
+        }
+        Err(e) => Err(e),
+    }
+}
+
+async fn greeting<T>(client: &mut Client<T>, limit: Duration) -> Result<(), ImapError>
+where
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + std::fmt::Debug + Send,
+{
+    match tokio::time::timeout(limit, client.read_response()).await {
+        Err(_) => Err(ImapError::Timeout("the server's greeting")),
+        Ok(Err(e)) => Err(ImapError::Protocol(format!("reading the greeting: {e}"))),
+        Ok(Ok(None)) => Err(ImapError::Protocol(
+            "the server closed the connection before its greeting".into(),
+        )),
+        Ok(Ok(Some(_))) => Ok(()),
+    }
+}
+
+fn new_backoff() -> impl Iterator<Item = Duration> {
+    backon::ExponentialBuilder::default()
+        .with_min_delay(RECONNECT_MIN)
+        .with_max_delay(RECONNECT_MAX)
+        .with_jitter()
+        .without_max_times()
+        .build()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use async_imap::Authenticator;
+
+    #[test]
+    fn xoauth2_answers_once_then_empty() {
+        let mut a = XOAuth2 {
+            user: "u@example.org".into(),
+            token: "tok".into(),
+            answered: false,
+        };
+        assert_eq!(
+            a.process(b""),
+            "user=u@example.org\x01auth=Bearer tok\x01\x01"
+        );
+        assert_eq!(a.process(br#"{"status":"401"}"#), "");
+    }
+
+    #[tokio::test]
+    async fn credentials_come_from_the_configured_place_and_errors_say_which() {
+        let tmp = tempfile::tempdir().unwrap();
+        let file = tmp.path().join("pw");
+        std::fs::write(&file, "s3cret\n").unwrap();
+        let mut cfg = ImapConfig {
+            password_file: Some(file),
+            ..ImapConfig::default()
+        };
+        assert!(matches!(credential(&cfg).await, Ok(Credential::Password(p)) if p == "s3cret"));
+        cfg.password_file = None;
+        cfg.oauth2_token_command = Some("printf 'tok-123\\n'".into());
+        assert!(matches!(credential(&cfg).await, Ok(Credential::OAuth2Token(t)) if t == "tok-123"));
+        cfg.oauth2_token_command = Some("echo leaked-token; echo broken >&2; exit 3".into());
+        let Err(e) = credential(&cfg).await else {
+            panic!("a failing command gave a token")
+        };
+        let e = e.to_string();
+        assert!(e.contains("broken") && !e.contains("leaked-token"), "{e}");
+        cfg.oauth2_token_command = None;
+        cfg.oauth2_token_file = Some(tmp.path().join("missing"));
+        let Err(e) = credential(&cfg).await else {
+            panic!("a missing file gave a token")
+        };
+        assert!(e.to_string().contains("imap.oauth2_token_file"), "{e}");
+    }
+}
