@@ -556,8 +556,19 @@ impl Config {
             if i.mailbox.is_empty() {
                 problems.push("imap.mailbox must not be empty".into());
             }
-            if i.processed_mailbox.as_deref() == Some(i.mailbox.as_str()) {
-                problems.push("imap.processed_mailbox must differ from imap.mailbox".into());
+            // INBOX is case-insensitive in IMAP: "inbox" is the same mailbox.
+            let same = |a: &str, b: &str| {
+                a == b || (a.eq_ignore_ascii_case("INBOX") && b.eq_ignore_ascii_case("INBOX"))
+            };
+            if i.processed_mailbox
+                .as_deref()
+                .is_some_and(|p| same(p, &i.mailbox))
+            {
+                problems.push(
+                    "imap.processed_mailbox must differ from imap.mailbox (taken mails would come back \
+                     as new ones)"
+                        .into(),
+                );
             }
             if i.idle_refresh.is_zero() || i.idle_refresh > Duration::from_secs(600) {
                 problems.push(format!(
@@ -571,8 +582,11 @@ impl Config {
             if i.poll_interval < Duration::from_secs(1) {
                 problems.push("imap.poll_interval must be at least 1s".into());
             }
-            if i.max_message_size.as_u64() == 0 {
-                problems.push("imap.max_message_size must be larger than 0".into());
+            if i.max_message_size.as_u64() == 0 || i.max_message_size > ByteSize::mib(256) {
+                problems.push(format!(
+                    "imap.max_message_size = {} must be between 1 byte and 256MiB",
+                    i.max_message_size
+                ));
             }
         }
         if self.email.enabled {
@@ -651,6 +665,34 @@ mod tests {
         assert!(problems.iter().any(|p| p.contains("mast.base_url")));
         assert!(problems.iter().any(|p| p.contains("download.workers")));
         assert!(problems.iter().any(|p| p.contains("imap.host")));
+        assert!(problems.iter().any(|p| p.contains("no credential is set")));
+    }
+
+    #[test]
+    fn imap_settings_that_would_loop_or_fail_are_refused() {
+        let mut c = Config::default();
+        c.imap.enabled = true;
+        c.imap.host = "imap.example.org".into();
+        c.imap.username = "u".into();
+        c.imap.password = Some(Secret::new("p"));
+        c.imap.oauth2_token_file = Some("/t".into());
+        c.imap.processed_mailbox = Some("inbox".into());
+        c.imap.idle_refresh = Duration::from_secs(1800);
+        c.imap.max_message_size = ByteSize::gib(1);
+        let Err(ConfigError::Invalid(problems)) = c.validate() else {
+            panic!("expected invalid")
+        };
+        for expected in [
+            "imap.password and imap.oauth2_token_file",
+            "imap.processed_mailbox must differ",
+            "imap.idle_refresh",
+            "imap.max_message_size",
+        ] {
+            assert!(
+                problems.iter().any(|p| p.contains(expected)),
+                "{expected}: {problems:?}"
+            );
+        }
     }
 
     #[test]
@@ -668,6 +710,10 @@ mod tests {
             "token_file",
             "password",
             "password_file",
+            "password_credential",
+            "oauth2_token_file",
+            "oauth2_token_command",
+            "ca_file",
             "processed_mailbox",
             "username",
         ] {

@@ -4,6 +4,7 @@
 //! Every loop runs under one [`CancellationToken`]; nothing lives only in memory, so a restart (or a kill -9)
 //! loses nothing. A loop that stops unexpectedly is logged and started again.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -37,22 +38,24 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     let config = Arc::new(config);
 
     let mut tasks: JoinSet<(Loop, anyhow::Result<()>)> = JoinSet::new();
+    // Which loop each task runs, so that a panic restarts that loop alone.
+    let mut loops: HashMap<tokio::task::Id, Loop> = HashMap::new();
     let start = |tasks: &mut JoinSet<(Loop, anyhow::Result<()>)>, which: Loop| {
         let token = shutdown.clone();
-        match which {
+        let handle = match which {
             Loop::Inbox => {
                 let (cfg, ingestor) = (config.inbox.clone(), ingestor.clone());
                 tasks.spawn(async move {
                     inbox::run(cfg, ingestor, token).await;
                     (Loop::Inbox, Ok(()))
-                });
+                })
             }
             Loop::Imap => {
                 let source = ImapSource::new(config.imap.clone(), store.clone(), ingestor.clone());
                 tasks.spawn(async move {
                     source.run(token).await;
                     (Loop::Imap, Ok(()))
-                });
+                })
             }
             Loop::Downloads => {
                 let (cfg, store, wake) = (config.clone(), store.clone(), wake.clone());
@@ -61,46 +64,58 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
                         Loop::Downloads,
                         download::run(&cfg, store, wake, token).await,
                     )
-                });
+                })
             }
-        }
+        };
+        (handle.id(), which)
     };
+    let mut wanted = vec![Loop::Downloads];
     if config.inbox.enabled {
-        start(&mut tasks, Loop::Inbox);
+        wanted.push(Loop::Inbox);
     } else {
         tracing::info!("inbox disabled (inbox.enabled = false)");
     }
-    start(&mut tasks, Loop::Downloads);
     if config.imap.enabled {
-        start(&mut tasks, Loop::Imap);
+        wanted.push(Loop::Imap);
+    }
+    for which in wanted {
+        let (id, which) = start(&mut tasks, which);
+        loops.insert(id, which);
     }
 
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => break,
-            Some(ended) = tasks.join_next() => {
+            Some(ended) = tasks.join_next_with_id() => {
                 if shutdown.is_cancelled() {
                     break;
                 }
                 let which = match ended {
-                    Ok((which, Ok(()))) => {
+                    Ok((id, (which, Ok(())))) => {
+                        loops.remove(&id);
                         tracing::error!("the {which:?} loop stopped unexpectedly");
                         which
                     }
-                    Ok((which, Err(e))) => {
+                    Ok((id, (which, Err(e)))) => {
+                        loops.remove(&id);
                         tracing::error!("the {which:?} loop failed: {e:#}");
                         which
                     }
                     Err(e) => {
-                        // A panic: which loop is unknown, so the daemon stops and its supervisor restarts it.
-                        tracing::error!("a loop crashed: {e}; stopping so that the service manager restarts mastsub");
-                        shutdown.cancel();
-                        break;
+                        let Some(which) = loops.remove(&e.id()) else {
+                            tracing::error!("a loop crashed: {e}; stopping so that the service manager restarts mastsub");
+                            shutdown.cancel();
+                            break;
+                        };
+                        // A panic (a bug): that loop alone starts again; the others go on.
+                        tracing::error!("the {which:?} loop crashed: {e}");
+                        which
                     }
                 };
                 tracing::info!("starting the {which:?} loop again in {}s", RESTART_PAUSE.as_secs());
                 tokio::time::sleep(RESTART_PAUSE).await;
-                start(&mut tasks, which);
+                let (id, which) = start(&mut tasks, which);
+                loops.insert(id, which);
             }
         }
     }

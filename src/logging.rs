@@ -13,7 +13,13 @@ pub fn init(config: &LogConfig, level: Option<&str>) {
         .ok()
         .and_then(|f| EnvFilter::try_new(f).ok())
         .or_else(|| EnvFilter::try_new(level.unwrap_or(&config.level)).ok())
-        .unwrap_or_else(|| EnvFilter::new("info"));
+        .unwrap_or_else(|| EnvFilter::new("info"))
+        // async-imap traces every command it sends, LOGIN and AUTHENTICATE included: never below info.
+        .add_directive(
+            "async_imap=info"
+                .parse()
+                .expect("a valid directive for async_imap"),
+        );
     let terminal = std::io::stderr().is_terminal();
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)

@@ -43,8 +43,10 @@ use crate::store::{SourceHealth, SourceKind, Store};
 const RECONNECT_MIN: Duration = Duration::from_secs(1);
 /// The longest pause before reconnecting.
 const RECONNECT_MAX: Duration = Duration::from_secs(300);
-/// A session that lasted this long resets the backoff.
+/// A session that caught up and lasted this long resets the backoff.
 const HEALTHY_SESSION: Duration = Duration::from_secs(60);
+/// A mail on which this many sessions in a row ended is passed over.
+const POISON_AFTER: u32 = 3;
 
 /// Why a session ended.
 #[derive(Debug, thiserror::Error)]
@@ -87,6 +89,9 @@ pub enum ImapError {
     /// A command took too long.
     #[error("no answer to {0} within the timeout (imap.timeout)")]
     Timeout(&'static str),
+    /// The server answered NO or BAD.
+    #[error("the server refused: {0}")]
+    Refused(String),
     /// The connection failed or the server said something unexpected.
     #[error("{0}")]
     Protocol(String),
@@ -106,7 +111,11 @@ impl From<std::io::Error> for ImapError {
 
 impl From<async_imap::error::Error> for ImapError {
     fn from(e: async_imap::error::Error) -> Self {
-        ImapError::Protocol(e.to_string())
+        use async_imap::error::Error;
+        match e {
+            Error::No(why) | Error::Bad(why) => ImapError::Refused(why),
+            other => ImapError::Protocol(other.to_string()),
+        }
     }
 }
 
@@ -307,6 +316,10 @@ pub struct ImapSource {
     /// `user@host:port`, the key of the mailbox position in the store.
     account: String,
     health: SourceHealth,
+    /// Sessions that ended while taking each mail, by (UIDVALIDITY, UID).
+    failures: std::collections::HashMap<(u32, u32), u32>,
+    /// Whether the current session caught up at least once (only such a session resets the backoff).
+    progressed: bool,
 }
 
 impl ImapSource {
@@ -325,6 +338,8 @@ impl ImapSource {
             ingestor,
             account,
             health,
+            failures: std::collections::HashMap::new(),
+            progressed: false,
         }
     }
 
@@ -344,6 +359,7 @@ impl ImapSource {
         let mut backoff = new_backoff();
         loop {
             let began = Instant::now();
+            self.progressed = false;
             let ended = tokio::select! {
                 r = self.session(&shutdown) => r,
                 _ = shutdown.cancelled() => Ok(()),
@@ -352,7 +368,7 @@ impl ImapSource {
                 self.set_state("stopped", false, None).await;
                 return;
             }
-            if began.elapsed() >= HEALTHY_SESSION {
+            if self.progressed && began.elapsed() >= HEALTHY_SESSION {
                 backoff = new_backoff();
             }
             let pause = backoff.next().unwrap_or(RECONNECT_MAX);
@@ -498,21 +514,23 @@ impl ImapSource {
         let t = self.cfg.timeout;
         let caps = timed(t, "CAPABILITY", session.capabilities()).await?;
         let use_idle = self.cfg.idle && caps.has_str("IDLE");
-        let can_move = caps.has_str("MOVE");
-        let uidplus = caps.has_str("UIDPLUS");
-        if let Some(target) = self.cfg.processed_mailbox.clone() {
+        let moves = Moves {
+            target: self.cfg.processed_mailbox.clone(),
+            can_move: caps.has_str("MOVE"),
+            uidplus: caps.has_str("UIDPLUS"),
+        };
+        if let Some(target) = &moves.target {
             // Created if missing; "already exists" is the usual answer.
-            if let Err(e) = timed(t, "CREATE", session.create(&target)).await {
-                match e {
-                    ImapError::Protocol(_) => tracing::debug!("CREATE {target}: {e}"),
-                    other => return Err(other),
-                }
+            match timed(t, "CREATE", session.create(target)).await {
+                Ok(()) => tracing::info!("IMAP {}: created mailbox {target}", self.account),
+                Err(ImapError::Refused(why)) => tracing::debug!("CREATE {target}: {why}"),
+                Err(other) => return Err(other),
             }
         }
         let mailbox = self.cfg.mailbox.clone();
         let selected = match timed(t, "SELECT", session.select(&mailbox)).await {
             Ok(m) => m,
-            Err(ImapError::Protocol(reason)) => {
+            Err(ImapError::Refused(reason)) => {
                 return Err(ImapError::Mailbox { mailbox, reason });
             }
             Err(e) => return Err(e),
@@ -520,26 +538,38 @@ impl ImapSource {
         let uidvalidity = selected.uid_validity.ok_or_else(|| {
             ImapError::Protocol(format!("the server gave no UIDVALIDITY for {mailbox}"))
         })?;
-        let mut last_uid = match self.store.imap_position(&self.account, &mailbox).await? {
-            Some((v, uid)) if v == uidvalidity => uid,
+        let stored = self.store.imap_position(&self.account, &mailbox).await?;
+        let mut last_uid = match stored {
+            Some((v, uid)) if v == uidvalidity => {
+                if selected.uid_next.is_some_and(|next| next <= uid) {
+                    // UIDs went backwards without a new UIDVALIDITY (a server restored from a backup):
+                    // what comes next would hide below the position.
+                    tracing::warn!(
+                        "IMAP {}/{mailbox}: the next UID ({:?}) is not above the last one handled ({uid}); \
+                         reading all of it again, already recorded notices are skipped",
+                        self.account,
+                        selected.uid_next
+                    );
+                    0
+                } else {
+                    uid
+                }
+            }
             Some((v, _)) => {
                 tracing::warn!(
                     "IMAP {}/{mailbox}: UIDVALIDITY changed from {v} to {uidvalidity} (the mailbox was \
                      recreated or rebuilt); reading all of it again, already recorded notices are skipped",
                     self.account
                 );
-                self.store
-                    .set_imap_position(&self.account, &mailbox, uidvalidity, 0)
-                    .await?;
                 0
             }
-            None => {
-                self.store
-                    .set_imap_position(&self.account, &mailbox, uidvalidity, 0)
-                    .await?;
-                0
-            }
+            None => 0,
         };
+        if stored != Some((uidvalidity, last_uid)) {
+            self.store
+                .set_imap_position(&self.account, &mailbox, uidvalidity, last_uid)
+                .await?;
+        }
         tracing::info!(
             "IMAP {}: connected, {mailbox} selected ({} mails, UIDVALIDITY {uidvalidity}, handled up to \
              UID {last_uid}); {}",
@@ -555,31 +585,32 @@ impl ImapSource {
             }
         );
         self.set_state("connected", true, None).await;
-        let moves = Moves {
-            target: self.cfg.processed_mailbox.clone(),
-            can_move,
-            uidplus,
-        };
+        // The mailbox's size as the server last told it: an EXISTS above it means new mail.
+        let mut exists = selected.exists;
 
         loop {
-            self.catch_up(&mut session, uidvalidity, &mut last_uid, &moves)
-                .await?;
-            // Anything announced meanwhile is fetched before waiting.
+            // Until a search finds nothing new: announcements dropped meanwhile cannot hide mail.
+            while self
+                .catch_up(&mut session, uidvalidity, &mut last_uid, &moves)
+                .await?
+                > 0
+            {}
+            self.progressed = true;
             let mut announced = false;
-            while let Ok(r) = session.unsolicited_responses.try_recv() {
-                announced |= matches!(
-                    r,
-                    UnsolicitedResponse::Exists(_) | UnsolicitedResponse::Recent(_)
-                );
-            }
+            track_size(&session.unsolicited_responses, &mut exists, &mut announced);
             if announced {
                 continue;
             }
             if use_idle {
                 self.set_state("idle", true, None).await;
+                let unsolicited = session.unsolicited_responses.clone();
                 let mut idle = session.idle();
                 timed(t, "IDLE", idle.init()).await?;
-                let woke = {
+                // Mail announced while IDLE started waits in the channel, not in the IDLE stream.
+                track_size(&unsolicited, &mut exists, &mut announced);
+                let woke = if announced {
+                    None
+                } else {
                     let (wait, stop) = idle.wait_with_timeout(self.cfg.idle_refresh);
                     let woke = tokio::select! {
                         r = wait => Some(r),
@@ -592,18 +623,23 @@ impl ImapSource {
                 match woke {
                     Some(Err(e)) => return Err(e.into()),
                     Some(Ok(IdleResponse::NewData(data))) => {
-                        use async_imap::imap_proto::{Response, Status};
-                        // A server in trouble (an untagged NO, BAD or BYE, e.g. for a mailbox deleted
-                        // under it) would wake IDLE again at once, forever: the session ends instead.
-                        if let Response::Data {
-                            status: status @ (Status::No | Status::Bad | Status::Bye),
-                            outcome,
-                        } = data.parsed()
-                        {
-                            return Err(ImapError::Protocol(format!(
-                                "the server reported {status:?} during IDLE: {}",
-                                outcome.information.as_deref().unwrap_or("(no text)")
-                            )));
+                        use async_imap::imap_proto::{MailboxDatum, Response, Status};
+                        match data.parsed() {
+                            // A server in trouble (an untagged NO, BAD or BYE, e.g. for a mailbox
+                            // deleted under it) would wake IDLE again at once, forever: the session
+                            // ends instead.
+                            Response::Data {
+                                status: status @ (Status::No | Status::Bad | Status::Bye),
+                                outcome,
+                            } => {
+                                return Err(ImapError::Protocol(format!(
+                                    "the server reported {status:?} during IDLE: {}",
+                                    outcome.information.as_deref().unwrap_or("(no text)")
+                                )));
+                            }
+                            Response::MailboxData(MailboxDatum::Exists(n)) => exists = *n,
+                            Response::Expunge(_) => exists = exists.saturating_sub(1),
+                            _ => {}
                         }
                         tracing::debug!("IMAP {}: the server announced a change", self.account);
                     }
@@ -626,39 +662,59 @@ impl ImapSource {
         }
     }
 
-    /// Takes every mail above `last_uid`, oldest first.
+    /// Takes every mail above `last_uid`, oldest first; returns how many UIDs it passed.
     async fn catch_up(
         &mut self,
         session: &mut Session<Stream>,
         uidvalidity: u32,
         last_uid: &mut u32,
         moves: &Moves,
-    ) -> Result<(), ImapError> {
+    ) -> Result<usize, ImapError> {
         let t = self.cfg.timeout;
         let query = format!("UID {}:*", last_uid.saturating_add(1));
         let found: HashSet<u32> = timed(t, "UID SEARCH", session.uid_search(&query)).await?;
         // `n:*` always matches the highest UID, even below n.
         let mut uids: Vec<u32> = found.into_iter().filter(|u| *u > *last_uid).collect();
         uids.sort_unstable();
-        for uid in uids {
-            self.take(session, uidvalidity, uid, moves).await?;
+        for &uid in &uids {
+            // A mail that ended three sessions in a row is passed over, so that it cannot hold up the
+            // mail behind it forever.
+            let key = (uidvalidity, uid);
+            let tries = self.failures.get(&key).copied().unwrap_or(0);
+            let taken = if tries >= POISON_AFTER {
+                tracing::error!(
+                    "IMAP {} UID {uid}: {tries} sessions ended on this mail; passing over it, left where \
+                     it is",
+                    self.cfg.mailbox
+                );
+                false
+            } else {
+                self.failures.insert(key, tries + 1);
+                let taken = self.take(session, uidvalidity, uid, moves).await?;
+                self.failures.remove(&key);
+                taken
+            };
             self.store
                 .set_imap_position(&self.account, &self.cfg.mailbox, uidvalidity, uid)
                 .await?;
             *last_uid = uid;
+            if taken {
+                self.health.taken += 1;
+                self.write_health().await;
+            }
         }
         self.health.last_contact = Some(crate::store::now_ms());
-        Ok(())
+        Ok(uids.len())
     }
 
-    /// Handles one mail.
+    /// Handles one mail; true if its notices were taken (and the mail marked and moved).
     async fn take(
         &mut self,
         session: &mut Session<Stream>,
         uidvalidity: u32,
         uid: u32,
         moves: &Moves,
-    ) -> Result<(), ImapError> {
+    ) -> Result<bool, ImapError> {
         let t = self.cfg.timeout;
         let mailbox = self.cfg.mailbox.clone();
         let uid_s = uid.to_string();
@@ -671,14 +727,13 @@ impl ImapSource {
             Ok::<_, async_imap::error::Error>(
                 fetched
                     .iter()
-                    .find(|f| f.uid == Some(uid))
-                    .and_then(|f| f.size),
+                    .filter(|f| f.uid == Some(uid))
+                    .find_map(|f| f.size),
             )
         })
         .await?;
         let Some(size) = size else {
-            // Gone meanwhile (moved or deleted by someone else).
-            return Ok(());
+            return self.gone_or_failed(session, uid, "its size").await;
         };
         let limit = self.cfg.max_message_size.as_u64();
         if u64::from(size) > limit {
@@ -686,9 +741,11 @@ impl ImapSource {
                 "IMAP {mailbox} UID {uid}: {size} bytes is more than imap.max_message_size ({limit}); \
                  left where it is"
             );
-            return Ok(());
+            return Ok(false);
         }
-        let raw: Vec<u8> = timed(t, "UID FETCH (the mail)", async {
+        // The timeout grows with the mail: at least 256 KiB/s on top of the command timeout.
+        let body_limit = t + Duration::from_secs(u64::from(size) / (256 * 1024));
+        let raw: Option<Vec<u8>> = timed(body_limit, "UID FETCH (the mail)", async {
             let fetched = session
                 .uid_fetch(&uid_s, "(UID BODY.PEEK[])")
                 .await?
@@ -697,13 +754,14 @@ impl ImapSource {
             Ok::<_, async_imap::error::Error>(
                 fetched
                     .iter()
-                    .find(|f| f.uid == Some(uid))
-                    .and_then(|f| f.body())
-                    .map(<[u8]>::to_vec)
-                    .unwrap_or_default(),
+                    .filter(|f| f.uid == Some(uid))
+                    .find_map(|f| f.body().map(<[u8]>::to_vec)),
             )
         })
         .await?;
+        let Some(raw) = raw else {
+            return self.gone_or_failed(session, uid, "its body").await;
+        };
         let allowed = self.cfg.allowed_senders.clone();
         let read = tokio::task::spawn_blocking(move || {
             (mail::read(&raw, &allowed), mail::message_id(&raw))
@@ -716,7 +774,7 @@ impl ImapSource {
                 tracing::error!(
                     "IMAP {mailbox} UID {uid}: reading the mail failed ({e}); left where it is"
                 );
-                return Ok(());
+                return Ok(false);
             }
         };
         let message_id = message_id.unwrap_or_else(|| "(no Message-ID)".into());
@@ -724,17 +782,18 @@ impl ImapSource {
         let attachments = match mail {
             Mail::Unreadable => {
                 tracing::warn!("{what}: not a readable mail; left where it is");
-                return Ok(());
+                return Ok(false);
             }
             Mail::NotAllowed { from } => {
                 tracing::warn!(
-                    "{what}: from {from}, which imap.allowed_senders does not name; left where it is"
+                    "{what}: from {from}, which imap.allowed_senders does not name (one From header \
+                     with allowed addresses only); left where it is"
                 );
-                return Ok(());
+                return Ok(false);
             }
             Mail::NoNotice { from } => {
                 tracing::info!("{what}: from {from}, has no JSON attachment; left where it is");
-                return Ok(());
+                return Ok(false);
             }
             Mail::Notices { from, attachments } => {
                 tracing::info!(
@@ -753,24 +812,22 @@ impl ImapSource {
                 ),
                 name: a.name,
             };
-            let report = match self.ingestor.ingest_bytes(&source, a.bytes).await {
-                Ok(report) => report,
+            match self.ingestor.ingest_bytes(&source, a.bytes).await {
+                Ok(report) if !report.is_accepted() => tracing::warn!(
+                    "{what}: notice {} was not accepted whole; its errors are logged above and kept with \
+                     the notice in the database; the mail is taken all the same",
+                    report.name
+                ),
+                Ok(_) => {}
                 Err(e @ IngestError::Parser { .. }) => {
-                    // As above: a bug met by this attachment is not retried forever.
-                    tracing::error!("{what}: {e}; the mail is kept in the mailbox");
-                    continue;
+                    // A bug met by this attachment: not retried forever, and the mail not marked or moved,
+                    // so that it can be taken by hand.
+                    tracing::error!("{what}: {e}; left where it is");
+                    return Ok(false);
                 }
                 Err(e) => return Err(e.into()),
-            };
-            if !report.is_accepted() {
-                tracing::warn!(
-                    "{what}: notice {} was not accepted whole; the mail is kept in the mailbox, and the \
-                     errors are in the log and the store",
-                    report.name
-                );
             }
         }
-        self.health.taken += 1;
         // Then, and only then, the mail is marked and moved; a refusal is logged, never retried forever.
         let flagged = timed(t, "UID STORE", async {
             session
@@ -782,45 +839,103 @@ impl ImapSource {
         .await;
         settle(flagged.map(drop), &what, "mark it \\Seen")?;
         if let Some(target) = &moves.target {
-            let moved = if moves.can_move {
-                timed(t, "UID MOVE", session.uid_mv(&uid_s, target)).await
-            } else {
-                let copied = timed(t, "UID COPY", session.uid_copy(&uid_s, target)).await;
-                match copied {
-                    Ok(()) => {
-                        let deleted = timed(t, "UID STORE", async {
-                            session
-                                .uid_store(&uid_s, "+FLAGS.SILENT (\\Deleted)")
-                                .await?
-                                .try_collect::<Vec<_>>()
-                                .await
-                        })
-                        .await;
-                        match deleted {
-                            Ok(_) if moves.uidplus => timed(t, "UID EXPUNGE", async {
-                                session
-                                    .uid_expunge(&uid_s)
-                                    .await?
-                                    .try_collect::<Vec<_>>()
-                                    .await
-                            })
-                            .await
-                            .map(drop),
-                            Ok(_) => timed(t, "EXPUNGE", async {
-                                session.expunge().await?.try_collect::<Vec<_>>().await
-                            })
-                            .await
-                            .map(drop),
-                            Err(e) => Err(e),
-                        }
-                    }
-                    Err(e) => Err(e),
-                }
-            };
+            let moved = self.move_to(session, &uid_s, target, moves).await;
             settle(moved, &what, &format!("move it to {target}"))?;
         }
-        self.write_health().await;
+        Ok(true)
+    }
+
+    /// A FETCH that gave nothing: the mail is gone (moved or deleted meanwhile: passed over), or the
+    /// server failed to answer for it (the session ends, to try again).
+    async fn gone_or_failed(
+        &mut self,
+        session: &mut Session<Stream>,
+        uid: u32,
+        what: &str,
+    ) -> Result<bool, ImapError> {
+        let query = format!("UID {uid}");
+        let still: HashSet<u32> =
+            timed(self.cfg.timeout, "UID SEARCH", session.uid_search(&query)).await?;
+        if still.contains(&uid) {
+            Err(ImapError::Protocol(format!(
+                "the server did not give {what} of UID {uid}, which is still there"
+            )))
+        } else {
+            tracing::info!("IMAP UID {uid}: gone before it could be read (moved or deleted)");
+            Ok(false)
+        }
+    }
+
+    /// Moves a taken mail: MOVE, else COPY, `\Deleted` and UID EXPUNGE; without UIDPLUS, EXPUNGE only
+    /// when no other mail is marked `\Deleted` (EXPUNGE would remove those too).
+    async fn move_to(
+        &mut self,
+        session: &mut Session<Stream>,
+        uid_s: &str,
+        target: &str,
+        moves: &Moves,
+    ) -> Result<(), ImapError> {
+        let t = self.cfg.timeout;
+        if moves.can_move {
+            return timed(t, "UID MOVE", session.uid_mv(uid_s, target)).await;
+        }
+        timed(t, "UID COPY", session.uid_copy(uid_s, target)).await?;
+        timed(t, "UID STORE", async {
+            session
+                .uid_store(uid_s, "+FLAGS.SILENT (\\Deleted)")
+                .await?
+                .try_collect::<Vec<_>>()
+                .await
+        })
+        .await?;
+        if moves.uidplus {
+            timed(t, "UID EXPUNGE", async {
+                session
+                    .uid_expunge(uid_s)
+                    .await?
+                    .try_collect::<Vec<_>>()
+                    .await
+            })
+            .await?;
+            tracing::debug!("IMAP UID {uid_s}: copied to {target} and expunged (UID EXPUNGE)");
+            return Ok(());
+        }
+        let deleted: HashSet<u32> = timed(t, "UID SEARCH", session.uid_search("DELETED")).await?;
+        if deleted.iter().any(|u| u.to_string() != uid_s) {
+            tracing::warn!(
+                "IMAP UID {uid_s}: copied to {target}, but other mails are marked \\Deleted and the server \
+                 has no UID EXPUNGE, so it stays here marked \\Deleted (EXPUNGE would remove theirs too)"
+            );
+            return Ok(());
+        }
+        timed(t, "EXPUNGE", async {
+            session.expunge().await?.try_collect::<Vec<_>>().await
+        })
+        .await?;
+        tracing::debug!("IMAP UID {uid_s}: copied to {target} and expunged (EXPUNGE)");
         Ok(())
+    }
+}
+
+/// Reads what the server announced outside replies: EXISTS above the known size (new mail) sets
+/// `announced`; EXPUNGE lowers the size. A full channel (announcements dropped) counts as news.
+fn track_size(
+    channel: &async_channel::Receiver<UnsolicitedResponse>,
+    exists: &mut u32,
+    announced: &mut bool,
+) {
+    if channel.is_full() {
+        *announced = true;
+    }
+    while let Ok(r) = channel.try_recv() {
+        match r {
+            UnsolicitedResponse::Exists(n) => {
+                *announced |= n > *exists;
+                *exists = n;
+            }
+            UnsolicitedResponse::Expunge(_) => *exists = exists.saturating_sub(1),
+            _ => {}
+        }
     }
 }
 
@@ -836,7 +951,7 @@ struct Moves {
 fn settle(result: Result<(), ImapError>, what: &str, doing: &str) -> Result<(), ImapError> {
     match result {
         Ok(()) => Ok(()),
-        Err(ImapError::Protocol(reason)) if !reason.contains("connection lost") => {
+        Err(ImapError::Refused(reason)) => {
             tracing::warn!("{what}: the server refused to {doing}: {reason}");
             Ok(())
         }

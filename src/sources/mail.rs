@@ -2,7 +2,7 @@
 //! `message/rfc822` parts). Pure functions over the raw message bytes, so that they can be tested and
 //! fuzzed without a server.
 
-use mail_parser::{Message, MessageParser, MimeHeaders, PartType};
+use mail_parser::{HeaderName, Message, MessageParser, MimeHeaders, PartType};
 
 /// Forwarded messages inside forwarded messages are followed this deep, no deeper.
 const MAX_DEPTH: usize = 8;
@@ -57,22 +57,28 @@ pub fn read(raw: &[u8], allowed: &[String]) -> Mail {
     let Some(message) = MessageParser::default().parse(raw) else {
         return Mail::Unreadable;
     };
-    let addresses: Vec<String> = message
+    // Exactly one From header counts: with two, mail clients and DMARC read the first and this parser
+    // the last, a known way to slip a forged sender past a check. Every entry must carry an address.
+    let from_headers = message.header_values(HeaderName::From).count();
+    let entries: Vec<Option<String>> = message
         .from()
         .map(|from| {
             from.iter()
-                .filter_map(|a| a.address())
-                .map(|a| a.trim().to_ascii_lowercase())
+                .map(|a| a.address().map(|a| a.trim().to_ascii_lowercase()))
                 .collect()
         })
         .unwrap_or_default();
+    let addresses: Vec<String> = entries.iter().flatten().cloned().collect();
     let from = if addresses.is_empty() {
         "(none)".to_string()
     } else {
         addresses.join(", ")
     };
     if !allowed.is_empty()
-        && (addresses.is_empty() || !addresses.iter().all(|a| sender_allowed(a, allowed)))
+        && (from_headers != 1
+            || addresses.is_empty()
+            || addresses.len() != entries.len()
+            || !addresses.iter().all(|a| sender_allowed(a, allowed)))
     {
         return Mail::NotAllowed { from };
     }
@@ -260,6 +266,8 @@ mod tests {
             ),
             ("notices@stsci.edu.evil.example", ""),
             ("notices@stsci.edu, mallory@evil.example", ""),
+            ("mallory@evil.example\r\nFrom: notices@stsci.edu", ""),
+            ("notices@stsci.edu\r\nFrom: notices@stsci.edu", ""),
         ] {
             let got = read(&mail(from, extra, &body), &allowed);
             assert!(matches!(got, Mail::NotAllowed { .. }), "{from}: {got:?}");

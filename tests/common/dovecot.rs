@@ -135,6 +135,11 @@ fn introspection_endpoint() -> String {
 impl Dovecot {
     /// Writes the configuration and starts the server; waits until both ports answer.
     pub fn start() -> Dovecot {
+        Dovecot::start_with("")
+    }
+
+    /// `start`, with `extra` appended to the configuration (e.g. an `imap_capability` list).
+    pub fn start_with(extra: &str) -> Dovecot {
         let dir = tempfile::tempdir().expect("temp dir");
         let root = dir.path();
         let (ca, cert, key) = certificates();
@@ -212,6 +217,8 @@ mail_location = maildir:{r}/mail/%u
 mail_uid = {mail_uid}
 mail_gid = {mail_gid}
 imap_idle_notify_interval = 10 secs
+mailbox_idle_check_interval = 1 secs
+{extra}
 passdb {{
   driver = passwd-file
   mechanisms = plain login
