@@ -135,7 +135,22 @@ async fn run(config: Config) -> anyhow::Result<ExitCode> {
         tracing::info!("stop requested");
         signals.cancel();
     });
-    crate::daemon::run(config, shutdown).await?;
+    // SIGHUP: read the secrets again (token and password files), without a restart.
+    let (reload_tx, reload) = tokio::sync::watch::channel(0u64);
+    match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+        Ok(mut hup) => {
+            tokio::spawn(async move {
+                while hup.recv().await.is_some() {
+                    tracing::info!("SIGHUP: reading the secrets again");
+                    reload_tx.send_modify(|n| *n += 1);
+                }
+            });
+        }
+        Err(e) => {
+            tracing::warn!("cannot listen for SIGHUP ({e}); secrets are read at start-up only")
+        }
+    }
+    crate::daemon::run(config, reload, shutdown).await?;
     Ok(ExitCode::SUCCESS)
 }
 

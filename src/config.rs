@@ -214,6 +214,10 @@ pub struct DownloadConfig {
     /// ...until this long after the first 404, then fail.
     #[serde(with = "humantime_serde")]
     pub not_found_give_up: Duration,
+    /// On SIGTERM, the daemon stops within this: running downloads stop at a safe point keeping their
+    /// `.part` files, and the jobs go back to the queue.
+    #[serde(with = "humantime_serde")]
+    pub drain_timeout: Duration,
 }
 
 impl Default for DownloadConfig {
@@ -228,6 +232,7 @@ impl Default for DownloadConfig {
             keep_previous: false,
             not_found_retry: Duration::from_secs(30 * 60),
             not_found_give_up: Duration::from_secs(6 * 3600),
+            drain_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -491,6 +496,9 @@ impl Config {
         }
         if self.download.workers == 0 {
             problems.push("download.workers = 0: at least one worker is needed".into());
+        }
+        if self.download.drain_timeout < Duration::from_secs(1) {
+            problems.push("download.drain_timeout must be at least 1s".into());
         }
         if self.download.max_attempts == 0 {
             problems.push("download.max_attempts = 0: at least one attempt is needed".into());

@@ -15,17 +15,21 @@ use tokio_util::sync::CancellationToken;
 use crate::config::Config;
 use crate::download;
 use crate::ingest::Ingestor;
+use crate::service::{self, Vitals};
 use crate::sources::imap::ImapSource;
 use crate::sources::inbox;
 use crate::store::{SqliteStore, Store};
 
-/// How long sources get to stop after the shutdown token fires.
-const STOP_GRACE: Duration = Duration::from_secs(10);
 /// Pause before a crashed source is started again.
 const RESTART_PAUSE: Duration = Duration::from_secs(1);
 
-/// Runs the daemon until `shutdown` is cancelled.
-pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
+/// Runs the daemon until `shutdown` is cancelled; a new value on `reload` (SIGHUP) makes the loops read
+/// their secrets again.
+pub async fn run(
+    config: Config,
+    reload: tokio::sync::watch::Receiver<u64>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
     tracing::info!(
         "mastsub {} starting: database {}, downloads under {}",
         env!("CARGO_PKG_VERSION"),
@@ -36,24 +40,26 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     let wake = Arc::new(Notify::new());
     let ingestor = Arc::new(Ingestor::new(store.clone(), &config).waking(wake.clone()));
     let config = Arc::new(config);
+    let vitals = Arc::new(Vitals::default());
 
     let mut tasks: JoinSet<(Loop, anyhow::Result<()>)> = JoinSet::new();
     // Which loop each task runs, so that a panic restarts that loop alone.
     let mut loops: HashMap<tokio::task::Id, Loop> = HashMap::new();
     let start = |tasks: &mut JoinSet<(Loop, anyhow::Result<()>)>, which: Loop| {
         let token = shutdown.clone();
+        let (vitals, reload) = (vitals.clone(), reload.clone());
         let handle = match which {
             Loop::Inbox => {
                 let (cfg, ingestor) = (config.inbox.clone(), ingestor.clone());
                 tasks.spawn(async move {
-                    inbox::run(cfg, ingestor, token).await;
+                    inbox::run(cfg, ingestor, vitals, token).await;
                     (Loop::Inbox, Ok(()))
                 })
             }
             Loop::Imap => {
                 let source = ImapSource::new(config.imap.clone(), store.clone(), ingestor.clone());
                 tasks.spawn(async move {
-                    source.run(token).await;
+                    source.run(reload, token).await;
                     (Loop::Imap, Ok(()))
                 })
             }
@@ -62,7 +68,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
                 tasks.spawn(async move {
                     (
                         Loop::Downloads,
-                        download::run(&cfg, store, wake, token).await,
+                        download::run(&cfg, store, wake, vitals, reload, token).await,
                     )
                 })
             }
@@ -82,6 +88,19 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         let (id, which) = start(&mut tasks, which);
         loops.insert(id, which);
     }
+    // The store is open and the sources run: ready, with a first status line; then kept current.
+    if service::supervised() {
+        let first = match store.status(0).await {
+            Ok(s) => service::status_line(&s, 0.0),
+            Err(_) => "started".to_string(),
+        };
+        service::ready(&first);
+    }
+    let notifier = tokio::spawn(service::run(
+        store.clone(),
+        vitals.clone(),
+        shutdown.clone(),
+    ));
 
     loop {
         tokio::select! {
@@ -120,16 +139,18 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         }
     }
 
+    service::stopping();
     tracing::info!("shutting down");
-    if tokio::time::timeout(STOP_GRACE, async {
+    let _ = notifier.await;
+    if tokio::time::timeout(config.download.drain_timeout, async {
         while tasks.join_next().await.is_some() {}
     })
     .await
     .is_err()
     {
         tracing::warn!(
-            "loops did not stop within {}s; leaving them",
-            STOP_GRACE.as_secs()
+            "loops did not stop within download.drain_timeout ({}s); leaving them",
+            config.download.drain_timeout.as_secs()
         );
         tasks.abort_all();
     }

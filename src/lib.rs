@@ -3,7 +3,7 @@
 //! The pipeline, one module each: [`sources`] (inbox folder) hand notice bytes to [`ingest`], which
 //! parses them ([`notice`]), decides what each event does ([`categorize`]) and records everything in the
 //! [`store`], the only shared state; [`download`] workers claim jobs from it and fetch the products.
-//! [`daemon`] runs the loops; [`cli`] is the command line; [`status`]
+//! [`daemon`] runs the loops and [`service`] speaks to systemd; [`cli`] is the command line; [`status`]
 //! renders reports; [`config`] and [`logging`] set the stage. See `docs/ARCHITECTURE.md`.
 
 pub mod categorize;
@@ -16,6 +16,7 @@ pub mod ingest;
 pub mod logging;
 pub mod notice;
 pub mod product;
+pub mod service;
 pub mod sources;
 pub mod status;
 pub mod store;

@@ -15,7 +15,7 @@
 use crate::store::now_ms;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use reqwest::header::{self, HeaderMap, HeaderValue};
@@ -45,8 +45,8 @@ const FITS_BLOCK: u64 = 2880;
 pub struct Transfer {
     /// The HTTP client (timeouts, User-Agent).
     pub client: reqwest::Client,
-    /// The MAST token, sent only to `mast_origin`.
-    pub token: Option<String>,
+    /// The MAST token, sent only to `mast_origin`; replaced when SIGHUP re-reads the secrets.
+    pub token: std::sync::RwLock<Option<String>>,
     /// Scheme, host and port of `mast.base_url`.
     pub mast_origin: url::Origin,
     /// `storage.downloads`.
@@ -60,7 +60,7 @@ pub struct Transfer {
     /// How long a lease lasts.
     pub lease: Duration,
     /// Bytes received by all workers, for the rate in summaries.
-    pub received: Arc<AtomicU64>,
+    pub vitals: Arc<crate::service::Vitals>,
 }
 
 /// A finished attempt.
@@ -193,11 +193,8 @@ impl Transfer {
             .map_err(|e| FetchError::Protocol(format!("bad URL {}: {e}", job.url)))?;
         let mut request = self.client.get(url.clone());
         // The token goes to the MAST host only; reqwest drops these headers on a redirect elsewhere.
-        if let Some(token) = self
-            .token
-            .as_deref()
-            .filter(|_| url.origin() == self.mast_origin)
-        {
+        let token = self.token.read().map(|t| t.clone()).unwrap_or_default();
+        if let Some(token) = token.filter(|_| url.origin() == self.mast_origin) {
             let mut auth = HeaderValue::from_str(&format!("token {token}")).map_err(|_| {
                 FetchError::Protocol("the MAST token holds characters a header cannot carry".into())
             })?;
@@ -386,7 +383,8 @@ impl Transfer {
                         break Err(e);
                     }
                     written += bytes.len() as u64;
-                    self.received
+                    self.vitals
+                        .received
                         .fetch_add(bytes.len() as u64, Ordering::Relaxed);
                     if out.holds_whole_body() && began.elapsed() >= HOLD_AT_MOST {
                         // A slow body: from now on it goes to disk as it comes, after its validator.

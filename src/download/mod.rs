@@ -14,7 +14,9 @@ pub mod policy;
 
 use crate::store::now_ms;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
+
+use crate::service::Vitals;
 use std::time::{Duration, Instant};
 
 use tokio::sync::Notify;
@@ -32,8 +34,6 @@ const LEASE: Duration = Duration::from_secs(60);
 const SWEEP: Duration = Duration::from_secs(5);
 /// A summary line this often while there is work.
 const SUMMARY_EVERY: Duration = Duration::from_secs(60);
-/// How long running transfers get to stop at a safe point on shutdown.
-const DRAIN: Duration = Duration::from_secs(8);
 
 /// `host:pid:nonce`: the lease owner name of this process's pool.
 fn owner_name() -> String {
@@ -103,6 +103,8 @@ pub async fn run(
     config: &Config,
     store: Arc<dyn Store>,
     wake: Arc<Notify>,
+    vitals: Arc<Vitals>,
+    mut reload: tokio::sync::watch::Receiver<u64>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let token = match load_token(config) {
@@ -116,14 +118,14 @@ pub async fn run(
     let pool = Arc::new(Pool {
         transfer: Transfer {
             client: http_client(&config.download)?,
-            token,
+            token: std::sync::RwLock::new(token),
             mast_origin: base.origin(),
             root: config.storage.downloads.clone(),
             keep_previous: config.download.keep_previous,
             store: store.clone(),
             owner: owner_name(),
             lease: LEASE,
-            received: Arc::new(AtomicU64::new(0)),
+            vitals: vitals.clone(),
         },
         config: config.download.clone(),
     });
@@ -133,7 +135,7 @@ pub async fn run(
             "{orphans} interrupted download(s) queued again (their .part files are resumed)"
         );
     }
-    if pool.transfer.token.is_some() {
+    if pool.has_token() {
         let n = store.requeue_needs_auth(now_ms()).await?;
         if n > 0 {
             tracing::info!("a MAST token is set: {n} download(s) waiting for one queued again");
@@ -144,7 +146,7 @@ pub async fn run(
         pool.config.workers,
         pool.transfer.root.display(),
         config.mast.base_url,
-        if pool.transfer.token.is_some() {
+        if pool.has_token() {
             " (with a MAST token)"
         } else {
             ""
@@ -157,6 +159,7 @@ pub async fn run(
     let mut last_summary = Instant::now();
     let mut received_at_summary = 0u64;
     loop {
+        vitals.downloads_alive();
         // Fill free worker slots with due jobs.
         while workers.len() < pool.config.workers {
             let lease_until = now_ms() + LEASE.as_millis() as i64;
@@ -189,7 +192,7 @@ pub async fn run(
             }
         }
         if last_summary.elapsed() >= SUMMARY_EVERY {
-            let received = pool.transfer.received.load(Ordering::Relaxed);
+            let received = vitals.received.load(Ordering::Relaxed);
             let rate =
                 (received - received_at_summary) as f64 / last_summary.elapsed().as_secs_f64();
             received_at_summary = received;
@@ -222,6 +225,7 @@ pub async fn run(
         tokio::select! {
             _ = shutdown.cancelled() => break,
             _ = wake.notified() => {}
+            Ok(()) = reload.changed() => pool.reload_token(config, &store).await,
             Some(_) = workers.join_next(), if !workers.is_empty() => {}
             _ = tokio::time::sleep(nap) => {}
         }
@@ -233,7 +237,13 @@ pub async fn run(
     if running > 0 {
         tracing::info!("stopping {running} running download(s); their .part files are kept");
     }
-    if tokio::time::timeout(DRAIN, async {
+    // Within `download.drain_timeout`, with a second left for releasing the leases and the database.
+    let drain = config
+        .download
+        .drain_timeout
+        .saturating_sub(Duration::from_secs(1))
+        .max(Duration::from_millis(500));
+    if tokio::time::timeout(drain, async {
         while workers.join_next().await.is_some() {}
     })
     .await
@@ -241,14 +251,60 @@ pub async fn run(
     {
         tracing::warn!(
             "downloads did not stop within {}s; their leases expire and they resume later",
-            DRAIN.as_secs()
+            drain.as_secs_f64()
         );
         workers.abort_all();
+        while workers.join_next().await.is_some() {}
+    }
+    // Whatever did not give its job back (aborted), the pool gives back now: no lease outlives it.
+    match store.release_leases(&pool.transfer.owner, now_ms()).await {
+        Ok(0) => {}
+        Ok(n) => tracing::info!("{n} download(s) given back for the next run"),
+        Err(e) => {
+            tracing::warn!("cannot give back the running downloads: {e}; their leases expire")
+        }
     }
     Ok(())
 }
 
 impl Pool {
+    fn has_token(&self) -> bool {
+        self.transfer.token.read().is_ok_and(|t| t.is_some())
+    }
+
+    /// SIGHUP: reads the token again; a token that appeared queues the jobs waiting for one.
+    async fn reload_token(&self, config: &Config, store: &Arc<dyn Store>) {
+        let token = match load_token(config) {
+            Ok(t) => t,
+            Err(e) => {
+                tracing::error!("{e}; keeping the token read before");
+                return;
+            }
+        };
+        let had = self.has_token();
+        let has = token.is_some();
+        if let Ok(mut slot) = self.transfer.token.write() {
+            *slot = token;
+        }
+        tracing::info!(
+            "secrets read again: {}",
+            if has {
+                "a MAST token is set"
+            } else {
+                "no MAST token"
+            }
+        );
+        if has && !had {
+            match store.requeue_needs_auth(now_ms()).await {
+                Ok(n) if n > 0 => {
+                    tracing::info!("{n} download(s) waiting for a token queued again")
+                }
+                Ok(_) => {}
+                Err(e) => tracing::error!("cannot queue the jobs waiting for a token: {e}"),
+            }
+        }
+    }
+
     /// Runs one claimed job to the end of this attempt, renewing its lease meanwhile; returns the job
     /// claimed next, if any.
     async fn work(self: Arc<Self>, job: Job, cancel: CancellationToken) -> Option<Job> {

@@ -343,8 +343,13 @@ impl ImapSource {
         }
     }
 
-    /// Runs until `shutdown`: sessions, with backoff between them.
-    pub async fn run(mut self, shutdown: CancellationToken) {
+    /// Runs until `shutdown`: sessions, with backoff between them. A change on `reload` (SIGHUP: secrets
+    /// read again) ends the session and connects again at once, with the credential read anew.
+    pub async fn run(
+        mut self,
+        mut reload: tokio::sync::watch::Receiver<u64>,
+        shutdown: CancellationToken,
+    ) {
         if self.cfg.tls == TlsMode::None {
             tracing::warn!(
                 "imap.tls = \"none\": the password and the mail cross the network in plain text"
@@ -363,6 +368,11 @@ impl ImapSource {
             let ended = tokio::select! {
                 r = self.session(&shutdown) => r,
                 _ = shutdown.cancelled() => Ok(()),
+                Ok(()) = reload.changed() => {
+                    tracing::info!("IMAP {}: secrets read again; connecting again", self.account);
+                    backoff = new_backoff();
+                    continue;
+                }
             };
             if shutdown.is_cancelled() {
                 self.set_state("stopped", false, None).await;

@@ -126,7 +126,12 @@ impl Watch {
 }
 
 /// Watches `config.dir` and ingests what arrives, until `shutdown`.
-pub async fn run(config: InboxConfig, ingestor: Arc<Ingestor>, shutdown: CancellationToken) {
+pub async fn run(
+    config: InboxConfig,
+    ingestor: Arc<Ingestor>,
+    vitals: Arc<crate::service::Vitals>,
+    shutdown: CancellationToken,
+) {
     // The watcher reports absolute paths; a relative `inbox.dir` (the default) must be made absolute the
     // same way, or no event would ever match the folder.
     let dir = std::path::absolute(&config.dir).unwrap_or_else(|_| config.dir.clone());
@@ -153,6 +158,7 @@ pub async fn run(config: InboxConfig, ingestor: Arc<Ingestor>, shutdown: Cancell
     // The first tick of `rescan` fires at once: that is the start-up scan.
 
     loop {
+        vitals.inbox_alive();
         if watch.watcher.is_none() && Instant::now() >= watch.next_attempt {
             match inbox.start_watcher(tx.clone()) {
                 Ok(w) => {

@@ -447,6 +447,10 @@ pub trait Store: Send + Sync + 'static {
         abandoned: for<'a> fn(&'a str) -> bool,
     ) -> Result<u64, StoreError>;
 
+    /// Puts the `running` jobs of `owner` back to `queued` (their attempt not counted): a pool that
+    /// stops gives back what it holds. Returns how many.
+    async fn release_leases(&self, owner: &str, now: i64) -> Result<u64, StoreError>;
+
     /// The earliest `next_attempt_at` of a queued job, if any.
     async fn next_due(&self) -> Result<Option<i64>, StoreError>;
 

@@ -850,6 +850,21 @@ impl Store for SqliteStore {
         Ok(done.rows_affected())
     }
 
+    async fn release_leases(&self, owner: &str, now: i64) -> Result<u64, StoreError> {
+        let done = sqlx::query(
+            "UPDATE downloads SET
+                 state = 'queued', attempts = max(attempts - 1, 0), lease_owner = NULL,
+                 lease_expires_at = NULL, next_attempt_at = ?2, updated_at = ?2
+             WHERE state = 'running' AND lease_owner = ?1",
+        )
+        .bind(owner)
+        .bind(now)
+        .execute(&self.writer)
+        .await
+        .map_err(self.query_err())?;
+        Ok(done.rows_affected())
+    }
+
     async fn next_due(&self) -> Result<Option<i64>, StoreError> {
         sqlx::query_scalar(NEXT_DUE)
             .fetch_one(&self.readers)

@@ -8,6 +8,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use super::{Daemon, Workspace, wait_until};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -357,4 +358,64 @@ async fn serve(mut socket: TcpStream, state: Arc<Mutex<State>>) -> std::io::Resu
     }
     socket.flush().await?;
     socket.shutdown().await
+}
+
+/// A notice of `count` New products numbered from `first`, each served by `mast` with `blocks` blocks.
+pub fn serve_products(
+    mast: &MastStandIn,
+    first: u64,
+    count: u64,
+    blocks: usize,
+) -> (Vec<u8>, Vec<(String, Vec<u8>)>) {
+    let mut records = Vec::new();
+    let mut files = Vec::new();
+    for n in first..first + count {
+        let r = super::record(n, "New");
+        let name = r["filename"].as_str().unwrap().to_string();
+        let body = fits_product(&name, blocks, 1);
+        mast.put(&name, body.clone());
+        files.push((
+            format!("jwst/{}/{name}", r["fileset"].as_str().unwrap()),
+            body,
+        ));
+        records.push(r);
+    }
+    (serde_json::to_vec(&records).unwrap(), files)
+}
+
+/// Every product is on disk byte for byte as served, and no `.part` file is left.
+pub fn assert_identical(ws: &Workspace, files: &[(String, Vec<u8>)]) {
+    for (path, body) in files {
+        let got = std::fs::read(ws.path("mastDownload").join(path))
+            .unwrap_or_else(|e| panic!("{path}: {e}"));
+        assert!(
+            got == *body,
+            "{path}: {} bytes on disk differ from the {} served",
+            got.len(),
+            body.len()
+        );
+    }
+    let parts: Vec<_> = ws
+        .tree("mastDownload")
+        .into_iter()
+        .filter(|p| p.ends_with(".part"))
+        .collect();
+    assert!(parts.is_empty(), ".part files left: {parts:?}");
+}
+
+/// Waits until `n` jobs are done, or fails with the counts and the log's tail.
+pub fn wait_done(ws: &Workspace, d: &Daemon, n: i64, timeout: Duration) {
+    assert!(
+        wait_until(timeout, || ws.jobs_in("done") == n),
+        "{} of {n} done after {timeout:?} ({} queued, {} failed); log tail:\n{}",
+        ws.jobs_in("done"),
+        ws.jobs_in("queued"),
+        ws.jobs_in("failed"),
+        d.log()
+            .lines()
+            .rev()
+            .take(30)
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
 }
