@@ -169,3 +169,24 @@ fn sighup_reads_the_token_file_again_and_jobs_waiting_for_a_token_go() {
     );
     assert!(!d.log().contains("tok-abc"), "the token was logged");
 }
+
+#[test]
+fn under_the_journal_lines_carry_a_priority_and_no_time() {
+    let ws = Workspace::new();
+    let d = Daemon::start_with_env(&ws, &[("JOURNAL_STREAM", "8:12345")]);
+    d.wait_for_log("watching inbox", Duration::from_secs(20));
+    std::fs::write(ws.inbox().join("bad.json"), b"{ not json").unwrap();
+    d.wait_for_log("notice bad.json rejected", Duration::from_secs(10));
+    let log = d.log();
+    let starting = log.lines().find(|l| l.contains("starting")).unwrap();
+    assert!(starting.starts_with("<6>mastsub "), "{starting}");
+    let rejected = log
+        .lines()
+        .find(|l| l.contains("notice bad.json rejected"))
+        .unwrap();
+    assert!(rejected.starts_with("<4>"), "{rejected}");
+    assert!(
+        !log.lines().any(|l| l.starts_with("20")),
+        "a line with a timestamp:\n{log}"
+    );
+}
