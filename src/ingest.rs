@@ -201,6 +201,11 @@ pub struct Ingestor {
 }
 
 impl Ingestor {
+    /// The store it records into.
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.store
+    }
+
     /// An ingestor writing to `store` under `config`'s limits and policy.
     pub fn new(store: Arc<dyn Store>, config: &Config) -> Ingestor {
         // Config::validate checked the URL; the default is a valid URL, so the fallback never happens.

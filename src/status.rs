@@ -25,6 +25,27 @@ pub struct StatusReport<'a> {
 /// `status` for a terminal.
 pub fn render_text(database: &str, s: &StatusSnapshot) -> String {
     let mut out = format!("mastsub status ({database})\n");
+    let now = crate::store::now_ms();
+    match &s.daemon {
+        Some(d) if now - d.updated_at <= DAEMON_SILENT_AFTER_MS => {
+            let _ = writeln!(
+                out,
+                "  daemon:     running (pid {}, up {}), receiving {}/s",
+                d.pid,
+                human_age(now - d.started_at),
+                human_bytes(d.rate as u64)
+            );
+        }
+        Some(d) => {
+            let _ = writeln!(
+                out,
+                "  daemon:     not running (last seen {} ago, pid {})",
+                human_age(now - d.updated_at),
+                d.pid
+            );
+        }
+        None => out.push_str("  daemon:     never ran on this database\n"),
+    }
     let counts = |pairs: Vec<(String, u64)>| {
         pairs
             .into_iter()
@@ -58,7 +79,20 @@ pub fn render_text(database: &str, s: &StatusSnapshot) -> String {
         )
     );
     let _ = writeln!(out, "  bytes done: {}", human_bytes(s.bytes_done));
-    let now = crate::store::now_ms();
+    out.push_str("  by event type:  queued running done failed needs_auth\n");
+    for (t, states) in &s.by_event_type {
+        let n = |st| states.get(&st).copied().unwrap_or(0);
+        let _ = writeln!(
+            out,
+            "    {:<11} {:>7} {:>7} {:>4} {:>6} {:>10}",
+            t.to_string(),
+            n(DownloadState::Queued),
+            n(DownloadState::Running),
+            n(DownloadState::Done),
+            n(DownloadState::Failed),
+            n(DownloadState::NeedsAuth)
+        );
+    }
     for h in &s.sources {
         let ago = |at: Option<i64>| {
             at.map(|t| format!("{} ago", human_age(now - t)))
@@ -66,13 +100,18 @@ pub fn render_text(database: &str, s: &StatusSnapshot) -> String {
         };
         let _ = writeln!(
             out,
-            "  {}: {}{} ({}), last contact {}, {} mail(s) taken",
+            "  {}: {}{} ({}), last contact {}, {} {} taken",
             h.source,
             h.state,
             if h.connected { ", connected" } else { "" },
             h.detail.as_deref().unwrap_or("-"),
             ago(h.last_contact),
-            h.taken
+            h.taken,
+            if h.source == "imap" {
+                "mail(s)"
+            } else {
+                "notice(s)"
+            }
         );
         if let Some(e) = &h.last_error {
             let _ = writeln!(out, "    last error ({}): {e}", ago(h.last_error_at));
@@ -97,6 +136,9 @@ pub fn render_text(database: &str, s: &StatusSnapshot) -> String {
     }
     out
 }
+
+/// A daemon that has not written its figures for this long is not running (it writes every 5 s).
+const DAEMON_SILENT_AFTER_MS: i64 = 30_000;
 
 /// "3s", "5m", "2h", "4d": how long ago, roughly.
 fn human_age(ms: i64) -> String {

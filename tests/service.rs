@@ -190,3 +190,73 @@ fn under_the_journal_lines_carry_a_priority_and_no_time() {
         "a line with a timestamp:\n{log}"
     );
 }
+
+#[test]
+fn status_after_a_mixed_run_shows_states_by_event_type_failures_sources_and_the_daemon() {
+    let mast = MastStandIn::start();
+    let (notice, _files) = serve_products(&mast, 1, 2, 10);
+    // Product 2 never appears: 404 until not_found_give_up (3 s in tests), then failed.
+    mast.remove("jw00002001001_02201_00001_mirimage_cal.fits");
+    let ws = Workspace::with_base(&mast.base_url, "");
+    let d = Daemon::start_watching(&ws);
+    ws.drop_notice("a.json", &notice);
+    assert!(
+        wait_until(Duration::from_secs(20), || ws.jobs_in("done") == 1
+            && ws.jobs_in("failed") == 1),
+        "{}",
+        d.log()
+    );
+    // From now on MAST wants a token: product 3 ends needs_auth.
+    mast.set_faults(Faults {
+        token: Some("tok".into()),
+        ..Faults::default()
+    });
+    let (third, _) = serve_products(&mast, 3, 1, 10);
+    ws.drop_notice("b.json", &third);
+    assert!(wait_until(Duration::from_secs(20), || ws
+        .jobs_in("needs_auth")
+        == 1));
+    // The daemon writes its figures every 5 s.
+    assert!(wait_until(
+        Duration::from_secs(10),
+        || ws.status()["daemon"]["pid"] == i64::from(d.pid())
+    ));
+
+    let s = ws.status();
+    assert_eq!(s["downloads"]["done"], 1, "{s}");
+    assert_eq!(s["downloads"]["failed"], 1, "{s}");
+    assert_eq!(s["downloads"]["needs_auth"], 1, "{s}");
+    assert_eq!(s["by_event_type"]["New"]["done"], 1, "{s}");
+    assert_eq!(s["by_event_type"]["New"]["failed"], 1, "{s}");
+    assert_eq!(s["by_event_type"]["New"]["needs_auth"], 1, "{s}");
+    assert_eq!(s["by_event_type"]["Public"]["done"], 0, "{s}");
+    let failures = s["recent_failures"].as_array().unwrap();
+    assert_eq!(failures.len(), 2, "{s}");
+    assert!(
+        failures[0]["last_error"].as_str().unwrap().contains("401"),
+        "{s}"
+    );
+    assert!(
+        failures[1]["last_error"].as_str().unwrap().contains("404"),
+        "{s}"
+    );
+    let inbox = &s["sources"][0];
+    assert_eq!(inbox["source"], "inbox", "{s}");
+    assert_eq!(inbox["state"], "watching", "{s}");
+    assert_eq!(inbox["taken"], 2, "{s}");
+    assert!(s["daemon"]["rate"].is_number(), "{s}");
+    assert_eq!(s["bytes_done"], 10 * 2880, "{s}");
+
+    let out = ws.cmd().arg("status").output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    for expected in [
+        format!("daemon:     running (pid {}", d.pid()),
+        "downloads:  0 queued, 0 running, 1 done, 1 failed, 1 needs_auth".to_string(),
+        "New               0       0    1      1          1".to_string(),
+        "needs_auth New program 5105 jwst/jw00003001001_02201_00001/jw00003001001_02201_00001_mirimage_cal.fits: MAST answered HTTP 401".to_string(),
+        "inbox: watching, connected".to_string(),
+        "2 notice(s) taken".to_string(),
+    ] {
+        assert!(text.contains(&expected), "{expected:?} not in:\n{text}");
+    }
+}

@@ -24,7 +24,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, DownloadConfig};
-use crate::store::{DownloadState, Finish, Job, Store};
+use crate::store::{DaemonState, DownloadState, Finish, Job, Store};
 use error::FetchError;
 use fetch::Transfer;
 
@@ -32,6 +32,8 @@ use fetch::Transfer;
 const LEASE: Duration = Duration::from_secs(60);
 /// The fallback sweep for due jobs and orphaned leases.
 const SWEEP: Duration = Duration::from_secs(5);
+/// The daemon's figures for `status` this often.
+const STATE_EVERY: Duration = Duration::from_secs(5);
 /// A summary line this often while there is work.
 const SUMMARY_EVERY: Duration = Duration::from_secs(60);
 
@@ -158,8 +160,27 @@ pub async fn run(
     let mut last_sweep = Instant::now();
     let mut last_summary = Instant::now();
     let mut received_at_summary = 0u64;
+    let started_at = now_ms();
+    // The figures `status` shows for a running daemon, written every few seconds.
+    let mut last_state: Option<(Instant, u64)> = None;
     loop {
         vitals.downloads_alive();
+        if last_state.is_none_or(|(at, _)| at.elapsed() >= STATE_EVERY) {
+            let received = vitals.received.load(Ordering::Relaxed);
+            let rate = last_state.map_or(0.0, |(at, before)| {
+                (received - before) as f64 / at.elapsed().as_secs_f64().max(1e-3)
+            });
+            let state = DaemonState {
+                pid: i64::from(std::process::id()),
+                started_at,
+                rate,
+                updated_at: now_ms(),
+            };
+            if let Err(e) = store.record_daemon_state(&state).await {
+                tracing::warn!("cannot record the daemon's figures for status: {e}");
+            }
+            last_state = Some((Instant::now(), received));
+        }
         // Fill free worker slots with due jobs.
         while workers.len() < pool.config.workers {
             let lease_until = now_ms() + LEASE.as_millis() as i64;

@@ -170,6 +170,7 @@ pub async fn run(
                     );
                     watch.watcher = Some(w);
                     watch.started = Instant::now();
+                    inbox.health("watching", true, None, 0).await;
                     // Files that arrived before the watch began.
                     inbox.scan();
                 }
@@ -180,6 +181,14 @@ pub async fn run(
                         watch.backoff.as_secs(),
                         config.rescan_interval.as_secs()
                     );
+                    inbox
+                        .health(
+                            "scanning only",
+                            false,
+                            Some(format!("cannot watch: {e}")),
+                            0,
+                        )
+                        .await;
                     watch.failed();
                 }
             }
@@ -408,6 +417,25 @@ impl Inbox {
         }
     }
 
+    /// Records the watcher's health for `status` (`taken` notices are added to the count).
+    async fn health(&self, state: &str, connected: bool, error: Option<String>, taken: u64) {
+        let now = crate::store::now_ms();
+        let h = crate::store::SourceHealth {
+            source: "inbox".into(),
+            state: state.into(),
+            detail: Some(self.dir.display().to_string()),
+            connected,
+            last_contact: Some(now),
+            last_error_at: error.as_ref().map(|_| now),
+            last_error: error,
+            taken,
+            updated_at: now,
+        };
+        if let Err(e) = self.ingestor.store().record_source_health(&h).await {
+            tracing::warn!("cannot record the inbox watcher's health: {e}");
+        }
+    }
+
     /// Ingests one file and moves it to `processed/` or `rejected/`, if its name still holds what was read.
     async fn handle(&self, path: &Path) -> Result<Handled, HandleError> {
         let (report, read) = match self.ingestor.ingest_path(path, SourceKind::Inbox).await {
@@ -431,6 +459,7 @@ impl Inbox {
         match moved {
             Ok(dest) => {
                 tracing::debug!("{} moved to {}", path.display(), dest.display());
+                self.health("watching", true, None, 1).await;
                 Ok(Handled::Done)
             }
             Err(e) => Err(HandleError::Move(e)),

@@ -208,7 +208,7 @@ pub struct DownloadRow {
 }
 
 /// Counts for `status`.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct StatusSnapshot {
     /// Jobs by state (every state present, zero included).
     pub downloads: BTreeMap<DownloadState, u64>,
@@ -222,6 +222,23 @@ pub struct StatusSnapshot {
     pub recent_failures: Vec<DownloadRow>,
     /// The health of each source that has reported it.
     pub sources: Vec<SourceHealth>,
+    /// Jobs by event type, then state (every type and state present).
+    pub by_event_type: BTreeMap<EventType, BTreeMap<DownloadState, u64>>,
+    /// What the last running daemon said about itself, if one ever ran.
+    pub daemon: Option<DaemonState>,
+}
+
+/// A running daemon's own figures.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct DaemonState {
+    /// Its process id.
+    pub pid: i64,
+    /// When it started, ms since the epoch.
+    pub started_at: i64,
+    /// Bytes per second received lately.
+    pub rate: f64,
+    /// When it last wrote this, ms since the epoch (a stale time: it is not running).
+    pub updated_at: i64,
 }
 
 /// How a source is doing, for `status`.
@@ -483,6 +500,9 @@ pub trait Store: Send + Sync + 'static {
         uidvalidity: u32,
         last_uid: u32,
     ) -> Result<(), StoreError>;
+
+    /// Records the running daemon's figures (`status` shows them).
+    async fn record_daemon_state(&self, state: &DaemonState) -> Result<(), StoreError>;
 
     /// Records a source's health; `taken` in `health` is added to the count kept, and a `last_error`
     /// or `last_contact` of `None` keeps the one recorded before.

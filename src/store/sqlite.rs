@@ -19,8 +19,8 @@ use sqlx::sqlite::{
 use sqlx::{QueryBuilder, Row, Sqlite};
 
 use super::{
-    DownloadRow, DownloadState, Finish, IngestOutcome, Job, NoticeMeta, NoticeStatus, Progress,
-    SourceHealth, StatusSnapshot, Store, StoreError,
+    DaemonState, DownloadRow, DownloadState, Finish, IngestOutcome, Job, NoticeMeta, NoticeStatus,
+    Progress, SourceHealth, StatusSnapshot, Store, StoreError,
 };
 use crate::categorize::{Categorizer, Disposition, JobRef, LatestJob};
 use crate::notice::{Event, EventType};
@@ -638,6 +638,36 @@ impl Store for SqliteStore {
                 },
             )
             .collect();
+        snap.by_event_type = EventType::ALL
+            .into_iter()
+            .map(|t| (t, DownloadState::ALL.into_iter().map(|s| (s, 0)).collect()))
+            .collect();
+        let rows_by_type: Vec<(String, String, i64)> = sqlx::query_as(
+            "SELECT event_type, state, count(*) FROM downloads GROUP BY event_type, state",
+        )
+        .fetch_all(&mut *conn)
+        .await
+        .map_err(&err)?;
+        for (t, st, n) in rows_by_type {
+            if let (Some(t), Some(st)) = (EventType::parse(&t), DownloadState::parse(&st)) {
+                snap.by_event_type
+                    .entry(t)
+                    .or_default()
+                    .insert(st, n as u64);
+            }
+        }
+        snap.daemon = sqlx::query_as::<_, (i64, i64, f64, i64)>(
+            "SELECT pid, started_at, rate, updated_at FROM daemon_state WHERE id = 1",
+        )
+        .fetch_optional(&mut *conn)
+        .await
+        .map_err(&err)?
+        .map(|(pid, started_at, rate, updated_at)| DaemonState {
+            pid,
+            started_at,
+            rate,
+            updated_at,
+        });
         conn.commit().await.map_err(&err)?;
         snap.recent_failures = rows
             .iter()
@@ -941,6 +971,22 @@ impl Store for SqliteStore {
         .bind(i64::from(uidvalidity))
         .bind(i64::from(last_uid))
         .bind(now_ms())
+        .execute(&self.writer)
+        .await
+        .map_err(self.query_err())?;
+        Ok(())
+    }
+
+    async fn record_daemon_state(&self, d: &DaemonState) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO daemon_state (id, pid, started_at, rate, updated_at) VALUES (1, ?1, ?2, ?3, ?4)
+             ON CONFLICT (id) DO UPDATE SET pid = excluded.pid, started_at = excluded.started_at,
+                 rate = excluded.rate, updated_at = excluded.updated_at",
+        )
+        .bind(d.pid)
+        .bind(d.started_at)
+        .bind(d.rate)
+        .bind(d.updated_at)
         .execute(&self.writer)
         .await
         .map_err(self.query_err())?;
