@@ -357,6 +357,8 @@ pub struct EmailConfig {
     pub smtp_port: u16,
     /// `implicit`, `starttls` or `none`.
     pub tls: TlsMode,
+    /// A PEM file of CA certificates to trust instead of the system's.
+    pub ca_file: Option<PathBuf>,
     /// The SMTP login, if any.
     pub username: Option<String>,
     /// A file holding the SMTP password.
@@ -365,6 +367,15 @@ pub struct EmailConfig {
     pub from: String,
     /// The recipients.
     pub to: Vec<String>,
+    /// The first wait before a mail that could not be sent is tried again.
+    #[serde(with = "humantime_serde")]
+    pub retry_initial: Duration,
+    /// The longest wait between tries.
+    #[serde(with = "humantime_serde")]
+    pub retry_max: Duration,
+    /// At most one alert per cause this often.
+    #[serde(with = "humantime_serde")]
+    pub alert_every: Duration,
 }
 
 impl Default for EmailConfig {
@@ -374,10 +385,14 @@ impl Default for EmailConfig {
             smtp_host: String::new(),
             smtp_port: 587,
             tls: TlsMode::Starttls,
+            ca_file: None,
             username: None,
             password_file: None,
             from: String::new(),
             to: Vec::new(),
+            retry_initial: Duration::from_secs(30),
+            retry_max: Duration::from_secs(30 * 60),
+            alert_every: Duration::from_secs(3600),
         }
     }
 }
@@ -603,6 +618,25 @@ impl Config {
             }
             if self.email.from.is_empty() {
                 problems.push("email.enabled = true but email.from is empty".into());
+            }
+            for address in std::iter::once(&self.email.from).chain(&self.email.to) {
+                if !address.is_empty() && address.parse::<lettre::message::Mailbox>().is_err() {
+                    problems.push(format!(
+                        "email: {address:?} is not a mail address (e.g. \"mastsub@example.org\" or \
+                         \"mastsub <mastsub@example.org>\")"
+                    ));
+                }
+            }
+            if self.email.retry_initial.is_zero() || self.email.retry_initial > self.email.retry_max
+            {
+                problems
+                    .push("email.retry_initial must be above 0 and at most email.retry_max".into());
+            }
+            if self.email.username.is_some() != self.email.password_file.is_some() {
+                problems.push(
+                    "email.username and email.password_file go together: set both or neither"
+                        .into(),
+                );
             }
             if self.email.to.is_empty() {
                 problems.push("email.enabled = true but email.to is empty".into());

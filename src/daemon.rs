@@ -56,6 +56,13 @@ pub async fn run(
                     (Loop::Inbox, Ok(()))
                 })
             }
+            Loop::Mailer => {
+                let (cfg, store) = (config.email.clone(), store.clone());
+                tasks.spawn(async move {
+                    crate::mailer::run(cfg, store, token).await;
+                    (Loop::Mailer, Ok(()))
+                })
+            }
             Loop::Imap => {
                 let source = ImapSource::new(config.imap.clone(), store.clone(), ingestor.clone());
                 tasks.spawn(async move {
@@ -83,6 +90,9 @@ pub async fn run(
     }
     if config.imap.enabled {
         wanted.push(Loop::Imap);
+    }
+    if config.email.enabled {
+        wanted.push(Loop::Mailer);
     }
     for which in wanted {
         let (id, which) = start(&mut tasks, which);
@@ -164,5 +174,6 @@ pub async fn run(
 enum Loop {
     Inbox,
     Imap,
+    Mailer,
     Downloads,
 }

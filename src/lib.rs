@@ -14,6 +14,7 @@ pub mod download;
 pub mod fsutil;
 pub mod ingest;
 pub mod logging;
+pub mod mailer;
 pub mod notice;
 pub mod product;
 pub mod service;

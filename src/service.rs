@@ -92,12 +92,11 @@ pub fn status_line(s: &StatusSnapshot, rate: f64) -> String {
         rate / 1e6
     );
     for h in &s.sources {
-        let state = if h.connected {
-            "connected".to_string()
-        } else {
-            h.state.clone()
-        };
-        line.push_str(&format!("; {} {state}", h.source.to_uppercase()));
+        match h.source.as_str() {
+            "imap" if h.connected => line.push_str("; IMAP connected"),
+            "imap" => line.push_str(&format!("; IMAP {}", h.state)),
+            other => line.push_str(&format!("; {other} {}", h.state)),
+        }
     }
     line
 }

@@ -78,6 +78,7 @@ fn systemd_sees_ready_status_watchdog_and_stopping_and_a_stop_keeps_part_files()
         manager.lines(),
         d.log()
     );
+    d.wait_for_log("watching inbox", Duration::from_secs(20));
     ws.drop_notice("n.json", &notice);
     // Pings at half the watchdog interval while the loops turn.
     assert!(

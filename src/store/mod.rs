@@ -228,6 +228,64 @@ pub struct StatusSnapshot {
     pub daemon: Option<DaemonState>,
 }
 
+/// A notice whose downloads have all ended, for its summary mail.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NoticeDigest {
+    /// The notice's id.
+    pub notice_id: i64,
+    /// Its file or attachment name.
+    pub name: String,
+    /// Where it came from (`inbox`, `imap`, `cli`).
+    pub source_kind: String,
+    /// When it was received, ms since the epoch.
+    pub received_at: i64,
+    /// Its events with their jobs (the job is `None` for events recorded only).
+    pub items: Vec<DigestItem>,
+}
+
+/// One event of a [`NoticeDigest`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DigestItem {
+    /// `New`, `Reprocessed` or `Public`.
+    pub event_type: String,
+    /// The program.
+    pub program: i64,
+    /// `<mission>/<fileset>/<filename>`.
+    pub local_path: String,
+    /// The job's end state, if the event has a job.
+    pub state: Option<DownloadState>,
+    /// Bytes on disk.
+    pub bytes: i64,
+    /// The job's last error.
+    pub error: Option<String>,
+}
+
+/// A mail to queue.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewMail {
+    /// `summary` or `alert`.
+    pub kind: &'static str,
+    /// For alerts: the cause, one mail per cause per `email.alert_every`.
+    pub cause: Option<String>,
+    /// The subject.
+    pub subject: String,
+    /// The plain-text body.
+    pub body: String,
+}
+
+/// A queued mail.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutMail {
+    /// Its id.
+    pub id: i64,
+    /// The subject.
+    pub subject: String,
+    /// The body.
+    pub body: String,
+    /// Tries so far.
+    pub attempts: i64,
+}
+
 /// A running daemon's own figures.
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct DaemonState {
@@ -500,6 +558,40 @@ pub trait Store: Send + Sync + 'static {
         uidvalidity: u32,
         last_uid: u32,
     ) -> Result<(), StoreError>;
+
+    /// The mailer's watermarks (set to `now` the first time): (e-mail enabled since, alerts looked at
+    /// until).
+    async fn mail_watermarks(&self, now: i64) -> Result<(i64, i64), StoreError>;
+
+    /// Notices received since `since`, not summarized yet, whose downloads have all ended.
+    async fn notices_to_summarize(&self, since: i64) -> Result<Vec<NoticeDigest>, StoreError>;
+
+    /// Queues `mail` (if any) and, in the same transaction, marks `notice` summarized.
+    async fn queue_summary(
+        &self,
+        notice: i64,
+        mail: Option<&NewMail>,
+        now: i64,
+    ) -> Result<(), StoreError>;
+
+    /// Jobs that ended `failed` or `needs_auth` after `after` (by their last change), oldest first.
+    async fn failures_since(&self, after: i64) -> Result<Vec<DownloadRow>, StoreError>;
+
+    /// When the last alert for `cause` was queued.
+    async fn last_alert(&self, cause: &str) -> Result<Option<i64>, StoreError>;
+
+    /// Queues the alert mails and moves the alert watermark to `until`, in one transaction.
+    async fn queue_alerts(&self, mails: &[NewMail], until: i64, now: i64)
+    -> Result<(), StoreError>;
+
+    /// Unsent mails due at `now`, oldest first.
+    async fn due_mail(&self, now: i64) -> Result<Vec<OutMail>, StoreError>;
+
+    /// Records a mail as sent.
+    async fn mail_sent(&self, id: i64, now: i64) -> Result<(), StoreError>;
+
+    /// Records a failed try; the next one at `next_at`.
+    async fn mail_failed(&self, id: i64, error: &str, next_at: i64) -> Result<(), StoreError>;
 
     /// Records the running daemon's figures (`status` shows them).
     async fn record_daemon_state(&self, state: &DaemonState) -> Result<(), StoreError>;

@@ -22,6 +22,7 @@ use super::{
     DaemonState, DownloadRow, DownloadState, Finish, IngestOutcome, Job, NoticeMeta, NoticeStatus,
     Progress, SourceHealth, StatusSnapshot, Store, StoreError,
 };
+use super::{DigestItem, NewMail, NoticeDigest, OutMail};
 use crate::categorize::{Categorizer, Disposition, JobRef, LatestJob};
 use crate::notice::{Event, EventType};
 
@@ -977,6 +978,178 @@ impl Store for SqliteStore {
         Ok(())
     }
 
+    async fn mail_watermarks(&self, now: i64) -> Result<(i64, i64), StoreError> {
+        let err = self.query_err();
+        sqlx::query(
+            "INSERT OR IGNORE INTO mailer_state (id, enabled_since, alerts_until) VALUES (1, ?1, ?1)",
+        )
+        .bind(now)
+        .execute(&self.writer)
+        .await
+        .map_err(&err)?;
+        sqlx::query_as("SELECT enabled_since, alerts_until FROM mailer_state WHERE id = 1")
+            .fetch_one(&self.writer)
+            .await
+            .map_err(&err)
+    }
+
+    async fn notices_to_summarize(&self, since: i64) -> Result<Vec<NoticeDigest>, StoreError> {
+        let err = self.query_err();
+        let notices: Vec<(i64, String, String, i64)> = sqlx::query_as(
+            "SELECT n.id, n.name, n.source_kind, n.received_at FROM notices AS n
+             WHERE n.summarized_at IS NULL AND n.received_at >= ?1
+               AND NOT EXISTS (
+                   SELECT 1 FROM events AS e JOIN downloads AS d ON d.id = e.download_id
+                   WHERE e.notice_id = n.id AND d.state IN ('queued', 'running'))
+             ORDER BY n.id LIMIT 100",
+        )
+        .bind(since)
+        .fetch_all(&self.readers)
+        .await
+        .map_err(&err)?;
+        let mut out = Vec::with_capacity(notices.len());
+        for (notice_id, name, source_kind, received_at) in notices {
+            let rows: Vec<DigestRow> = sqlx::query_as(
+                "SELECT e.event_type, e.program,
+                        lower(e.mission) || '/' || e.fileset || '/' || e.filename,
+                        d.state, d.bytes_done, d.last_error
+                 FROM events AS e LEFT JOIN downloads AS d ON d.id = e.download_id
+                 WHERE e.notice_id = ?1 ORDER BY e.record_index",
+            )
+            .bind(notice_id)
+            .fetch_all(&self.readers)
+            .await
+            .map_err(&err)?;
+            out.push(NoticeDigest {
+                notice_id,
+                name,
+                source_kind,
+                received_at,
+                items: rows
+                    .into_iter()
+                    .map(
+                        |(event_type, program, local_path, state, bytes, error)| DigestItem {
+                            event_type,
+                            program,
+                            local_path,
+                            state: state.as_deref().and_then(DownloadState::parse),
+                            bytes: bytes.unwrap_or(0),
+                            error,
+                        },
+                    )
+                    .collect(),
+            });
+        }
+        Ok(out)
+    }
+
+    async fn queue_summary(
+        &self,
+        notice: i64,
+        mail: Option<&NewMail>,
+        now: i64,
+    ) -> Result<(), StoreError> {
+        let err = self.query_err();
+        let mut tx = self.writer.begin().await.map_err(&err)?;
+        if let Some(m) = mail {
+            insert_mail(&mut tx, m, now).await.map_err(&err)?;
+        }
+        sqlx::query("UPDATE notices SET summarized_at = ?2 WHERE id = ?1")
+            .bind(notice)
+            .bind(now)
+            .execute(&mut *tx)
+            .await
+            .map_err(&err)?;
+        tx.commit().await.map_err(&err)
+    }
+
+    async fn failures_since(&self, after: i64) -> Result<Vec<DownloadRow>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT id, mission, fileset, filename, program, event_type, version, url, local_path,
+                    state, attempts, bytes_expected, bytes_done, last_error, updated_at
+             FROM downloads WHERE state IN ('failed', 'needs_auth') AND updated_at > ?1
+             ORDER BY updated_at, id LIMIT 1000",
+        )
+        .bind(after)
+        .fetch_all(&self.readers)
+        .await
+        .map_err(self.query_err())?;
+        rows.iter().map(|r| self.download_row(r)).collect()
+    }
+
+    async fn last_alert(&self, cause: &str) -> Result<Option<i64>, StoreError> {
+        sqlx::query_scalar("SELECT max(created_at) FROM outbox WHERE kind = 'alert' AND cause = ?1")
+            .bind(cause)
+            .fetch_one(&self.readers)
+            .await
+            .map_err(self.query_err())
+    }
+
+    async fn queue_alerts(
+        &self,
+        mails: &[NewMail],
+        until: i64,
+        now: i64,
+    ) -> Result<(), StoreError> {
+        let err = self.query_err();
+        let mut tx = self.writer.begin().await.map_err(&err)?;
+        for m in mails {
+            insert_mail(&mut tx, m, now).await.map_err(&err)?;
+        }
+        sqlx::query("UPDATE mailer_state SET alerts_until = max(alerts_until, ?1) WHERE id = 1")
+            .bind(until)
+            .execute(&mut *tx)
+            .await
+            .map_err(&err)?;
+        tx.commit().await.map_err(&err)
+    }
+
+    async fn due_mail(&self, now: i64) -> Result<Vec<OutMail>, StoreError> {
+        let rows: Vec<(i64, String, String, i64)> = sqlx::query_as(
+            "SELECT id, subject, body, attempts FROM outbox
+             WHERE sent_at IS NULL AND next_attempt_at <= ?1 ORDER BY id LIMIT 50",
+        )
+        .bind(now)
+        .fetch_all(&self.writer)
+        .await
+        .map_err(self.query_err())?;
+        Ok(rows
+            .into_iter()
+            .map(|(id, subject, body, attempts)| OutMail {
+                id,
+                subject,
+                body,
+                attempts,
+            })
+            .collect())
+    }
+
+    async fn mail_sent(&self, id: i64, now: i64) -> Result<(), StoreError> {
+        sqlx::query(
+            "UPDATE outbox SET sent_at = ?2, attempts = attempts + 1, last_error = NULL WHERE id = ?1",
+        )
+        .bind(id)
+        .bind(now)
+        .execute(&self.writer)
+        .await
+        .map_err(self.query_err())?;
+        Ok(())
+    }
+
+    async fn mail_failed(&self, id: i64, error: &str, next_at: i64) -> Result<(), StoreError> {
+        sqlx::query(
+            "UPDATE outbox SET attempts = attempts + 1, last_error = ?2, next_attempt_at = ?3
+             WHERE id = ?1",
+        )
+        .bind(id)
+        .bind(error)
+        .bind(next_at)
+        .execute(&self.writer)
+        .await
+        .map_err(self.query_err())?;
+        Ok(())
+    }
+
     async fn record_daemon_state(&self, d: &DaemonState) -> Result<(), StoreError> {
         sqlx::query(
             "INSERT INTO daemon_state (id, pid, started_at, rate, updated_at) VALUES (1, ?1, ?2, ?3, ?4)
@@ -1024,4 +1197,34 @@ impl Store for SqliteStore {
         self.readers.close().await;
         self.writer.close().await;
     }
+}
+
+/// An event of a notice with its job: type, program, local path, state, bytes, error.
+type DigestRow = (
+    String,
+    i64,
+    String,
+    Option<String>,
+    Option<i64>,
+    Option<String>,
+);
+
+/// Inserts a mail into the outbox, due at once.
+async fn insert_mail(
+    tx: &mut sqlx::Transaction<'_, Sqlite>,
+    m: &NewMail,
+    now: i64,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "INSERT INTO outbox (kind, cause, subject, body, created_at, next_attempt_at)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?5)",
+    )
+    .bind(m.kind)
+    .bind(&m.cause)
+    .bind(&m.subject)
+    .bind(&m.body)
+    .bind(now)
+    .execute(&mut **tx)
+    .await
+    .map(drop)
 }

@@ -57,7 +57,7 @@ fn current_user() -> (u32, u32, String) {
 }
 
 /// A CA and a server certificate for 127.0.0.1 and localhost, as PEM: (ca, cert, key).
-fn certificates() -> (String, String, String) {
+pub fn certificates() -> (String, String, String) {
     use rcgen::{
         BasicConstraints, CertificateParams, DistinguishedName, DnType, IsCa, Issuer, KeyPair,
         SanType,
