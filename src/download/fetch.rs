@@ -257,7 +257,7 @@ impl Transfer {
                             tracing::warn!(
                                 "{}: the server's 206 does not continue the .part file at byte {offset} \
                                  (Content-Range {other:?}, same version: {same_version}); starting over",
-                                job.filename
+                                job.about()
                             );
                             offset = 0;
                         }
@@ -278,7 +278,7 @@ impl Transfer {
                     _ => {
                         tracing::warn!(
                             "{}: the server cannot continue at byte {offset}; starting over",
-                            job.filename
+                            job.about()
                         );
                         offset = 0;
                     }
@@ -446,7 +446,7 @@ impl Transfer {
                     self.report(job, start, total, &validator).await?;
                 }
                 if let Err(flush) = out.flush().await {
-                    tracing::warn!("{}: {flush}", job.filename);
+                    tracing::warn!("{}: {flush}", job.about());
                 }
             }
             if !matches!(e, FetchError::LeaseLost) {

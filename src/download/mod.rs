@@ -332,10 +332,8 @@ impl Pool {
         let t = &self.transfer;
         let started = Instant::now();
         tracing::info!(
-            "downloading {} (program {}, {}), attempt {}{}",
-            job.local_path,
-            job.program,
-            job.event_type,
+            "downloading {}, attempt {}{}",
+            job.about(),
             job.attempt,
             if job.bytes_done > 0 {
                 format!(", resuming at byte {}", job.bytes_done)
@@ -353,7 +351,7 @@ impl Pool {
                 {
                     Ok(true) => {}
                     Ok(false) => return FetchError::LeaseLost,
-                    Err(e) => tracing::warn!("cannot renew the lease of {}: {e}", job.local_path),
+                    Err(e) => tracing::warn!("cannot renew the lease of {}: {e}", job.about()),
                 }
             }
         };
@@ -375,10 +373,8 @@ impl Pool {
             Ok(f) => {
                 let secs = started.elapsed().as_secs_f64();
                 tracing::info!(
-                    "done {} (program {}, {}): {} bytes in {:.1}s, {:.1} MB/s, attempt {}{}",
-                    job.local_path,
-                    job.program,
-                    job.event_type,
+                    "done {}: {} bytes in {:.1}s, {:.1} MB/s, attempt {}{}",
+                    job.about(),
                     f.bytes,
                     secs,
                     f.fetched as f64 / secs.max(1e-3) / 1e6,
@@ -396,7 +392,7 @@ impl Pool {
             Err(FetchError::LeaseLost) => {
                 tracing::warn!(
                     "{}: another worker took this job over (lease lost); leaving it",
-                    job.local_path
+                    job.about()
                 );
                 return None;
             }
@@ -424,11 +420,11 @@ impl Pool {
             Ok(true) => {}
             Ok(false) => tracing::warn!(
                 "{}: the job's lease was lost before it could be recorded",
-                job.local_path
+                job.about()
             ),
             Err(e) => tracing::error!(
                 "{}: cannot record the attempt's end: {e}; its lease will expire",
-                job.local_path
+                job.about()
             ),
         }
         next
@@ -436,10 +432,7 @@ impl Pool {
 }
 
 fn log_failure(job: &Job, error: &FetchError, finish: &Finish, now: i64) {
-    let what = format!(
-        "{} (program {}, {})",
-        job.local_path, job.program, job.event_type
-    );
+    let what = job.about();
     match finish {
         Finish::Retry { .. } if matches!(error, FetchError::Interrupted) => {
             tracing::info!(

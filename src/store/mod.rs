@@ -359,6 +359,16 @@ pub struct Job {
     pub not_found_since: Option<i64>,
 }
 
+impl Job {
+    /// How log lines name the job: its file, program and event type.
+    pub fn about(&self) -> String {
+        format!(
+            "{} (program {}, {})",
+            self.local_path, self.program, self.event_type
+        )
+    }
+}
+
 /// What a worker reports while it downloads; it also renews the lease.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Progress {
