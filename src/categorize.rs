@@ -130,6 +130,8 @@ pub struct Plan<'a> {
 pub struct Categorizer {
     policy: EventsConfig,
     urls: product::UrlBuilder,
+    filters: crate::filters::Filters,
+    flat: bool,
 }
 
 /// A product's job while the plan is made: one that existed, or one the plan adds.
@@ -146,7 +148,46 @@ impl Categorizer {
         Categorizer {
             policy,
             urls: product::UrlBuilder::new(base_url),
+            filters: crate::filters::Filters::default(),
+            flat: false,
         }
+    }
+
+    /// Events that `filters` refuses are recorded only.
+    pub fn filtered(mut self, filters: crate::filters::Filters) -> Categorizer {
+        self.filters = filters;
+        self
+    }
+
+    /// Files go straight into `storage.downloads`, without the `<mission>/<fileset>/` folders.
+    pub fn flat(mut self, flat: bool) -> Categorizer {
+        self.flat = flat;
+        self
+    }
+
+    /// Where `event`'s product goes, relative to `storage.downloads`.
+    pub fn local_path(&self, event: &Event) -> String {
+        if self.flat {
+            event.filename.clone()
+        } else {
+            product::local_path(event).to_string_lossy().into_owned()
+        }
+    }
+
+    /// The URL `event`'s product is fetched from.
+    pub fn url(&self, event: &Event) -> String {
+        self.urls.url(event)
+    }
+
+    /// Why `event` is not downloaded by policy or filter, if it is not.
+    pub fn skipped(&self, event: &Event) -> Option<String> {
+        if self.policy.action_for(event.event_type) == EventAction::Record {
+            return Some(format!(
+                "recorded only ([events] {} = \"record\")",
+                event.event_type.to_string().to_ascii_lowercase()
+            ));
+        }
+        self.filters.refuses(event)
     }
 
     /// Plans the changes for `events` (already free of recorded and repeated event ids), given the latest
@@ -158,7 +199,7 @@ impl Categorizer {
         let mut update_order: Vec<i64> = Vec::new();
 
         for &event in events {
-            if self.policy.action_for(event.event_type) == EventAction::Record {
+            if self.skipped(event).is_some() {
                 plan.events.push(PlannedEvent {
                     event,
                     disposition: Disposition::RecordOnly,
@@ -203,7 +244,7 @@ impl Categorizer {
                         event_type: event.event_type,
                         version: version.to_string(),
                         url: self.urls.url(event),
-                        local_path: product::local_path(event).to_string_lossy().into_owned(),
+                        local_path: self.local_path(event),
                     });
                     let job = JobRef::New(plan.new_jobs.len() - 1);
                     current.insert(

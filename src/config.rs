@@ -87,6 +87,8 @@ pub struct Config {
     pub download: DownloadConfig,
     /// What each event type leads to.
     pub events: EventsConfig,
+    /// Which products are downloaded (the others are recorded only).
+    pub filters: crate::filters::FiltersConfig,
     /// The IMAP source.
     pub imap: ImapConfig,
     /// E-mail summaries.
@@ -429,7 +431,14 @@ impl Default for LogConfig {
 }
 
 /// Keys whose environment value is a comma-separated list.
-const LIST_KEYS: [&str; 2] = ["imap.allowed_senders", "email.to"];
+const LIST_KEYS: [&str; 6] = [
+    "imap.allowed_senders",
+    "email.to",
+    "filters.event_type",
+    "filters.mission",
+    "filters.program",
+    "filters.filename",
+];
 
 impl Config {
     /// Loads the configuration: defaults, then `file` (or [`SYSTEM_CONFIG`] if it exists), then the
@@ -542,6 +551,9 @@ impl Config {
                 "log.level = {:?}: {e}; expected error, warn, info, debug or trace",
                 self.log.level
             ));
+        }
+        if let Err(e) = crate::filters::Filters::new(&self.filters) {
+            problems.push(format!("[filters] {e}"));
         }
         if self.imap.enabled {
             if self.imap.host.is_empty() {

@@ -201,6 +201,17 @@ pub struct Ingestor {
 }
 
 impl Ingestor {
+    /// Files go straight into `storage.downloads` (the `download --flat` layout).
+    pub fn flat(mut self, flat: bool) -> Ingestor {
+        self.categorizer = self.categorizer.flat(flat);
+        self
+    }
+
+    /// How it decides what each event does.
+    pub fn categorizer(&self) -> &Categorizer {
+        &self.categorizer
+    }
+
     /// The store it records into.
     pub fn store(&self) -> &Arc<dyn Store> {
         &self.store
@@ -214,7 +225,9 @@ impl Ingestor {
         });
         Ingestor {
             store,
-            categorizer: Categorizer::new(config.events, &base_url),
+            // Config::validate checked the filters too.
+            categorizer: Categorizer::new(config.events, &base_url)
+                .filtered(crate::filters::Filters::new(&config.filters).unwrap_or_default()),
             limits: Limits {
                 max_size: config.ingest.max_notice_size.as_u64(),
                 max_nesting: config.ingest.max_nesting,

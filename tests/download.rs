@@ -7,29 +7,10 @@ mod common;
 use std::time::Duration;
 
 use common::mast::{
-    Faults, MastStandIn, assert_identical, fits_product, serve_products, wait_done,
+    Faults, MastStandIn, assert_identical, fits_product, serve_products, serve_sample, wait_done,
 };
 use common::{Daemon, Workspace, wait_until};
-use serde_json::{Value, json};
-
-/// The sample's three products, served by `mast`; returns (local path, bytes).
-fn serve_sample(mast: &MastStandIn) -> Vec<(String, Vec<u8>)> {
-    let notice: Vec<Value> =
-        serde_json::from_slice(&std::fs::read(common::sample_notice()).unwrap()).unwrap();
-    notice
-        .iter()
-        .enumerate()
-        .map(|(i, r)| {
-            let name = r["filename"].as_str().unwrap();
-            let body = fits_product(name, 20 + i * 7, 1);
-            mast.put(name, body.clone());
-            (
-                format!("jwst/{}/{name}", r["fileset"].as_str().unwrap()),
-                body,
-            )
-        })
-        .collect()
-}
+use serde_json::json;
 
 #[test]
 fn the_sample_products_arrive_byte_identical_at_astroquery_paths() {

@@ -543,6 +543,9 @@ pub trait Store: Send + Sync + 'static {
     /// `failed` and `needs_auth` job. Returns how many.
     async fn retry(&self, ids: Option<&[i64]>, now: i64) -> Result<u64, StoreError>;
 
+    /// Queues these `done` jobs again (their file is gone or damaged). Returns how many.
+    async fn redo(&self, ids: &[i64], now: i64) -> Result<u64, StoreError>;
+
     /// Re-queues every `needs_auth` job (a token has appeared). Returns how many.
     async fn requeue_needs_auth(&self, now: i64) -> Result<u64, StoreError>;
 

@@ -915,6 +915,22 @@ impl Store for SqliteStore {
         Ok(done.rows_affected())
     }
 
+    async fn redo(&self, ids: &[i64], now: i64) -> Result<u64, StoreError> {
+        let done = sqlx::query(
+            "UPDATE downloads SET
+                 state = 'queued', attempts = 0, next_attempt_at = ?2, last_error = NULL,
+                 verify_failures = 0, not_found_since = NULL, bytes_done = 0, finished_at = NULL,
+                 updated_at = ?2
+             WHERE id IN (SELECT value FROM json_each(?1)) AND state = 'done'",
+        )
+        .bind(json_text(&ids))
+        .bind(now)
+        .execute(&self.writer)
+        .await
+        .map_err(self.query_err())?;
+        Ok(done.rows_affected())
+    }
+
     async fn requeue_needs_auth(&self, now: i64) -> Result<u64, StoreError> {
         let done = sqlx::query(REQUEUE_NEEDS_AUTH)
             .bind(now)

@@ -419,3 +419,22 @@ pub fn wait_done(ws: &Workspace, d: &Daemon, n: i64, timeout: Duration) {
             .join("\n")
     );
 }
+
+/// The sample's three products, served by `mast`; returns (local path, bytes).
+pub fn serve_sample(mast: &MastStandIn) -> Vec<(String, Vec<u8>)> {
+    let notice: Vec<serde_json::Value> =
+        serde_json::from_slice(&std::fs::read(super::sample_notice()).unwrap()).unwrap();
+    notice
+        .iter()
+        .enumerate()
+        .map(|(i, r)| {
+            let name = r["filename"].as_str().unwrap();
+            let body = fits_product(name, 20 + i * 7, 1);
+            mast.put(name, body.clone());
+            (
+                format!("jwst/{}/{name}", r["fileset"].as_str().unwrap()),
+                body,
+            )
+        })
+        .collect()
+}

@@ -1,0 +1,507 @@
+//! `mastsub download`: astroquery's two-line download as one command. The notices go into a store of the
+//! download folder's own (`D/.mastsub/`), the daemon's download engine fetches the products (workers,
+//! retry, verified resume, fsync + rename), progress shows as bars on a terminal and as lines otherwise,
+//! and a manifest like astroquery's ends it: one row per product, COMPLETE, ERROR or SKIPPED, with why.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::io::{IsTerminal, Read};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
+use serde::Serialize;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+use crate::download;
+use crate::filters::{Filters, FiltersConfig};
+use crate::ingest::Ingestor;
+use crate::notice;
+use crate::service::Vitals;
+use crate::store::{DownloadRow, DownloadState, SourceKind, SqliteStore, Store, now_ms};
+
+/// How often progress is read from the store.
+const TICK: Duration = Duration::from_millis(200);
+
+/// What the command line asked for.
+#[derive(Debug, Clone)]
+pub struct Args {
+    /// The notice files.
+    pub notices: Vec<PathBuf>,
+    /// The download folder (default: the current one).
+    pub dir: PathBuf,
+    /// Files straight into `dir`.
+    pub flat: bool,
+    /// `--event-type`, `--mission`, `--program`, `--filename`.
+    pub filters: FiltersConfig,
+    /// Also write the manifest here (`.csv` or `.json`).
+    pub manifest: Option<PathBuf>,
+    /// Only the manifest.
+    pub quiet: bool,
+}
+
+/// One manifest row, as astroquery's.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct Row {
+    /// Where the file is (or would be).
+    #[serde(rename = "Local Path")]
+    pub local_path: String,
+    /// COMPLETE, ERROR or SKIPPED.
+    #[serde(rename = "Status")]
+    pub status: &'static str,
+    /// Why, for ERROR and SKIPPED.
+    #[serde(rename = "Message")]
+    pub message: String,
+    /// Where from.
+    #[serde(rename = "URL")]
+    pub url: String,
+}
+
+/// Runs the command.
+pub async fn run(mut config: Config, args: Args) -> anyhow::Result<ExitCode> {
+    // The command line's filters replace the config's, field by field.
+    let f = &args.filters;
+    for (given, field) in [
+        (&f.event_type, &mut config.filters.event_type),
+        (&f.mission, &mut config.filters.mission),
+        (&f.program, &mut config.filters.program),
+        (&f.filename, &mut config.filters.filename),
+    ] {
+        if !given.is_empty() {
+            field.clone_from(given);
+        }
+    }
+    if let Err(e) = Filters::new(&config.filters) {
+        eprintln!("mastsub: {e}");
+        return Ok(ExitCode::from(2));
+    }
+    let state_dir = args.dir.join(".mastsub");
+    std::fs::create_dir_all(&state_dir)?;
+    config.storage.database = state_dir.join("mastsub.db");
+    config.storage.downloads = if args.flat {
+        args.dir.clone()
+    } else {
+        args.dir.join("mastDownload")
+    };
+    // A one-shot run does not wait hours for a product that is not there.
+    config.download.not_found_retry = config.download.not_found_retry.min(Duration::from_secs(5));
+    config.download.not_found_give_up = config
+        .download
+        .not_found_give_up
+        .min(Duration::from_secs(30));
+
+    let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&config.storage.database).await?);
+    let wake = Arc::new(Notify::new());
+    let ingestor = Ingestor::new(store.clone(), &config)
+        .flat(args.flat)
+        .waking(wake.clone());
+
+    // Ingest, with the same clear errors as `ingest`; the records of good notices make the manifest.
+    let mut bad_notice = false;
+    let mut events = Vec::new();
+    for file in &args.notices {
+        match ingestor.ingest_file(file, SourceKind::Cli).await {
+            Ok(report) if report.is_accepted() => {}
+            Ok(report) => {
+                bad_notice = true;
+                eprintln!("mastsub: {}: {}", file.display(), report.summary());
+                for line in report.error_lines() {
+                    eprintln!("  {line}");
+                }
+            }
+            Err(e) => {
+                bad_notice = true;
+                eprintln!("mastsub: {}: {e}", file.display());
+                continue;
+            }
+        }
+        if let Ok(bytes) = std::fs::read(file)
+            && let Ok(parsed) = notice::parse(&bytes, &Default::default())
+        {
+            events.extend(parsed.events);
+        }
+    }
+
+    // The jobs of these events; finished ones whose file is gone or damaged go again, failed ones too.
+    let categorizer = ingestor.categorizer();
+    let rows = store.list_downloads(None).await?;
+    let by_path: HashMap<(&str, &str), &DownloadRow> = rows
+        .iter()
+        .map(|r| ((r.local_path.as_str(), r.version.as_str()), r))
+        .collect();
+    let mut ours: HashSet<i64> = HashSet::new();
+    let (mut redo, mut again) = (Vec::new(), Vec::new());
+    for e in &events {
+        if categorizer.skipped(e).is_some() {
+            continue;
+        }
+        let path = categorizer.local_path(e);
+        let version = e.archived_date.canonical();
+        if let Some(r) = by_path.get(&(path.as_str(), version)) {
+            ours.insert(r.id);
+            match r.state {
+                DownloadState::Done
+                    if !looks_complete(
+                        &config.storage.downloads.join(&r.local_path),
+                        r.bytes_done,
+                    ) =>
+                {
+                    redo.push(r.id)
+                }
+                DownloadState::Failed | DownloadState::NeedsAuth => again.push(r.id),
+                _ => {}
+            }
+        }
+    }
+    if !redo.is_empty() {
+        store.redo(&redo, now_ms()).await?;
+    }
+    if !again.is_empty() {
+        store.retry(Some(&again), now_ms()).await?;
+    }
+
+    let mut progress = Progress::new(args.quiet);
+    progress.baseline(
+        &store
+            .list_downloads(None)
+            .await?
+            .into_iter()
+            .filter(|r| ours.contains(&r.id))
+            .collect::<Vec<_>>(),
+    );
+    // The engine, until every job of ours has ended (or Ctrl-C).
+    let stop = CancellationToken::new();
+    let (_reload_tx, reload) = tokio::sync::watch::channel(0u64);
+    let pool = tokio::spawn({
+        let (config, store, stop) = (config.clone(), store.clone(), stop.clone());
+        async move {
+            download::run(
+                &config,
+                store,
+                wake,
+                Arc::new(Vitals::default()),
+                reload,
+                stop,
+            )
+            .await
+        }
+    });
+    let interrupted = loop {
+        let rows: Vec<DownloadRow> = store
+            .list_downloads(None)
+            .await?
+            .into_iter()
+            .filter(|r| ours.contains(&r.id))
+            .collect();
+        progress.update(&rows);
+        if rows
+            .iter()
+            .all(|r| !matches!(r.state, DownloadState::Queued | DownloadState::Running))
+        {
+            break false;
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(TICK) => {}
+            _ = tokio::signal::ctrl_c() => break true,
+        }
+    };
+    stop.cancel();
+    if let Ok(Err(e)) = pool.await {
+        eprintln!("mastsub: {e:#}");
+    }
+    progress.finish();
+
+    let rows = store.list_downloads(None).await?;
+    store.close().await;
+    let manifest = manifest(&events, categorizer, &rows, &config.storage.downloads);
+    print!("{}", render(&manifest));
+    if let Some(path) = &args.manifest {
+        write_manifest(path, &manifest)?;
+    }
+    if interrupted {
+        eprintln!("mastsub: interrupted; run the same command again to resume");
+        return Ok(ExitCode::from(1));
+    }
+    let errors = manifest.iter().filter(|r| r.status == "ERROR").count();
+    Ok(if errors > 0 || bad_notice {
+        ExitCode::from(1)
+    } else {
+        ExitCode::SUCCESS
+    })
+}
+
+/// A finished file still there, whole: its size as recorded, and for FITS whole blocks starting with
+/// `SIMPLE  =`.
+fn looks_complete(path: &Path, size: i64) -> bool {
+    let Ok(meta) = std::fs::metadata(path) else {
+        return false;
+    };
+    if meta.len() as i64 != size || size == 0 {
+        return false;
+    }
+    let fits = path
+        .extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("fits"));
+    if !fits {
+        return true;
+    }
+    let mut head = [0u8; 9];
+    meta.len().is_multiple_of(2880)
+        && std::fs::File::open(path)
+            .and_then(|mut f| f.read_exact(&mut head))
+            .is_ok()
+        && &head == b"SIMPLE  ="
+}
+
+/// The manifest: one row per product of `events`, in notice order.
+pub fn manifest(
+    events: &[notice::Event],
+    categorizer: &crate::categorize::Categorizer,
+    rows: &[DownloadRow],
+    root: &Path,
+) -> Vec<Row> {
+    let jobs: HashMap<(&str, &str), &DownloadRow> = rows
+        .iter()
+        .map(|r| ((r.local_path.as_str(), r.version.as_str()), r))
+        .collect();
+    let mut seen: BTreeMap<String, usize> = BTreeMap::new();
+    let mut out: Vec<Row> = Vec::new();
+    for e in events {
+        let rel = categorizer.local_path(e);
+        let local_path = root.join(&rel).display().to_string();
+        let version = e.archived_date.canonical();
+        let row = match categorizer.skipped(e) {
+            Some(why) => Row {
+                local_path: local_path.clone(),
+                status: "SKIPPED",
+                message: why,
+                url: categorizer.url(e),
+            },
+            None => match jobs.get(&(rel.as_str(), version)) {
+                Some(j) if j.state == DownloadState::Done => Row {
+                    local_path: local_path.clone(),
+                    status: "COMPLETE",
+                    message: String::new(),
+                    url: j.url.clone(),
+                },
+                Some(j) => Row {
+                    local_path: local_path.clone(),
+                    status: "ERROR",
+                    message: j
+                        .last_error
+                        .clone()
+                        .unwrap_or_else(|| format!("not downloaded ({})", j.state)),
+                    url: j.url.clone(),
+                },
+                None => Row {
+                    local_path: local_path.clone(),
+                    status: "ERROR",
+                    message: "no download job (a newer version was recorded)".into(),
+                    url: categorizer.url(e),
+                },
+            },
+        };
+        // One row per product: a later event of the same file (New, then Public) replaces a SKIPPED row.
+        match seen.get(&local_path) {
+            Some(&i) if out[i].status == "SKIPPED" && row.status != "SKIPPED" => out[i] = row,
+            Some(_) => {}
+            None => {
+                seen.insert(local_path, out.len());
+                out.push(row);
+            }
+        }
+    }
+    out
+}
+
+/// The manifest as a table, astroquery's columns.
+pub fn render(rows: &[Row]) -> String {
+    let w = |f: fn(&Row) -> &str, title: &str| {
+        rows.iter()
+            .map(|r| f(r).chars().count())
+            .max()
+            .unwrap_or(0)
+            .max(title.len())
+    };
+    let (wp, ws, wm) = (
+        w(|r| &r.local_path, "Local Path"),
+        w(|r| r.status, "Status"),
+        w(|r| &r.message, "Message"),
+    );
+    let mut out = format!(
+        "{:<wp$} {:<ws$} {:<wm$} URL\n{} {} {} ---\n",
+        "Local Path",
+        "Status",
+        "Message",
+        "-".repeat(wp),
+        "-".repeat(ws),
+        "-".repeat(wm)
+    );
+    for r in rows {
+        let message = if r.message.is_empty() {
+            "None"
+        } else {
+            &r.message
+        };
+        out.push_str(&format!(
+            "{:<wp$} {:<ws$} {:<wm$} {}\n",
+            r.local_path, r.status, message, r.url
+        ));
+    }
+    out
+}
+
+fn write_manifest(path: &Path, rows: &[Row]) -> anyhow::Result<()> {
+    let text = match path.extension().and_then(|e| e.to_str()) {
+        Some(e) if e.eq_ignore_ascii_case("json") => serde_json::to_string_pretty(rows)? + "\n",
+        _ => {
+            let quote = |s: &str| format!("\"{}\"", s.replace('"', "\"\""));
+            let mut t = String::from("Local Path,Status,Message,URL\n");
+            for r in rows {
+                t.push_str(&format!(
+                    "{},{},{},{}\n",
+                    quote(&r.local_path),
+                    r.status,
+                    quote(&r.message),
+                    quote(&r.url)
+                ));
+            }
+            t
+        }
+    };
+    std::fs::write(path, text)
+        .map_err(|e| anyhow::anyhow!("cannot write the manifest {}: {e}", path.display()))
+}
+
+/// Bars on a terminal, a line per product start and end otherwise, nothing with `--quiet`.
+struct Progress {
+    mode: Mode,
+    states: HashMap<i64, DownloadState>,
+    /// Jobs whose start was printed (a fast one can end between two looks).
+    started: HashSet<i64>,
+}
+
+enum Mode {
+    Quiet,
+    Lines,
+    Bars {
+        multi: MultiProgress,
+        total: ProgressBar,
+        bars: HashMap<i64, ProgressBar>,
+    },
+}
+
+impl Progress {
+    fn new(quiet: bool) -> Progress {
+        let mode = if quiet {
+            Mode::Quiet
+        } else if std::io::stderr().is_terminal() {
+            let multi = MultiProgress::new();
+            let total = multi.add(ProgressBar::new(0));
+            total.set_style(
+                ProgressStyle::with_template("{prefix:>10} [{bar:30}] {pos}/{len} products {msg}")
+                    .expect("a valid template")
+                    .progress_chars("=> "),
+            );
+            total.set_prefix("total");
+            Mode::Bars {
+                multi,
+                total,
+                bars: HashMap::new(),
+            }
+        } else {
+            Mode::Lines
+        };
+        Progress {
+            mode,
+            states: HashMap::new(),
+            started: HashSet::new(),
+        }
+    }
+
+    /// What was there before the engine started: ended jobs are not reported as if they ran now.
+    fn baseline(&mut self, rows: &[DownloadRow]) {
+        for r in rows {
+            self.states.insert(r.id, r.state);
+            if r.state != DownloadState::Queued {
+                self.started.insert(r.id);
+            }
+        }
+    }
+
+    fn update(&mut self, rows: &[DownloadRow]) {
+        let ended = |s: DownloadState| {
+            matches!(
+                s,
+                DownloadState::Done | DownloadState::Failed | DownloadState::NeedsAuth
+            )
+        };
+        for r in rows {
+            let before = self.states.insert(r.id, r.state);
+            let changed = before != Some(r.state);
+            match &mut self.mode {
+                Mode::Quiet => {}
+                Mode::Lines => {
+                    let begun = r.state == DownloadState::Running || (changed && ended(r.state));
+                    if begun && self.started.insert(r.id) {
+                        eprintln!("started  {}", r.local_path);
+                    }
+                    if changed && r.state == DownloadState::Done {
+                        eprintln!(
+                            "done     {} ({})",
+                            r.local_path,
+                            crate::status::human_bytes(r.bytes_done.max(0) as u64)
+                        );
+                    } else if changed && ended(r.state) {
+                        eprintln!(
+                            "{:<8} {}: {}",
+                            r.state.to_string(),
+                            r.local_path,
+                            r.last_error.as_deref().unwrap_or("")
+                        );
+                    }
+                }
+                Mode::Bars { multi, bars, .. } => {
+                    if r.state == DownloadState::Running {
+                        let bar = bars.entry(r.id).or_insert_with(|| {
+                            let b = multi.add(ProgressBar::new(0));
+                            b.set_style(
+                                ProgressStyle::with_template(
+                                    "{prefix:>10} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} ETA {eta} {msg}",
+                                )
+                                .expect("a valid template")
+                                .progress_chars("=> "),
+                            );
+                            b.set_prefix("");
+                            b.set_message(r.filename.clone());
+                            b
+                        });
+                        if let Some(total) = r.bytes_expected {
+                            bar.set_length(total.max(0) as u64);
+                        }
+                        bar.set_position(r.bytes_done.max(0) as u64);
+                    } else if let Some(bar) = bars.remove(&r.id) {
+                        bar.finish_and_clear();
+                        multi.remove(&bar);
+                    }
+                }
+            }
+        }
+        if let Mode::Bars { total, .. } = &self.mode {
+            total.set_length(rows.len() as u64);
+            total.set_position(rows.iter().filter(|r| ended(r.state)).count() as u64);
+        }
+    }
+
+    fn finish(&mut self) {
+        if let Mode::Bars { total, bars, .. } = &mut self.mode {
+            for (_, b) in bars.drain() {
+                b.finish_and_clear();
+            }
+            total.finish();
+        }
+    }
+}

@@ -1,0 +1,367 @@
+//! `mastsub download`: the sample notice against the MAST stand-in, the manifest, a re-run that fetches
+//! nothing, a missing product, every filter rule, and progress as bars (under a pseudo-terminal, through
+//! `script`) or as lines (piped).
+
+mod common;
+
+use std::path::Path;
+use std::time::Duration;
+
+use common::mast::{Faults, MastStandIn, fits_product, serve_sample};
+use common::{Workspace, record};
+use serde_json::{Value, json};
+
+/// Runs `mastsub download` in `ws`; returns (exit code, stdout, stderr).
+fn download(ws: &Workspace, args: &[&str]) -> (i32, String, String) {
+    let out = ws
+        .cmd()
+        .arg("download")
+        .args(args)
+        .timeout(Duration::from_secs(120))
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn the_sample_notice_downloads_to_astroquery_paths_and_a_rerun_fetches_nothing() {
+    let mast = MastStandIn::start();
+    let files = serve_sample(&mast);
+    let ws = Workspace::with_base(&mast.base_url, "");
+    let d = ws.path("D");
+    let notice = common::sample_notice();
+    let manifest = ws.path("manifest.json");
+    let (code, out, err) = download(
+        &ws,
+        &[
+            notice.to_str().unwrap(),
+            "--dir",
+            d.to_str().unwrap(),
+            "--manifest",
+            manifest.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(code, 0, "{out}\n{err}");
+    for (path, body) in &files {
+        let got = std::fs::read(d.join("mastDownload").join(path)).unwrap();
+        assert!(got == *body, "{path} differs");
+    }
+    assert_eq!(out.matches("COMPLETE").count(), 3, "{out}");
+    assert!(out.starts_with("Local Path"), "{out}");
+    let rows: Vec<Value> = serde_json::from_slice(&std::fs::read(&manifest).unwrap()).unwrap();
+    assert_eq!(rows.len(), 3);
+    assert!(rows.iter().all(|r| r["Status"] == "COMPLETE"));
+    assert!(
+        rows[0]["URL"]
+            .as_str()
+            .unwrap()
+            .contains("/search/jwst/api/v0.1/retrieve_product?product_name=")
+    );
+    // Piped: a plain line per product started and finished.
+    assert_eq!(err.matches("started  ").count(), 3, "{err}");
+    assert_eq!(err.matches("done     ").count(), 3, "{err}");
+
+    let requests = mast.seen().len();
+    let (code, out, err) = download(
+        &ws,
+        &[notice.to_str().unwrap(), "--dir", d.to_str().unwrap()],
+    );
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(out.matches("COMPLETE").count(), 3, "{out}");
+    assert_eq!(mast.seen().len(), requests, "the re-run made requests");
+    assert!(
+        !err.contains("started"),
+        "a complete file reported as started again:\n{err}"
+    );
+
+    // A damaged file is fetched again.
+    let (first, _) = &files[0];
+    std::fs::write(d.join("mastDownload").join(first), b"SIMPLE  = damaged").unwrap();
+    let (code, _, _) = download(
+        &ws,
+        &[notice.to_str().unwrap(), "--dir", d.to_str().unwrap(), "-q"],
+    );
+    assert_eq!(code, 0);
+    assert_eq!(mast.seen().len(), requests + 1);
+    assert!(std::fs::read(d.join("mastDownload").join(first)).unwrap() == files[0].1);
+}
+
+#[test]
+fn a_missing_product_is_an_error_row_with_its_reason_and_exit_1() {
+    let mast = MastStandIn::start();
+    let files = serve_sample(&mast);
+    let missing = Path::new(&files[1].0)
+        .file_name()
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .to_string();
+    mast.remove(&missing);
+    let ws = Workspace::with_base(&mast.base_url, "");
+    let d = ws.path("D");
+    let csv = ws.path("m.csv");
+    let (code, out, err) = download(
+        &ws,
+        &[
+            common::sample_notice().to_str().unwrap(),
+            "--dir",
+            d.to_str().unwrap(),
+            "--flat",
+            "--manifest",
+            csv.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(code, 1, "{out}\n{err}");
+    assert_eq!(out.matches("COMPLETE").count(), 2, "{out}");
+    let error_line = out.lines().find(|l| l.contains("ERROR")).unwrap();
+    assert!(
+        error_line.contains(&missing) && error_line.contains("HTTP 404"),
+        "{out}"
+    );
+    // --flat: straight into D.
+    assert!(d.join(Path::new(&files[0].0).file_name().unwrap()).exists());
+    let csv = std::fs::read_to_string(csv).unwrap();
+    assert!(csv.starts_with("Local Path,Status,Message,URL\n"), "{csv}");
+    assert_eq!(csv.matches(",ERROR,").count(), 1, "{csv}");
+}
+
+/// Products for the filter tests: (n, program, event type, mission, filename suffix).
+const MIX: [(u64, i64, &str, &str, &str); 6] = [
+    (1, 100, "New", "JWST", "cal"),
+    (2, 1500, "New", "JWST", "rate"),
+    (3, 2500, "Public", "JWST", "cal"),
+    (4, 1800, "Reprocessed", "JWST", "cal"),
+    (5, 1200, "New", "HST", "cal"),
+    (6, 3000, "New", "JWST", "uncal"),
+];
+
+fn mixed_notice(mast: &MastStandIn, ws: &Workspace) -> std::path::PathBuf {
+    let mut records = Vec::new();
+    for (n, program, et, mission, kind) in MIX {
+        let mut r = record(n, et);
+        let name = format!("x{n:05}_{kind}.fits");
+        r["program"] = json!(program);
+        r["mission"] = json!(mission);
+        r["filename"] = json!(name);
+        mast.put(&name, fits_product(&name, 2, 1));
+        records.push(r);
+    }
+    let path = ws.path("mix.json");
+    std::fs::write(&path, serde_json::to_vec(&records).unwrap()).unwrap();
+    path
+}
+
+#[test]
+fn every_filter_rule_selects_exactly_the_expected_products() {
+    let mast = MastStandIn::start();
+    let ws = Workspace::with_base(&mast.base_url, "");
+    let notice = mixed_notice(&mast, &ws);
+    for (i, (args, expected)) in [
+        (vec!["--event-type", "New"], vec![1, 2, 5, 6]),
+        (vec!["--event-type", "public,reprocessed"], vec![3, 4]),
+        (vec!["--event-type", "!New"], vec![3, 4]),
+        (vec!["--mission", "hst"], vec![5]),
+        (vec!["--mission", "!HST"], vec![1, 2, 3, 4, 6]),
+        (vec!["--program", ">1000"], vec![2, 3, 4, 5, 6]),
+        (vec!["--program", "<=1500"], vec![1, 2, 5]),
+        (vec!["--program", "1200..2000"], vec![2, 4, 5]),
+        (vec!["--program", "!1200..2000"], vec![1, 3, 6]),
+        (vec!["--program", "100", "--program", "3000"], vec![1, 6]),
+        (vec!["--filename", "*_cal.fits"], vec![1, 3, 4, 5]),
+        (vec!["--filename", "!*cal.fits"], vec![2]),
+        (
+            vec![
+                "--mission",
+                "JWST",
+                "--program",
+                ">1000",
+                "--filename",
+                "!*_rate.fits",
+            ],
+            vec![3, 4, 6],
+        ),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let d = ws.path(&format!("D{i}"));
+        let mut all = vec![notice.to_str().unwrap(), "--dir", d.to_str().unwrap(), "-q"];
+        all.extend(args.iter().copied());
+        let (code, out, err) = download(&ws, &all);
+        assert_eq!(code, 0, "{args:?}\n{out}\n{err}");
+        let complete: Vec<u64> = MIX
+            .iter()
+            .filter(|(n, ..)| {
+                out.lines()
+                    .any(|l| l.contains(&format!("x{n:05}_")) && l.contains("COMPLETE"))
+            })
+            .map(|(n, ..)| *n)
+            .collect();
+        assert_eq!(complete, expected, "{args:?}\n{out}");
+        assert_eq!(
+            out.matches("SKIPPED").count(),
+            MIX.len() - expected.len(),
+            "{args:?}\n{out}"
+        );
+        if args[0] == "--program" && args[1] == ">1000" {
+            assert!(
+                out.contains("filtered out: program 100 is not >1000"),
+                "{out}"
+            );
+        }
+    }
+    let (code, _, err) = download(&ws, &[notice.to_str().unwrap(), "--program", "abc"]);
+    assert_eq!(code, 2);
+    assert!(err.contains("filter program = \"abc\""), "{err}");
+}
+
+#[test]
+fn on_a_terminal_progress_shows_as_bars() {
+    if std::process::Command::new("script")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        eprintln!("SKIPPED: no `script` to make a pseudo-terminal");
+        return;
+    }
+    let mast = MastStandIn::start();
+    serve_sample(&mast);
+    mast.set_faults(Faults {
+        slow: Some(Duration::from_millis(30)),
+        ..Faults::default()
+    });
+    let ws = Workspace::with_base(&mast.base_url, "");
+    let d = ws.path("D");
+    let command = format!(
+        "{} --config {} download {} --dir {}",
+        env!("CARGO_BIN_EXE_mastsub"),
+        ws.config.display(),
+        common::sample_notice().display(),
+        d.display()
+    );
+    let out = std::process::Command::new("script")
+        .args(["-q", "-e", "-c", &command, "/dev/null"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("products"), "no total bar:\n{text}");
+    assert!(text.contains("[="), "no bar drawn:\n{text}");
+    assert!(
+        !text.contains("started  "),
+        "plain lines on a terminal:\n{text}"
+    );
+    assert_eq!(text.matches("COMPLETE").count(), 3, "{text}");
+}
+
+#[test]
+fn the_daemon_applies_the_filters_section_and_still_records_every_event() {
+    let mast = MastStandIn::start();
+    let ws = Workspace::with_base(
+        &mast.base_url,
+        "[filters]\nprogram = [\">1000\"]\nfilename = [\"!*_rate.fits\"]\n",
+    );
+    let notice = mixed_notice(&mast, &ws);
+    let d = common::Daemon::start_watching(&ws);
+    std::fs::rename(&notice, ws.inbox().join("mix.json")).unwrap();
+    assert!(
+        common::wait_until(Duration::from_secs(20), || ws.db().exists()
+            && ws.jobs_in("done") == 4),
+        "{}",
+        d.log()
+    );
+    // Programs above 1000 except the _rate file: 3, 4, 5, 6; all six events recorded.
+    assert_eq!(ws.query_i64("SELECT count(*) FROM downloads"), 4);
+    assert_eq!(ws.query_i64("SELECT count(*) FROM events"), 6);
+    assert_eq!(
+        ws.query_i64("SELECT count(*) FROM events WHERE disposition = 'record_only'"),
+        2
+    );
+}
+
+#[test]
+fn ctrl_c_stops_cleanly_and_the_next_run_resumes() {
+    let mast = MastStandIn::start();
+    let files = serve_sample(&mast);
+    mast.set_faults(Faults {
+        slow: Some(Duration::from_millis(400)),
+        ..Faults::default()
+    });
+    let ws = Workspace::with_base(&mast.base_url, "");
+    let d = ws.path("D");
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_mastsub"))
+        .arg("--config")
+        .arg(&ws.config)
+        .arg("download")
+        .arg(common::sample_notice())
+        .arg("--dir")
+        .arg(&d)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Until some bytes are on disk.
+    assert!(common::wait_until(Duration::from_secs(20), || walk(&d)
+        .iter()
+        .any(|p| p.ends_with(".part"))));
+    std::thread::sleep(Duration::from_millis(300));
+    let started = std::time::Instant::now();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGINT,
+    )
+    .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(started.elapsed() < Duration::from_secs(10));
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("interrupted; run the same command again to resume"),
+        "{err}"
+    );
+    assert!(
+        walk(&d).iter().any(|p| p.ends_with(".part")),
+        "no .part kept"
+    );
+
+    mast.set_faults(Faults::default());
+    let (code, out, _) = download(
+        &ws,
+        &[
+            common::sample_notice().to_str().unwrap(),
+            "--dir",
+            d.to_str().unwrap(),
+            "-q",
+        ],
+    );
+    assert_eq!(code, 0, "{out}");
+    for (path, body) in &files {
+        assert!(std::fs::read(d.join("mastDownload").join(path)).unwrap() == *body);
+    }
+    assert!(
+        mast.seen().iter().any(|s| s.status == 206),
+        "nothing resumed"
+    );
+}
+
+/// Every file under `dir`, as paths.
+fn walk(dir: &Path) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else {
+                out.push(p.display().to_string());
+            }
+        }
+    }
+    out
+}
