@@ -69,7 +69,9 @@ error_log {conf_dir}/error.log;
 events {{ worker_connections 1024; }}
 http {{
     log_format bytes '$request_uri $status $body_bytes_sent';
+    log_format timed '$msec $request_time $request_uri';
     access_log {conf_dir}/access.log bytes;
+    access_log {conf_dir}/timed.log timed;
     client_body_temp_path {conf_dir}/tmp;
     proxy_temp_path {conf_dir}/tmp;
     fastcgi_temp_path {conf_dir}/tmp;
@@ -168,6 +170,48 @@ def mastsub_run(base, names, kill_after=None):
     proc.terminate()
     _, _, usage = os.wait4(proc.pid, 0)
     return elapsed, usage.ru_maxrss / 1024
+
+
+def inbox_latency(base, rounds=7):
+    """Time from a notice renamed into a running daemon's inbox to nginx seeing its product's request."""
+    d = fresh("latency")
+    with open(os.path.join(d, "mastsub.toml"), "w") as f:
+        f.write(f'[mast]\nbase_url = "{base}"\n[log]\nlevel = "warn"\n')
+    os.makedirs(os.path.join(d, "inbox"))
+    timed_log = os.path.join(WORK, "nginx", "timed.log")
+    proc = subprocess.Popen([BIN, "--config", "mastsub.toml", "run"], cwd=d, stderr=subprocess.DEVNULL)
+    try:
+        time.sleep(1.0)  # the watcher is up
+        latencies = []
+        for i in range(rounds):
+            name = f"jw{i:05d}_small_cal.fits"
+            record = notice([name])[0]
+            record["event_id"] = f"00000000-0000-4000-a000-{i:012d}"
+            record["fileset"] = f"latency{i}"
+            tmp = os.path.join(d, f"n{i}.json.tmp")
+            with open(tmp, "w") as f:
+                json.dump([record], f)
+            start = time.time()
+            os.rename(tmp, os.path.join(d, "inbox", f"n{i}.json"))
+            seen = None
+            deadline = time.time() + 10
+            while seen is None and time.time() < deadline:
+                with open(timed_log) as f:
+                    for line in f:
+                        at, took, uri = line.split(" ", 2)
+                        began = float(at) - float(took)  # when nginx read the request
+                        if name in uri and began >= start - 0.001:
+                            seen = began
+                            break
+                time.sleep(0.002)
+            if seen is None:
+                sys.exit(f"no request for {name} within 10 s of the notice landing")
+            latencies.append((seen - start) * 1000)
+            time.sleep(0.3)
+        return latencies
+    finally:
+        proc.terminate()
+        proc.wait()
 
 
 def curl_run(base, names):
@@ -269,6 +313,11 @@ def main():
                 print(f"| {set_name} | {tool} | {t:.2f} | {total / t / 1e6:.0f} | {rss:.0f} | {ratio} |")
         if only:
             return
+        lat = inbox_latency(base)
+        print()
+        print(f"Notice renamed into the inbox of a running daemon -> first product request at nginx "
+              f"({len(lat)} notices): median {statistics.median(lat):.0f} ms, max {max(lat):.0f} ms "
+              f"(target: under 100 ms).")
         # One 2 GiB product: peak RSS, and bytes fetched twice after kill -9 halfway.
         huge = ["jw99999_huge_cal.fits"]
         size = os.path.getsize(os.path.join(DATA, huge[0]))

@@ -1,14 +1,32 @@
 #!/usr/bin/env bash
 # Runs mastsub's benchmarks and prints Markdown tables for bench/RESULTS.md.
 # Usage: bench/run.sh [REPEAT]   (from anywhere; builds the release binary first)
-# Needs nginx, curl and aria2c (apt-get install nginx curl aria2) and, optionally, astroquery
-# (pip install astroquery); about 4 GiB free under bench/work.
+# Sets up what it compares against: nginx, curl and aria2c from Debian's packages (apt-get, as root or
+# with sudo) and the astroquery release from pip, in a virtualenv under bench/work. Needs about 4 GiB
+# free under bench/work.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 repeat=${1:-3}
-cargo build --release --locked --bin mastsub --example download_floor >&2
 work=bench/work
 mkdir -p "$work"
+missing=()
+for tool in nginx:nginx curl:curl aria2c:aria2; do
+    command -v "${tool%%:*}" >/dev/null || [ -x "/usr/sbin/${tool%%:*}" ] || missing+=("${tool##*:}")
+done
+if ((${#missing[@]})); then
+    sudo=""
+    [ "$(id -u)" -eq 0 ] || sudo="sudo"
+    $sudo apt-get update -qq >&2
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}" >&2
+fi
+export PATH="$PATH:/usr/sbin"
+if [ ! -x "$work/venv/bin/python" ]; then
+    python3 -m venv "$work/venv" >&2
+fi
+"$work/venv/bin/python" -c "import astroquery" 2>/dev/null ||
+    "$work/venv/bin/pip" install -q "astroquery==0.4.11" >&2 ||
+    echo "astroquery could not be installed: its rows are left out" >&2
+cargo build --release --locked --bin mastsub --example download_floor >&2
 echo "## Machine"
 echo
 echo "- $(lscpu | sed -n 's/^Model name: *//p' | head -1), $(nproc) cores, $(free -g | awk '/^Mem:/{print $2}') GiB RAM"
@@ -21,4 +39,4 @@ python3 bench/ingest.py target/release/mastsub "$work" "$repeat"
 echo
 echo "## Downloads"
 echo
-python3 bench/download.py target/release/mastsub "$work" "$repeat"
+"$work/venv/bin/python" bench/download.py target/release/mastsub "$work" "$repeat"

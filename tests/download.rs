@@ -9,7 +9,7 @@ use std::time::Duration;
 use common::mast::{
     Faults, MastStandIn, assert_identical, fits_product, serve_products, serve_sample, wait_done,
 };
-use common::{Daemon, Workspace, wait_until};
+use common::{Daemon, SmallDisk, Workspace, wait_until};
 use serde_json::json;
 
 #[test]
@@ -343,39 +343,6 @@ fn sigterm_during_downloads_keeps_part_files_and_the_next_run_resumes_them() {
         "{resumed} resumes for {} .part files",
         parts.len()
     );
-}
-
-/// A tmpfs mounted for the length of a test (needs root; the test says so and stops if it cannot mount).
-struct SmallDisk(std::path::PathBuf);
-
-impl SmallDisk {
-    fn mount(dir: &std::path::Path, size: &str) -> Option<SmallDisk> {
-        std::fs::create_dir_all(dir).unwrap();
-        let ok = std::process::Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
-            .arg(dir)
-            .status()
-            .is_ok_and(|s| s.success());
-        ok.then(|| SmallDisk(dir.to_path_buf()))
-    }
-
-    fn grow(&self, size: &str) {
-        let ok = std::process::Command::new("mount")
-            .args(["-o", &format!("remount,size={size}")])
-            .arg(&self.0)
-            .status()
-            .is_ok_and(|s| s.success());
-        assert!(ok, "cannot remount {}", self.0.display());
-    }
-}
-
-impl Drop for SmallDisk {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("umount")
-            .arg("-l")
-            .arg(&self.0)
-            .status();
-    }
 }
 
 #[test]

@@ -156,6 +156,16 @@ impl Workspace {
         })
     }
 
+    /// One text value from a read-only SQL query on the workspace's database.
+    pub fn query_string(&self, sql: &str) -> String {
+        self.with_db(true, sql, |pool, sql| async move {
+            sqlx::query_scalar(&sql)
+                .fetch_one(&pool)
+                .await
+                .expect("query")
+        })
+    }
+
     /// The first column of every row of a read-only SQL query, as integers.
     pub fn query_column_i64(&self, sql: &str) -> Vec<i64> {
         self.with_db(true, sql, |pool, sql| async move {
@@ -356,4 +366,37 @@ pub fn record(n: u64, event_type: &str) -> Value {
 pub fn notice_of(first: u64, count: u64) -> Vec<u8> {
     let records: Vec<Value> = (first..first + count).map(|n| record(n, "New")).collect();
     serde_json::to_vec(&records).unwrap()
+}
+
+/// A tmpfs mounted for the length of a test (needs root; the test says so and stops if it cannot mount).
+pub struct SmallDisk(std::path::PathBuf);
+
+impl SmallDisk {
+    pub fn mount(dir: &std::path::Path, size: &str) -> Option<SmallDisk> {
+        std::fs::create_dir_all(dir).unwrap();
+        let ok = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir)
+            .status()
+            .is_ok_and(|s| s.success());
+        ok.then(|| SmallDisk(dir.to_path_buf()))
+    }
+
+    pub fn grow(&self, size: &str) {
+        let ok = std::process::Command::new("mount")
+            .args(["-o", &format!("remount,size={size}")])
+            .arg(&self.0)
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(ok, "cannot remount {}", self.0.display());
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+    }
 }
