@@ -14,7 +14,7 @@ killed with -9 halfway through it and restarted (from nginx's access log).
 
 Usage: bench/download.py BINARY WORKDIR [REPEAT]
 Environment: BENCH_ONLY=small (or large) runs that set alone, with curl and aria2c, and skips the 2 GiB
-product: for quick comparisons while working on one case.
+product; BENCH_ONLY=latency measures only the inbox-to-first-request time.
 """
 import json, os, shutil, signal, sqlite3, statistics, subprocess, sys, time
 
@@ -284,7 +284,9 @@ def check_same(tool, names):
 def main():
     sets = make_sets()
     only = os.environ.get("BENCH_ONLY")
-    if only:
+    if only == "latency":
+        sets = {}
+    elif only:
         sets = {k: v for k, v in sets.items() if only in k or only in ("small", "large") and
                 (("256 KiB" in k) == (only == "small"))}
     nginx, base, access_log = start_nginx()
@@ -311,13 +313,15 @@ def main():
             for tool, (t, rss) in results.items():
                 ratio = "-" if tool == "mastsub" else f"{t / m:.2f}x"
                 print(f"| {set_name} | {tool} | {t:.2f} | {total / t / 1e6:.0f} | {rss:.0f} | {ratio} |")
-        if only:
+        if only and only != "latency":
             return
         lat = inbox_latency(base)
         print()
         print(f"Notice renamed into the inbox of a running daemon -> first product request at nginx "
               f"({len(lat)} notices): median {statistics.median(lat):.0f} ms, max {max(lat):.0f} ms "
               f"(target: under 100 ms).")
+        if only:
+            return
         # One 2 GiB product: peak RSS, and bytes fetched twice after kill -9 halfway.
         huge = ["jw99999_huge_cal.fits"]
         size = os.path.getsize(os.path.join(DATA, huge[0]))

@@ -372,6 +372,14 @@ impl Ingestor {
             .store
             .ingest_notice(&meta, &events, &self.categorizer)
             .await?;
+        // Jobs to run (new, or a version raised, or queued again): the pool starts them now, not at its
+        // next sweep. `notify_one` keeps the wake-up for a pool that is busy at this moment.
+        let o = &report.outcome;
+        if (o.queued > 0 || o.requeued > 0 || o.joined > 0)
+            && let Some(wake) = &self.wake
+        {
+            wake.notify_one();
+        }
         log_report(&report);
         Ok(report)
     }

@@ -420,3 +420,29 @@ fn a_product_that_is_not_fits_is_fetched_again_once_then_fails_with_the_reason()
         ws.tree("mastDownload")
     );
 }
+
+#[test]
+fn a_notice_queues_its_downloads_at_once_not_at_the_next_sweep() {
+    let mast = MastStandIn::start();
+    let (notice, files) = serve_products(&mast, 1, 1, 2);
+    let ws = Workspace::with_base(&mast.base_url, "");
+    let d = Daemon::start_watching(&ws);
+    // Past the start-up sweep, so that only ingest's wake-up can start the job before the next one (5 s).
+    std::thread::sleep(Duration::from_millis(500));
+    let tmp = ws.path("n.json.tmp");
+    std::fs::write(&tmp, &notice).unwrap();
+    let start = std::time::Instant::now();
+    std::fs::rename(&tmp, ws.inbox().join("n.json")).unwrap();
+    assert!(
+        wait_until(Duration::from_secs(10), || !mast.seen().is_empty()),
+        "{}",
+        d.log()
+    );
+    let took = start.elapsed();
+    assert!(
+        took < Duration::from_secs(3),
+        "the first request came {took:?} after the notice: the pool waited for its sweep"
+    );
+    wait_done(&ws, &d, 1, Duration::from_secs(10));
+    assert_identical(&ws, &files);
+}

@@ -73,6 +73,8 @@ struct Candidate {
     stable_since: Instant,
     /// Not before this (after a failure).
     not_before: Option<Instant>,
+    /// Renamed into the inbox, and not written since: complete at once (a rename is atomic), no settling.
+    renamed_in: bool,
 }
 
 impl Candidate {
@@ -83,6 +85,7 @@ impl Candidate {
             stat: None,
             stable_since: now,
             not_before: None,
+            renamed_in: false,
         }
     }
 }
@@ -203,6 +206,8 @@ pub async fn run(
                             watch.failed();
                         }
                     }
+                    // A notice renamed in is taken now, not at the next tick.
+                    inbox.handle_ready(&shutdown).await;
                 }
                 Err(errors) => {
                     for e in errors {
@@ -259,7 +264,16 @@ impl Inbox {
     fn written(&mut self, path: &Path) {
         if let Some(c) = self.candidate(path) {
             c.writing = true;
+            c.renamed_in = false;
             c.last_write = Instant::now();
+        }
+    }
+
+    /// Notes that `path` was renamed into the inbox: whole, and taken without settling.
+    fn renamed(&mut self, path: &Path) {
+        self.completed(path);
+        if let Some(c) = self.candidate(path) {
+            c.renamed_in = true;
         }
     }
 
@@ -289,14 +303,16 @@ impl Inbox {
             }
             // chmod, touch, or times set after a copy: nothing was written.
             EventKind::Modify(ModifyKind::Metadata(_)) => {}
-            EventKind::Access(AccessKind::Close(AccessMode::Write))
-            | EventKind::Modify(ModifyKind::Name(RenameMode::To)) => {
+            EventKind::Access(AccessKind::Close(AccessMode::Write)) => {
                 paths.iter().for_each(|p| self.completed(p));
+            }
+            EventKind::Modify(ModifyKind::Name(RenameMode::To)) => {
+                paths.iter().for_each(|p| self.renamed(p));
             }
             EventKind::Modify(ModifyKind::Name(RenameMode::Both)) => {
                 if let [from, to] = paths.as_slice() {
                     self.candidates.remove(from);
-                    self.completed(to);
+                    self.renamed(to);
                 }
             }
             EventKind::Modify(ModifyKind::Name(_)) | EventKind::Remove(_) => {
@@ -361,7 +377,7 @@ impl Inbox {
                 c.stat = stat;
                 c.stable_since = now;
             }
-            let stable = now.duration_since(c.stable_since) >= self.settle;
+            let stable = c.renamed_in || now.duration_since(c.stable_since) >= self.settle;
             // An empty file is most likely created and not yet written (touch, or a tool that opens first):
             // it waits as long as an open one before it is judged.
             let waiting = c.writing || meta.len() == 0;
