@@ -306,7 +306,8 @@ fn ctrl_c_stops_cleanly_and_the_next_run_resumes() {
         .spawn()
         .unwrap();
     // Until some bytes are on disk.
-    assert!(common::wait_until(Duration::from_secs(20), || walk(&d)
+    assert!(common::wait_until(Duration::from_secs(20), || ws
+        .tree("D")
         .iter()
         .any(|p| p.ends_with(".part"))));
     std::thread::sleep(Duration::from_millis(300));
@@ -325,7 +326,7 @@ fn ctrl_c_stops_cleanly_and_the_next_run_resumes() {
         "{err}"
     );
     assert!(
-        walk(&d).iter().any(|p| p.ends_with(".part")),
+        ws.tree("D").iter().any(|p| p.ends_with(".part")),
         "no .part kept"
     );
 
@@ -347,21 +348,4 @@ fn ctrl_c_stops_cleanly_and_the_next_run_resumes() {
         mast.seen().iter().any(|s| s.status == 206),
         "nothing resumed"
     );
-}
-
-/// Every file under `dir`, as paths.
-fn walk(dir: &Path) -> Vec<String> {
-    let mut out = Vec::new();
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
-            let p = e.path();
-            if p.is_dir() {
-                stack.push(p);
-            } else {
-                out.push(p.display().to_string());
-            }
-        }
-    }
-    out
 }

@@ -14,24 +14,6 @@ use common::mast::{Faults, MastStandIn, fits_product, serve_products, wait_done}
 use common::{Daemon, Workspace, record, wait_until};
 use serde_json::json;
 
-/// Every file under `dir`, relative to it.
-fn files_under(dir: &std::path::Path) -> Vec<String> {
-    let mut out = Vec::new();
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
-            let p = e.path();
-            if p.is_dir() {
-                stack.push(p);
-            } else {
-                out.push(p.strip_prefix(dir).unwrap().display().to_string());
-            }
-        }
-    }
-    out.sort();
-    out
-}
-
 #[test]
 fn no_notice_can_make_a_download_leave_the_download_root() {
     let mast = MastStandIn::start();
@@ -81,7 +63,7 @@ fn no_notice_can_make_a_download_leave_the_download_root() {
             "record {n} ({field}) not reported:\n{error}"
         );
     }
-    let everything = files_under(ws.dir.path());
+    let everything = ws.tree("");
     let outside: Vec<&String> = everything
         .iter()
         .filter(|p| {
@@ -93,7 +75,7 @@ fn no_notice_can_make_a_download_leave_the_download_root() {
         .collect();
     assert!(outside.is_empty(), "files outside the root: {outside:?}");
     assert_eq!(
-        files_under(&ws.path("mastDownload")),
+        ws.tree("mastDownload"),
         vec![format!("tess/jw00001001001_02201_00001/{name}")]
     );
     assert!(!std::path::Path::new("/tmp/escaped.fits").exists());
