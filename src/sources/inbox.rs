@@ -42,6 +42,8 @@ pub const REJECTED_DIR: &str = "rejected";
 
 /// How often pending files are looked at.
 const TICK: Duration = Duration::from_millis(50);
+/// How often the inbox folder itself is looked at, besides the watcher's events.
+const LOOK_EVERY: Duration = Duration::from_secs(1);
 /// The debouncer's window: events on one path within it arrive together.
 const DEBOUNCE: Duration = Duration::from_millis(50);
 /// After a failure to record a notice, it is tried again after this long.
@@ -155,6 +157,7 @@ pub async fn run(
         next_attempt: Instant::now(),
     };
     let mut tick = tokio::time::interval(TICK);
+    let mut last_look = Instant::now();
     tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let mut rescan = tokio::time::interval(config.rescan_interval);
     rescan.set_missed_tick_behavior(MissedTickBehavior::Delay);
@@ -216,7 +219,18 @@ pub async fn run(
                     watch.failed();
                 }
             },
-            _ = tick.tick() => inbox.handle_ready(&shutdown).await,
+            _ = tick.tick() => {
+                // The watcher's event for the folder itself can be lost (seen under load): a look every
+                // second catches a removed inbox all the same.
+                if watch.watcher.is_some() && last_look.elapsed() >= LOOK_EVERY {
+                    last_look = Instant::now();
+                    if !inbox.dir.is_dir() {
+                        tracing::warn!("inbox {} was removed; recreating it", inbox.dir.display());
+                        watch.failed();
+                    }
+                }
+                inbox.handle_ready(&shutdown).await
+            }
             _ = rescan.tick() => {
                 if !inbox.dir.is_dir() && watch.watcher.is_some() {
                     watch.failed();
