@@ -214,22 +214,24 @@ def inbox_latency(base, rounds=7):
         proc.wait()
 
 
-def curl_run(base, names):
-    d = fresh("curl")
+def curl_config(tool, base, names):
+    """A fresh output folder for `tool` and a curl config fetching `names` into it; returns the config."""
+    d = fresh(tool)
     cfg = os.path.join(d, "urls.txt")
     with open(cfg, "w") as f:
         for n in names:
             f.write(f'url = "{url_of(base, n)}"\noutput = "{os.path.join(d, n)}"\n')
+    return cfg
+
+
+def curl_run(base, names):
+    cfg = curl_config("curl", base, names)
     return timed(["curl", "--parallel", "--parallel-max", "4", "-s", "-f", "-K", cfg])
 
 
 def curl_sync_run(base, names):
     """curl, then `sync`: the same durability as mastsub's fsync + rename (for the whole machine)."""
-    d = fresh("curlsync")
-    cfg = os.path.join(d, "urls.txt")
-    with open(cfg, "w") as f:
-        for n in names:
-            f.write(f'url = "{url_of(base, n)}"\noutput = "{os.path.join(d, n)}"\n')
+    cfg = curl_config("curlsync", base, names)
     return timed(["sh", "-c", f'curl --parallel --parallel-max 4 -s -f -K "{cfg}" && sync'])
 
 

@@ -71,41 +71,7 @@ pub enum Command {
     },
     /// Download the products of notice files now, like astroquery's download_products: progress, then a
     /// manifest; exit 0 if every product selected is COMPLETE, 1 otherwise. A re-run resumes.
-    Download {
-        /// Notice files (JSON arrays of MAST events).
-        #[arg(required = true, value_name = "NOTICE")]
-        notices: Vec<PathBuf>,
-        /// The download folder: files go to DIR/mastDownload/<mission>/<fileset>/<file>.
-        #[arg(long, value_name = "DIR", default_value = ".")]
-        dir: PathBuf,
-        /// Put the files straight into DIR.
-        #[arg(long)]
-        flat: bool,
-        /// Only these event types (New, Reprocessed, Public); `!X` excludes. Repeat or separate with
-        /// commas.
-        #[arg(long = "event-type", value_name = "TYPE", value_delimiter = ',')]
-        event_type: Vec<String>,
-        /// Only these missions; `!X` excludes.
-        #[arg(long, value_name = "MISSION", value_delimiter = ',')]
-        mission: Vec<String>,
-        /// Only these programs: N, >N, >=N, <N, <=N, A..B; `!` excludes.
-        #[arg(
-            long,
-            value_name = "PROGRAM",
-            value_delimiter = ',',
-            allow_hyphen_values = true
-        )]
-        program: Vec<String>,
-        /// Only files matching these globs; `!GLOB` excludes.
-        #[arg(long, value_name = "GLOB", value_delimiter = ',')]
-        filename: Vec<String>,
-        /// Also write the manifest to this file (.csv or .json).
-        #[arg(long, value_name = "FILE")]
-        manifest: Option<PathBuf>,
-        /// Print only the manifest.
-        #[arg(long, short)]
-        quiet: bool,
-    },
+    Download(crate::oneshot::Args),
     /// Print the effective configuration with secrets redacted; exit non-zero if it is invalid.
     CheckConfig,
 }
@@ -147,32 +113,7 @@ pub fn main(cli: Cli) -> ExitCode {
             Command::Status { json } => show_status(config, json).await,
             Command::List { state, json } => list(config, state, json).await,
             Command::Retry { all_failed, ids } => retry(config, all_failed, ids).await,
-            Command::Download {
-                notices,
-                dir,
-                flat,
-                event_type,
-                mission,
-                program,
-                filename,
-                manifest,
-                quiet,
-            } => {
-                let args = crate::oneshot::Args {
-                    notices,
-                    dir,
-                    flat,
-                    filters: crate::filters::FiltersConfig {
-                        event_type,
-                        mission,
-                        program,
-                        filename,
-                    },
-                    manifest,
-                    quiet,
-                };
-                crate::oneshot::run(config, args).await
-            }
+            Command::Download(args) => crate::oneshot::run(config, args).await,
             Command::CheckConfig => {
                 print!("{}", config.to_redacted_toml());
                 println!("# configuration is valid");

@@ -8,16 +8,25 @@ use serde::{Deserialize, Serialize};
 use crate::notice::Event;
 
 /// `[filters]`, and the `download` command's `--event-type`, `--mission`, `--program`, `--filename`.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, clap::Args)]
 #[serde(default, deny_unknown_fields)]
 pub struct FiltersConfig {
-    /// `New`, `Reprocessed`, `Public` (any case).
+    /// Only these event types (New, Reprocessed, Public); `!X` excludes. Repeat or separate with commas.
+    #[arg(long = "event-type", value_name = "TYPE", value_delimiter = ',')]
     pub event_type: Vec<String>,
-    /// Missions (any case).
+    /// Only these missions; `!X` excludes.
+    #[arg(long, value_name = "MISSION", value_delimiter = ',')]
     pub mission: Vec<String>,
-    /// Programs: `5105`, `>1000`, `<=2000`, `100..200`.
+    /// Only these programs: N, >N, >=N, <N, <=N, A..B; `!` excludes.
+    #[arg(
+        long,
+        value_name = "PROGRAM",
+        value_delimiter = ',',
+        allow_hyphen_values = true
+    )]
     pub program: Vec<String>,
-    /// File names: globs.
+    /// Only files matching these globs; `!GLOB` excludes.
+    #[arg(long, value_name = "GLOB", value_delimiter = ',')]
     pub filename: Vec<String>,
 }
 

@@ -4,7 +4,7 @@
 //! and a manifest like astroquery's ends it: one row per product, COMPLETE, ERROR or SKIPPED, with why.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::io::{IsTerminal, Read};
+use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -27,19 +27,25 @@ use crate::store::{DownloadRow, DownloadState, SourceKind, SqliteStore, Store, n
 const TICK: Duration = Duration::from_millis(200);
 
 /// What the command line asked for.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, clap::Args)]
 pub struct Args {
-    /// The notice files.
+    /// Notice files (JSON arrays of MAST events).
+    #[arg(required = true, value_name = "NOTICE")]
     pub notices: Vec<PathBuf>,
-    /// The download folder (default: the current one).
+    /// The download folder: files go to DIR/mastDownload/<mission>/<fileset>/<file>.
+    #[arg(long, value_name = "DIR", default_value = ".")]
     pub dir: PathBuf,
-    /// Files straight into `dir`.
+    /// Put the files straight into DIR.
+    #[arg(long)]
     pub flat: bool,
     /// `--event-type`, `--mission`, `--program`, `--filename`.
+    #[command(flatten)]
     pub filters: FiltersConfig,
-    /// Also write the manifest here (`.csv` or `.json`).
+    /// Also write the manifest to this file (.csv or .json).
+    #[arg(long, value_name = "FILE")]
     pub manifest: Option<PathBuf>,
-    /// Only the manifest.
+    /// Print only the manifest.
+    #[arg(long, short)]
     pub quiet: bool,
 }
 
@@ -234,26 +240,19 @@ pub async fn run(mut config: Config, args: Args) -> anyhow::Result<ExitCode> {
 }
 
 /// A finished file still there, whole: its size as recorded, and for FITS whole blocks starting with
-/// `SIMPLE  =`.
+/// `SIMPLE  =` (the checks a download passes before it is published).
 fn looks_complete(path: &Path, size: i64) -> bool {
-    let Ok(meta) = std::fs::metadata(path) else {
-        return false;
+    let check = download::fetch::disk::Check {
+        size: size.max(0) as u64,
+        fits: path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .is_some_and(download::fetch::is_fits),
     };
-    if meta.len() as i64 != size || size == 0 {
-        return false;
-    }
-    let fits = path
-        .extension()
-        .is_some_and(|e| e.eq_ignore_ascii_case("fits"));
-    if !fits {
-        return true;
-    }
-    let mut head = [0u8; 9];
-    meta.len().is_multiple_of(2880)
+    size > 0
         && std::fs::File::open(path)
-            .and_then(|mut f| f.read_exact(&mut head))
-            .is_ok()
-        && &head == b"SIMPLE  ="
+            .and_then(|mut f| download::fetch::disk::whole(&mut f, &check))
+            .is_ok_and(|problem| problem.is_none())
 }
 
 /// The manifest: one row per product of `events`, in notice order.

@@ -10,7 +10,7 @@ use std::time::Duration;
 use sd_notify::NotifyState;
 use tokio_util::sync::CancellationToken;
 
-use crate::store::{DownloadState, StatusSnapshot, Store, now_ms};
+use crate::store::{StatusSnapshot, Store, now_ms};
 
 /// A loop that has not turned for this long is stalled (the download pool turns at least every 5 s, the
 /// inbox watcher every 50 ms): the watchdog pings stop, and systemd restarts mastsub after `WatchdogSec`.
@@ -81,16 +81,7 @@ pub fn stopping() {
 /// The `STATUS=` line: "12 queued, 4 running, 1280 done, 2 failed, 1 needs a token; 85.0 MB/s; IMAP
 /// connected".
 pub fn status_line(s: &StatusSnapshot, rate: f64) -> String {
-    let n = |st| s.downloads.get(&st).copied().unwrap_or(0);
-    let mut line = format!(
-        "{} queued, {} running, {} done, {} failed, {} need a token; {:.1} MB/s",
-        n(DownloadState::Queued),
-        n(DownloadState::Running),
-        n(DownloadState::Done),
-        n(DownloadState::Failed),
-        n(DownloadState::NeedsAuth),
-        rate / 1e6
-    );
+    let mut line = crate::status::counts_line(s, rate);
     for h in &s.sources {
         match h.source.as_str() {
             "imap" if h.connected => line.push_str("; IMAP connected"),
@@ -152,7 +143,7 @@ pub async fn run(store: Arc<dyn Store>, vitals: Arc<Vitals>, shutdown: Cancellat
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::SourceHealth;
+    use crate::store::{DownloadState, SourceHealth};
 
     #[test]
     fn the_status_line_counts_and_names_each_source() {

@@ -137,6 +137,21 @@ pub fn render_text(database: &str, s: &StatusSnapshot) -> String {
     out
 }
 
+/// "12 queued, 4 running, 1280 done, 2 failed, 1 need a token; 85.0 MB/s": the download counts and a
+/// rate, as the minute's summary in the log and systemd's status line give them.
+pub fn counts_line(s: &StatusSnapshot, rate: f64) -> String {
+    let n = |st| s.downloads.get(&st).copied().unwrap_or(0);
+    format!(
+        "{} queued, {} running, {} done, {} failed, {} need a token; {:.1} MB/s",
+        n(DownloadState::Queued),
+        n(DownloadState::Running),
+        n(DownloadState::Done),
+        n(DownloadState::Failed),
+        n(DownloadState::NeedsAuth),
+        rate / 1e6
+    )
+}
+
 /// A daemon that has not written its figures for this long is not running (it writes every 5 s).
 const DAEMON_SILENT_AFTER_MS: i64 = 30_000;
 

@@ -81,12 +81,15 @@ fn the_sample_notice_downloads_to_astroquery_paths_and_a_rerun_fetches_nothing()
     // A damaged file is fetched again.
     let (first, _) = &files[0];
     std::fs::write(d.join("mastDownload").join(first), b"SIMPLE  = damaged").unwrap();
-    let (code, _, _) = download(
+    let (code, out, err) = download(
         &ws,
         &[notice.to_str().unwrap(), "--dir", d.to_str().unwrap(), "-q"],
     );
     assert_eq!(code, 0);
     assert_eq!(mast.seen().len(), requests + 1);
+    // --quiet: the manifest and nothing else.
+    assert!(err.is_empty(), "{err}");
+    assert!(out.starts_with("Local Path"), "{out}");
     assert!(std::fs::read(d.join("mastDownload").join(first)).unwrap() == files[0].1);
 }
 

@@ -274,6 +274,8 @@ fn everything_breaks_at_once_and_every_promise_holds() {
     for (name, (path, _)) in &products {
         let versions = if changed.contains(name) { 2 } else { 1 };
         let n = published.get(path).copied().unwrap_or(0);
+        // At least once: a log format this check no longer reads would otherwise pass it blind.
+        assert!(n >= 1, "{path}: no \"done\" line in any run's log");
         assert!(
             n <= versions,
             "{path} published {n} times for {versions} version(s)"

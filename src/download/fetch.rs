@@ -136,7 +136,7 @@ fn retry_after(headers: &HeaderMap) -> Option<Duration> {
     )
 }
 
-fn is_fits(filename: &str) -> bool {
+pub(crate) fn is_fits(filename: &str) -> bool {
     filename.to_ascii_lowercase().ends_with(".fits")
 }
 
@@ -158,6 +158,7 @@ impl Transfer {
         now_ms() + i64::try_from(self.lease.as_millis()).unwrap_or(i64::MAX)
     }
 
+    /// Stores progress and renews the lease, and waits for it (`report_in_background` does not wait).
     async fn report(
         &self,
         job: &Job,
@@ -165,21 +166,10 @@ impl Transfer {
         total: Option<u64>,
         v: &Validator,
     ) -> Result<(), FetchError> {
-        let progress = Progress {
-            bytes_done: bytes_done as i64,
-            bytes_expected: total.map(|t| t as i64),
-            etag: v.etag.clone(),
-            last_modified: v.last_modified.clone(),
-        };
-        if self
-            .store
-            .progress(job.id, &self.owner, self.lease_until(), &progress)
-            .await?
-        {
-            Ok(())
-        } else {
-            Err(FetchError::LeaseLost)
-        }
+        settle(&mut Some(
+            self.report_in_background(job, bytes_done, total, v),
+        ))
+        .await
     }
 
     /// Sends the request; from `offset` with `If-Range` when resuming.
@@ -552,7 +542,7 @@ async fn blocking<T: Send + 'static>(
 
 /// The file side of an attempt, as plain blocking calls, few per file: every call from async code costs a
 /// hop to the blocking pool, and on many small files those hops were most of the time.
-mod disk {
+pub(crate) mod disk {
     use std::io::{Read, Seek, SeekFrom, Write};
     use std::path::{Path, PathBuf};
 
@@ -676,19 +666,11 @@ mod disk {
         pub fits: bool,
     }
 
-    /// Verifies, fsyncs, keeps the previous version if asked, renames into place, fsyncs the folder.
-    pub fn verify_and_publish(
-        mut file: std::fs::File,
-        part: &Path,
-        final_path: &Path,
-        check: Check,
-        keep_as: Option<&Path>,
-    ) -> Result<(), FetchError> {
-        let actual = file
-            .metadata()
-            .map_err(|e| FetchError::local("read", part, e))?
-            .len();
-        let problem = if actual != check.size {
+    /// What is wrong with `file` as the whole product `check` describes (`None`: nothing): the size, and
+    /// for FITS whole 2880-byte blocks starting with `SIMPLE  =`.
+    pub fn whole(file: &mut std::fs::File, check: &Check) -> std::io::Result<Option<String>> {
+        let actual = file.metadata()?.len();
+        Ok(if actual != check.size {
             Some(format!(
                 "the file has {actual} bytes, the server announced {}",
                 check.size
@@ -708,7 +690,18 @@ mod disk {
             })
         } else {
             None
-        };
+        })
+    }
+
+    /// Verifies, fsyncs, keeps the previous version if asked, renames into place, fsyncs the folder.
+    pub fn verify_and_publish(
+        mut file: std::fs::File,
+        part: &Path,
+        final_path: &Path,
+        check: Check,
+        keep_as: Option<&Path>,
+    ) -> Result<(), FetchError> {
+        let problem = whole(&mut file, &check).map_err(|e| FetchError::local("read", part, e))?;
         if let Some(why) = problem {
             // Fetched again from zero next time.
             let _ = std::fs::remove_file(part);

@@ -221,15 +221,7 @@ pub async fn run(
             if let Ok(s) = store.status(0).await {
                 let n = |st| s.downloads.get(&st).copied().unwrap_or(0);
                 if n(DownloadState::Queued) + n(DownloadState::Running) > 0 || rate > 0.0 {
-                    tracing::info!(
-                        "downloads: {} queued, {} running, {} done, {} failed, {} need a token; {:.1} MB/s",
-                        n(DownloadState::Queued),
-                        n(DownloadState::Running),
-                        n(DownloadState::Done),
-                        n(DownloadState::Failed),
-                        n(DownloadState::NeedsAuth),
-                        rate / 1e6
-                    );
+                    tracing::info!("downloads: {}", crate::status::counts_line(&s, rate));
                 }
             }
         }

@@ -728,19 +728,14 @@ impl ImapSource {
         let t = self.cfg.timeout;
         let mailbox = self.cfg.mailbox.clone();
         let uid_s = uid.to_string();
-        let size: Option<u32> = timed(t, "UID FETCH (size)", async {
-            let fetched = session
-                .uid_fetch(&uid_s, "(UID RFC822.SIZE)")
-                .await?
-                .try_collect::<Vec<_>>()
-                .await?;
-            Ok::<_, async_imap::error::Error>(
-                fetched
-                    .iter()
-                    .filter(|f| f.uid == Some(uid))
-                    .find_map(|f| f.size),
-            )
-        })
+        let size = fetch_one(
+            session,
+            t,
+            "UID FETCH (size)",
+            uid,
+            "(UID RFC822.SIZE)",
+            |f| f.size,
+        )
         .await?;
         let Some(size) = size else {
             return self.gone_or_failed(session, uid, "its size").await;
@@ -755,19 +750,14 @@ impl ImapSource {
         }
         // The timeout grows with the mail: at least 256 KiB/s on top of the command timeout.
         let body_limit = t + Duration::from_secs(u64::from(size) / (256 * 1024));
-        let raw: Option<Vec<u8>> = timed(body_limit, "UID FETCH (the mail)", async {
-            let fetched = session
-                .uid_fetch(&uid_s, "(UID BODY.PEEK[])")
-                .await?
-                .try_collect::<Vec<_>>()
-                .await?;
-            Ok::<_, async_imap::error::Error>(
-                fetched
-                    .iter()
-                    .filter(|f| f.uid == Some(uid))
-                    .find_map(|f| f.body().map(<[u8]>::to_vec)),
-            )
-        })
+        let raw = fetch_one(
+            session,
+            body_limit,
+            "UID FETCH (the mail)",
+            uid,
+            "(UID BODY.PEEK[])",
+            |f| f.body().map(<[u8]>::to_vec),
+        )
         .await?;
         let Some(raw) = raw else {
             return self.gone_or_failed(session, uid, "its body").await;
@@ -839,15 +829,8 @@ impl ImapSource {
             }
         }
         // Then, and only then, the mail is marked and moved; a refusal is logged, never retried forever.
-        let flagged = timed(t, "UID STORE", async {
-            session
-                .uid_store(&uid_s, "+FLAGS.SILENT (\\Seen)")
-                .await?
-                .try_collect::<Vec<_>>()
-                .await
-        })
-        .await;
-        settle(flagged.map(drop), &what, "mark it \\Seen")?;
+        let flagged = add_flag(session, t, &uid_s, "\\Seen").await;
+        settle(flagged, &what, "mark it \\Seen")?;
         if let Some(target) = &moves.target {
             let moved = self.move_to(session, &uid_s, target, moves).await;
             settle(moved, &what, &format!("move it to {target}"))?;
@@ -890,14 +873,7 @@ impl ImapSource {
             return timed(t, "UID MOVE", session.uid_mv(uid_s, target)).await;
         }
         timed(t, "UID COPY", session.uid_copy(uid_s, target)).await?;
-        timed(t, "UID STORE", async {
-            session
-                .uid_store(uid_s, "+FLAGS.SILENT (\\Deleted)")
-                .await?
-                .try_collect::<Vec<_>>()
-                .await
-        })
-        .await?;
+        add_flag(session, t, uid_s, "\\Deleted").await?;
         if moves.uidplus {
             timed(t, "UID EXPUNGE", async {
                 session
@@ -925,6 +901,50 @@ impl ImapSource {
         tracing::debug!("IMAP UID {uid_s}: copied to {target} and expunged (EXPUNGE)");
         Ok(())
     }
+}
+
+/// FETCHes `query` for `uid` and keeps what `pick` takes from the answer for that UID (a server may also
+/// send flag updates of other mails in between); `None` if the answer has nothing for it.
+async fn fetch_one<T>(
+    session: &mut Session<Stream>,
+    limit: Duration,
+    what: &'static str,
+    uid: u32,
+    query: &str,
+    pick: impl Fn(&async_imap::types::Fetch) -> Option<T>,
+) -> Result<Option<T>, ImapError> {
+    timed(limit, what, async {
+        let fetched = session
+            .uid_fetch(uid.to_string(), query)
+            .await?
+            .try_collect::<Vec<_>>()
+            .await?;
+        Ok::<_, async_imap::error::Error>(
+            fetched
+                .iter()
+                .filter(|f| f.uid == Some(uid))
+                .find_map(&pick),
+        )
+    })
+    .await
+}
+
+/// Adds `flag` to the mail `uid`.
+async fn add_flag(
+    session: &mut Session<Stream>,
+    limit: Duration,
+    uid: &str,
+    flag: &str,
+) -> Result<(), ImapError> {
+    timed(limit, "UID STORE", async {
+        session
+            .uid_store(uid, format!("+FLAGS.SILENT ({flag})"))
+            .await?
+            .try_collect::<Vec<_>>()
+            .await
+    })
+    .await
+    .map(drop)
 }
 
 /// Reads what the server announced outside replies: EXISTS above the known size (new mail) sets

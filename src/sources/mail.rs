@@ -173,36 +173,13 @@ mod tests {
     }
 
     fn json_part_base64(name: &str) -> String {
-        use base64_like::encode;
+        use base64::Engine;
+        let encode = |b: &[u8]| base64::engine::general_purpose::STANDARD.encode(b);
         format!(
             "Content-Type: application/json; name=\"{name}\"\r\nContent-Disposition: attachment; \
              filename=\"{name}\"\r\nContent-Transfer-Encoding: base64\r\n\r\n{}",
             encode(NOTICE.as_bytes())
         )
-    }
-
-    /// A tiny base64 encoder, enough for the tests (no dependency for it).
-    mod base64_like {
-        pub fn encode(bytes: &[u8]) -> String {
-            const T: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-            let mut out = String::new();
-            for chunk in bytes.chunks(3) {
-                let b = [
-                    chunk[0],
-                    *chunk.get(1).unwrap_or(&0),
-                    *chunk.get(2).unwrap_or(&0),
-                ];
-                let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
-                for i in 0..4 {
-                    if i <= chunk.len() {
-                        out.push(T[(n >> (18 - 6 * i) & 63) as usize] as char);
-                    } else {
-                        out.push('=');
-                    }
-                }
-            }
-            out
-        }
     }
 
     #[test]

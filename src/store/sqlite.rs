@@ -8,6 +8,7 @@ use super::now_ms;
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
+use std::sync::LazyLock;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -273,44 +274,54 @@ const EVENTS_BY_TYPE: &str = "SELECT event_type, count(*) AS n FROM events GROUP
 
 const NOTICES_BY_STATUS: &str = "SELECT status, count(*) AS n FROM notices GROUP BY status";
 
-const RECENT_FAILURES: &str = "
-    SELECT id, mission, fileset, filename, program, event_type, version, url, local_path,
-           state, attempts, bytes_expected, bytes_done, last_error, updated_at
-    FROM downloads WHERE state IN ('failed', 'needs_auth')
-    ORDER BY updated_at DESC, id DESC LIMIT ?1";
+/// The columns `download_row` reads, for every query that lists jobs.
+macro_rules! download_row_columns {
+    () => {
+        "SELECT id, mission, fileset, filename, program, event_type, version, url, local_path, state,
+                attempts, bytes_expected, bytes_done, last_error, updated_at FROM downloads "
+    };
+}
 
-const LIST_DOWNLOADS: &str = "
-    SELECT id, mission, fileset, filename, program, event_type, version, url, local_path,
-           state, attempts, bytes_expected, bytes_done, last_error, updated_at
-    FROM downloads WHERE ?1 IS NULL OR state = ?1 ORDER BY id";
+const RECENT_FAILURES: &str = concat!(
+    download_row_columns!(),
+    "WHERE state IN ('failed', 'needs_auth') ORDER BY updated_at DESC, id DESC LIMIT ?1"
+);
 
-/// The due job with the earliest attempt time whose product has no job running (one transfer per file).
-const CLAIM: &str = "
-    UPDATE downloads SET
-        state = 'running', lease_owner = ?1, lease_expires_at = ?2, attempts = attempts + 1,
-        started_at = coalesce(started_at, ?3), updated_at = ?3
-    WHERE id = (
-        SELECT d.id FROM downloads AS d
-        WHERE d.state = 'queued' AND d.next_attempt_at <= ?3
-          AND NOT EXISTS (SELECT 1 FROM downloads AS r WHERE r.product = d.product AND r.state = 'running')
-        ORDER BY d.next_attempt_at, d.id
-        LIMIT 1)
-    RETURNING id, product, mission, filename, program, event_type, version, url, local_path, attempts,
-              bytes_expected, bytes_done, etag, last_modified, verify_failures, not_found_since";
+const LIST_DOWNLOADS: &str = concat!(
+    download_row_columns!(),
+    "WHERE ?1 IS NULL OR state = ?1 ORDER BY id"
+);
 
-/// `CLAIM` run right after a `FINISH_*` statement in one query: the owner is ?2, the lease ?9, now ?10.
-const CLAIM_AFTER_FINISH: &str = "
-    UPDATE downloads SET
-        state = 'running', lease_owner = ?2, lease_expires_at = ?9, attempts = attempts + 1,
-        started_at = coalesce(started_at, ?10), updated_at = ?10
-    WHERE id = (
-        SELECT d.id FROM downloads AS d
-        WHERE d.state = 'queued' AND d.next_attempt_at <= ?10
-          AND NOT EXISTS (SELECT 1 FROM downloads AS r WHERE r.product = d.product AND r.state = 'running')
-        ORDER BY d.next_attempt_at, d.id
-        LIMIT 1)
-    RETURNING id, product, mission, filename, program, event_type, version, url, local_path, attempts,
-              bytes_expected, bytes_done, etag, last_modified, verify_failures, not_found_since";
+/// Jobs that ended failed or needing a token after ?1, oldest first.
+const FAILURES_SINCE: &str = concat!(
+    download_row_columns!(),
+    "WHERE state IN ('failed', 'needs_auth') AND updated_at > ?1 ORDER BY updated_at, id LIMIT 1000"
+);
+
+/// The due job with the earliest attempt time whose product has no job running (one transfer per file),
+/// claimed for an owner until a lease time; the three parameters are named by the caller, so that the
+/// claim can also follow a `FINISH_*` statement in one query.
+fn claim_sql(owner: &str, lease_until: &str, now: &str) -> String {
+    format!(
+        "UPDATE downloads SET
+            state = 'running', lease_owner = {owner}, lease_expires_at = {lease_until},
+            attempts = attempts + 1, started_at = coalesce(started_at, {now}), updated_at = {now}
+        WHERE id = (
+            SELECT d.id FROM downloads AS d
+            WHERE d.state = 'queued' AND d.next_attempt_at <= {now}
+              AND NOT EXISTS (SELECT 1 FROM downloads AS r WHERE r.product = d.product AND r.state = 'running')
+            ORDER BY d.next_attempt_at, d.id
+            LIMIT 1)
+        RETURNING id, product, mission, filename, program, event_type, version, url, local_path, attempts,
+                  bytes_expected, bytes_done, etag, last_modified, verify_failures, not_found_since"
+    )
+}
+
+/// A claim on its own: owner ?1, lease ?2, now ?3.
+static CLAIM: LazyLock<String> = LazyLock::new(|| claim_sql("?1", "?2", "?3"));
+
+/// A claim after a `FINISH_*` statement in the same query: the owner is its ?2, the lease ?9, now ?10.
+static CLAIM_AFTER_FINISH: LazyLock<String> = LazyLock::new(|| claim_sql("?2", "?9", "?10"));
 
 const PROGRESS: &str = "
     UPDATE downloads SET
@@ -693,7 +704,10 @@ impl Store for SqliteStore {
             Finish::Retry { .. } => FINISH_RETRY,
             Finish::GiveUp { .. } => FINISH_GIVE_UP,
         };
-        let sql = format!("{finish_sql} RETURNING 1 AS finished; {CLAIM_AFTER_FINISH};");
+        let sql = format!(
+            "{finish_sql} RETURNING 1 AS finished; {};",
+            *CLAIM_AFTER_FINISH
+        );
         let query = sqlx::query(&sql).bind(id).bind(owner);
         let query = match finish {
             Finish::Done { bytes } => query
@@ -761,7 +775,7 @@ impl Store for SqliteStore {
         now: i64,
     ) -> Result<Option<Job>, StoreError> {
         let err = self.query_err();
-        let Some(row) = sqlx::query(CLAIM)
+        let Some(row) = sqlx::query(&CLAIM)
             .bind(owner)
             .bind(lease_until)
             .bind(now)
@@ -1080,16 +1094,11 @@ impl Store for SqliteStore {
     }
 
     async fn failures_since(&self, after: i64) -> Result<Vec<DownloadRow>, StoreError> {
-        let rows = sqlx::query(
-            "SELECT id, mission, fileset, filename, program, event_type, version, url, local_path,
-                    state, attempts, bytes_expected, bytes_done, last_error, updated_at
-             FROM downloads WHERE state IN ('failed', 'needs_auth') AND updated_at > ?1
-             ORDER BY updated_at, id LIMIT 1000",
-        )
-        .bind(after)
-        .fetch_all(&self.readers)
-        .await
-        .map_err(self.query_err())?;
+        let rows = sqlx::query(FAILURES_SINCE)
+            .bind(after)
+            .fetch_all(&self.readers)
+            .await
+            .map_err(self.query_err())?;
         rows.iter().map(|r| self.download_row(r)).collect()
     }
 
