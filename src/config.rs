@@ -220,6 +220,53 @@ pub struct DownloadConfig {
     /// `.part` files, and the jobs go back to the queue.
     #[serde(with = "humantime_serde")]
     pub drain_timeout: Duration,
+    /// The low-speed limit: an attempt whose rate stays below this for `min_rate_window` is ended and
+    /// retried (curl's `--speed-limit`, aria2's `--lowest-speed-limit`); `0B/s` turns it off.
+    pub min_rate: Rate,
+    /// How long a transfer may stay below `min_rate`.
+    #[serde(with = "humantime_serde")]
+    pub min_rate_window: Duration,
+    /// No product may be larger: an announced size above it is refused, and a body sent with no size
+    /// is ended when it grows past it.
+    pub max_product_size: ByteSize,
+    /// Publish a body sent with no length (no Content-Length, not chunked) even when its format cannot
+    /// prove the file whole (FITS with NEXTEND, gzip, JSON, PNG and JPEG can); off: such a body is refused.
+    pub accept_unsized_bodies: bool,
+}
+
+/// Bytes per second, written like `"50MB/s"` or `"1KiB/s"` (SI and binary units; `/s` may be left out).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Default)]
+pub struct Rate(pub u64);
+
+impl std::str::FromStr for Rate {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Rate, String> {
+        let t = s.trim();
+        let t = t.strip_suffix("/s").unwrap_or(t).trim();
+        t.parse::<ByteSize>()
+            .map(|b| Rate(b.as_u64()))
+            .map_err(|e| format!("{s:?} is not a rate such as \"50MB/s\" or \"1KiB/s\": {e}"))
+    }
+}
+
+impl std::fmt::Display for Rate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/s", ByteSize(self.0).display().si())
+    }
+}
+
+impl Serialize for Rate {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.to_string())
+    }
+}
+
+impl<'de> Deserialize<'de> for Rate {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Rate, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
 }
 
 impl Default for DownloadConfig {
@@ -235,6 +282,10 @@ impl Default for DownloadConfig {
             not_found_retry: Duration::from_secs(30 * 60),
             not_found_give_up: Duration::from_secs(6 * 3600),
             drain_timeout: Duration::from_secs(10),
+            min_rate: Rate(1000),
+            min_rate_window: Duration::from_secs(60),
+            max_product_size: ByteSize::gib(200),
+            accept_unsized_bodies: false,
         }
     }
 }

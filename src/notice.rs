@@ -434,6 +434,22 @@ fn name_field(raw: Option<&RawValue>) -> Result<String, String> {
     Ok(s.into_owned())
 }
 
+/// A product's file name: a path component with room for the `.part` suffix it downloads under.
+fn file_name_field(raw: Option<&RawValue>) -> Result<String, String> {
+    let s = name_field(raw)?;
+    let part = s.len() + ".part".len();
+    if part > MAX_NAME_BYTES {
+        return Err(format!(
+            "{:?} is {} bytes long; with the .part suffix it downloads under that makes {part}, more than \
+             the {MAX_NAME_BYTES} bytes a file name may have on disk: expected at most {} bytes",
+            truncate_for_message(&s),
+            s.len(),
+            MAX_NAME_BYTES - ".part".len()
+        ));
+    }
+    Ok(s)
+}
+
 /// An integer, or a string holding one.
 fn program_field(raw: Option<&RawValue>) -> Result<i64, String> {
     let raw = raw.ok_or("missing; expected the program number, e.g. 5105")?;
@@ -523,7 +539,7 @@ fn validate_record(index: usize, raw: &RawValue) -> Result<Event, Vec<RecordErro
         keep(e, index, "event_id", uuid_field(fields.event_id)),
         keep(e, index, "mission", name_field(fields.mission)),
         keep(e, index, "fileset", name_field(fields.fileset)),
-        keep(e, index, "filename", name_field(fields.filename)),
+        keep(e, index, "filename", file_name_field(fields.filename)),
         keep(e, index, "program", program_field(fields.program)),
         keep(e, index, "event_type", event_type_field(fields.event_type)),
         keep(e, index, "archived_date", date_field(fields.archived_date)),

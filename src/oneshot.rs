@@ -64,6 +64,10 @@ pub struct Row {
     /// Where from.
     #[serde(rename = "URL")]
     pub url: String,
+    /// For COMPLETE, what the content was verified by (not one of astroquery's columns; written to
+    /// `--manifest` files after them, not printed).
+    #[serde(rename = "Verified")]
+    pub verified: String,
 }
 
 /// Runs the command.
@@ -150,10 +154,7 @@ pub async fn run(mut config: Config, args: Args) -> anyhow::Result<ExitCode> {
             ours.insert(r.id);
             match r.state {
                 DownloadState::Done
-                    if !looks_complete(
-                        &config.storage.downloads.join(&r.local_path),
-                        r.bytes_done,
-                    ) =>
+                    if !looks_complete(&config.storage.downloads, &r.local_path, r.bytes_done) =>
                 {
                     redo.push(r.id)
                 }
@@ -239,20 +240,20 @@ pub async fn run(mut config: Config, args: Args) -> anyhow::Result<ExitCode> {
     })
 }
 
-/// A finished file still there, whole: its size as recorded, and for FITS whole blocks starting with
-/// `SIMPLE  =` (the checks a download passes before it is published).
-fn looks_complete(path: &Path, size: i64) -> bool {
-    let check = download::fetch::disk::Check {
-        size: size.max(0) as u64,
-        fits: path
-            .file_name()
-            .and_then(|n| n.to_str())
-            .is_some_and(download::fetch::is_fits),
+/// A finished file still there, whole: its size as recorded, and its content proven again by its format's
+/// verifier (the checks a download passes before it is published), reached without following links.
+fn looks_complete(root: &Path, local_path: &str, size: i64) -> bool {
+    let rel = Path::new(local_path);
+    let (Some(dir), Some(name)) = (rel.parent(), rel.file_name().and_then(|n| n.to_str())) else {
+        return false;
     };
-    size > 0
-        && std::fs::File::open(path)
-            .and_then(|mut f| download::fetch::disk::whole(&mut f, &check))
-            .is_ok_and(|problem| problem.is_none())
+    let check = || -> Option<bool> {
+        let dir = crate::fsutil::SafeDir::open(root, dir, false).ok()?;
+        let mut file = dir.open_read(name).ok()?;
+        let len = file.metadata().ok()?.len();
+        Some(len == size.max(0) as u64 && crate::verify::check_file(name, &mut file).is_ok())
+    };
+    size > 0 && check() == Some(true)
 }
 
 /// The manifest: one row per product of `events`, in notice order.
@@ -278,6 +279,7 @@ pub fn manifest(
                 status: "SKIPPED",
                 message: why,
                 url: categorizer.url(e),
+                verified: String::new(),
             },
             None => match jobs.get(&(rel.as_str(), version)) {
                 Some(j) if j.state == DownloadState::Done => Row {
@@ -285,6 +287,7 @@ pub fn manifest(
                     status: "COMPLETE",
                     message: String::new(),
                     url: j.url.clone(),
+                    verified: j.verified.clone().unwrap_or_default(),
                 },
                 Some(j) => Row {
                     local_path: local_path.clone(),
@@ -294,12 +297,14 @@ pub fn manifest(
                         .clone()
                         .unwrap_or_else(|| format!("not downloaded ({})", j.state)),
                     url: j.url.clone(),
+                    verified: String::new(),
                 },
                 None => Row {
                     local_path: local_path.clone(),
                     status: "ERROR",
                     message: "no download job (a newer version was recorded)".into(),
                     url: categorizer.url(e),
+                    verified: String::new(),
                 },
             },
         };
@@ -358,14 +363,15 @@ fn write_manifest(path: &Path, rows: &[Row]) -> anyhow::Result<()> {
         Some(e) if e.eq_ignore_ascii_case("json") => serde_json::to_string_pretty(rows)? + "\n",
         _ => {
             let quote = |s: &str| format!("\"{}\"", s.replace('"', "\"\""));
-            let mut t = String::from("Local Path,Status,Message,URL\n");
+            let mut t = String::from("Local Path,Status,Message,URL,Verified\n");
             for r in rows {
                 t.push_str(&format!(
-                    "{},{},{},{}\n",
+                    "{},{},{},{},{}\n",
                     quote(&r.local_path),
                     r.status,
                     quote(&r.message),
-                    quote(&r.url)
+                    quote(&r.url),
+                    quote(&r.verified)
                 ));
             }
             t

@@ -128,8 +128,14 @@ fn a_missing_product_is_an_error_row_with_its_reason_and_exit_1() {
     // --flat: straight into D.
     assert!(d.join(Path::new(&files[0].0).file_name().unwrap()).exists());
     let csv = std::fs::read_to_string(csv).unwrap();
-    assert!(csv.starts_with("Local Path,Status,Message,URL\n"), "{csv}");
+    // astroquery's columns, then what each COMPLETE product was verified by.
+    assert!(csv.starts_with("Local Path,Status,Message,URL,Verified\n"), "{csv}");
     assert_eq!(csv.matches(",ERROR,").count(), 1, "{csv}");
+    assert_eq!(
+        csv.matches(",\"FITS: 1 HDU, structure only").count(),
+        2,
+        "{csv}"
+    );
 }
 
 /// Products for the filter tests: (n, program, event type, mission, filename suffix).

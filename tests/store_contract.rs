@@ -286,7 +286,10 @@ fn ending_a_job_and_claiming_the_next_checks_the_lease_and_keeps_products_apart(
         .await;
 
         // Another owner cannot end it.
-        let done = Finish::Done { bytes: 10 };
+        let done = Finish::Done {
+            bytes: 10,
+            verified: "JSON: parses".into(),
+        };
         let (ended, next) = store
             .finish_and_claim(first.id, "intruder", &done, now, i64::MAX)
             .await

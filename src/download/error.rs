@@ -42,9 +42,29 @@ pub enum FetchError {
     /// announced).
     #[error("{0}")]
     Protocol(String),
-    /// The file arrived whole but is not what it claims to be.
+    /// The bytes are not the product: an HTML page, an encoding nobody asked for, a damaged or cut file
+    /// by its format's own rules, a size that does not match.
     #[error("verification failed: {0}")]
     Verify(String),
+    /// The attempt cannot succeed as things are, and retrying would not change that: a symbolic link in
+    /// the download folder, a product over `download.max_product_size`, a disk filled by the product
+    /// itself, a body with no length that its format cannot prove whole.
+    #[error("{0}")]
+    Refused(String),
+    /// The low-speed limit: the rate stayed below `download.min_rate` for `download.min_rate_window`.
+    #[error(
+        "the transfer stayed below download.min_rate ({}) for {}: {rate:.0} B/s",
+        crate::config::Rate(*min_rate),
+        humantime::format_duration(*window)
+    )]
+    TooSlow {
+        /// The rate over the window, bytes per second.
+        rate: f64,
+        /// The limit.
+        min_rate: u64,
+        /// The window.
+        window: Duration,
+    },
     /// The disk refused: full, over quota, read-only, or permissions.
     #[error("cannot {op} {}: {source}", path.display())]
     Disk {
@@ -97,6 +117,7 @@ impl FetchError {
         match self {
             FetchError::Transport(_)
             | FetchError::Cut { .. }
+            | FetchError::TooSlow { .. }
             | FetchError::Protocol(_)
             | FetchError::Io { .. } => true,
             FetchError::Store(_) => true,

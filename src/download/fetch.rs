@@ -1,19 +1,27 @@
-//! One download attempt: verified resume into `<final>.part`, verification, then publication.
+//! One download attempt: verified resume into `<final>.part`, content verification as the bytes pass, then
+//! publication.
 //!
 //! Resume is verified: a `.part` file is continued only when its validator (ETag, else Last-Modified) is
 //! known, with `Range: bytes=N-` and `If-Range: <validator>`, and bytes are appended only on a 206 whose
-//! `Content-Range` starts at N and whose ETag (if any) is the one the `.part` holds. A 200 means the server
-//! ignored the range or the product changed: the file starts over, so a changed product ends as the new
-//! version whole, never a splice of two. A 416 is checked against what is on disk. The validator and the
-//! announced size are stored before the first byte reaches the `.part` file, and progress at least every
-//! second, so a kill -9 costs little. A small body (up to 1 MiB) that arrives within 100 ms is held in
-//! memory and written once, when it is published: on many small products that halves the work per file.
-//! At the end the size must match what was announced, a `.fits` file must be whole
-//! 2880-byte blocks starting with `SIMPLE  =`, and only then is the file fsynced, renamed into place, and
-//! its folder fsynced.
+//! `Content-Range` starts at N, whose ETag (if any) is the one the `.part` holds, and whose total is the
+//! size the first answer announced. Anything else means the server ignored the range or the product
+//! changed: the file starts over, so a changed product ends as the new version whole, never a splice of
+//! two. A 416 is checked against what is on disk. The validator and the announced size are stored before
+//! the first byte reaches the `.part` file, and progress at least every second, so a kill -9 costs little.
+//! A small body (up to 1 MiB) that arrives within 100 ms is held in memory and written once, when it is
+//! published: on many small products that halves the work per file.
+//!
+//! Every product passes its format's verifier (`crate::verify`) on its way to the `.part` file; it is
+//! published only when the size matches what was announced and the verifier proves the content (a body
+//! with no length at all only when its format proves where it ends). Requests ask for
+//! `Accept-Encoding: identity`, and an answer in another encoding or an HTML page for a non-HTML product is
+//! refused before a byte is written. Attempts are bounded: a low-speed limit, a maximum size, and a disk
+//! filled by the attempt itself ends the job. Files and folders are reached only through `SafeDir`, never
+//! through a symbolic link. Only then is the file fsynced, renamed into place, and its folder fsynced.
 
 use crate::store::now_ms;
-use std::path::{Path, PathBuf};
+use std::collections::VecDeque;
+use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
@@ -22,7 +30,9 @@ use reqwest::header::{self, HeaderMap, HeaderValue};
 use tokio_util::sync::CancellationToken;
 
 use super::error::FetchError;
+use crate::fsutil::{PlaceError, SafeDir};
 use crate::store::{Job, Progress, Store};
+use crate::verify::{self, Problem, Verified};
 
 /// Progress is stored at least this often while bytes arrive.
 const PROGRESS_EVERY: Duration = Duration::from_secs(1);
@@ -36,10 +46,33 @@ const WHOLE_IN_MEMORY: usize = 1024 * 1024;
 /// ... unless it takes longer than this: a slow body goes to disk as it comes, so that a kill -9 loses
 /// little of it.
 const HOLD_AT_MOST: Duration = Duration::from_millis(100);
-/// The first bytes of every FITS file.
-const FITS_MAGIC: &[u8] = b"SIMPLE  =";
-/// FITS files are made of blocks of this many bytes.
-const FITS_BLOCK: u64 = 2880;
+/// Of an HTML page sent instead of a product, this much is read to name it (its title).
+const HTML_READ: usize = 64 * 1024;
+
+/// Bounds on one attempt (from `[download]`).
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Bytes per second below which, for `min_rate_window`, an attempt is ended (0: no limit).
+    pub min_rate: u64,
+    /// See `min_rate`.
+    pub min_rate_window: Duration,
+    /// The largest product.
+    pub max_product_size: u64,
+    /// Publish a body with no length whose format cannot prove its end.
+    pub accept_unsized: bool,
+}
+
+impl Limits {
+    /// The limits `[download]` sets.
+    pub fn from_config(c: &crate::config::DownloadConfig) -> Limits {
+        Limits {
+            min_rate: c.min_rate.0,
+            min_rate_window: c.min_rate_window,
+            max_product_size: c.max_product_size.as_u64(),
+            accept_unsized: c.accept_unsized_bodies,
+        }
+    }
+}
 
 /// What an attempt needs besides the job.
 pub struct Transfer {
@@ -50,7 +83,7 @@ pub struct Transfer {
     /// Scheme, host and port of `mast.base_url`.
     pub mast_origin: url::Origin,
     /// `storage.downloads`.
-    pub root: PathBuf,
+    pub root: std::path::PathBuf,
     /// `download.keep_previous`.
     pub keep_previous: bool,
     /// The store, for progress and the version on disk.
@@ -61,6 +94,8 @@ pub struct Transfer {
     pub lease: Duration,
     /// Bytes received by all workers, for the rate in summaries.
     pub vitals: Arc<crate::service::Vitals>,
+    /// Bounds on each attempt.
+    pub limits: Limits,
 }
 
 /// A finished attempt.
@@ -72,6 +107,8 @@ pub struct Fetched {
     pub resumed_from: u64,
     /// Bytes fetched by this attempt.
     pub fetched: u64,
+    /// What the content was proven by.
+    pub verified: Verified,
 }
 
 /// The validator of the bytes in a `.part` file.
@@ -104,11 +141,9 @@ impl Validator {
     }
 }
 
-/// `<final>.part`.
-pub fn part_path(final_path: &Path) -> PathBuf {
-    let mut p = final_path.as_os_str().to_owned();
-    p.push(".part");
-    PathBuf::from(p)
+/// `<name>.part`.
+pub fn part_name(name: &str) -> String {
+    format!("{name}.part")
 }
 
 /// `bytes START-END/TOTAL` (TOTAL may be `*`), or `bytes */TOTAL` (for 416).
@@ -136,21 +171,86 @@ fn retry_after(headers: &HeaderMap) -> Option<Duration> {
     )
 }
 
-pub(crate) fn is_fits(filename: &str) -> bool {
-    filename.to_ascii_lowercase().ends_with(".fits")
+/// True when the body's end is framed by the protocol (a length, or chunked encoding's last chunk).
+fn chunked(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(header::TRANSFER_ENCODING)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .any(|v| v.to_ascii_lowercase().contains("chunked"))
 }
 
-/// How the server answered.
+/// The job's folder (relative to the root) and file name.
+fn split(local_path: &str) -> (&Path, String) {
+    let p = Path::new(local_path);
+    (
+        p.parent().unwrap_or(Path::new("")),
+        p.file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default(),
+    )
+}
+
+/// A place that cannot be used: a link or a wrong kind of file is the operator's to fix (the job fails
+/// with the reason); anything else is an I/O error like any other.
+fn place_error(e: PlaceError) -> FetchError {
+    match e {
+        PlaceError::Io { op, path, source } => FetchError::local(op, path, source),
+        other => FetchError::Refused(other.to_string()),
+    }
+}
+
+/// How the server answered. (Held for a moment, once per attempt: its size does not matter.)
+#[allow(clippy::large_enum_variant)]
 enum Answer {
-    /// Bytes from `start` on, of `total` if known.
+    /// Bytes from `start` on, of `total` if known; `framed` when the protocol marks the body's end.
     Body {
         response: reqwest::Response,
         start: u64,
         total: Option<u64>,
+        framed: bool,
         validator: Validator,
     },
     /// 416 for a `.part` file that is already whole.
     AlreadyWhole { total: u64 },
+}
+
+/// The transfer rate over the last `window`, sampled every second: the low-speed limit.
+struct RateWatch {
+    samples: VecDeque<(Instant, u64)>,
+    window: Duration,
+    min_rate: u64,
+}
+
+impl RateWatch {
+    fn new(limits: &Limits, now: Instant, bytes: u64) -> RateWatch {
+        RateWatch {
+            samples: VecDeque::from([(now, bytes)]),
+            window: limits.min_rate_window.max(Duration::from_secs(1)),
+            min_rate: limits.min_rate,
+        }
+    }
+
+    /// Notes `bytes` received in all at `now`; an error once a whole window passed below the limit.
+    fn check(&mut self, now: Instant, bytes: u64) -> Result<(), FetchError> {
+        self.samples.push_back((now, bytes));
+        while let Some(&(at, then)) = self.samples.front() {
+            let age = now.duration_since(at);
+            if age < self.window {
+                break;
+            }
+            let rate = (bytes - then) as f64 / age.as_secs_f64();
+            if rate < self.min_rate as f64 {
+                return Err(FetchError::TooSlow {
+                    rate,
+                    min_rate: self.min_rate,
+                    window: self.window,
+                });
+            }
+            self.samples.pop_front();
+        }
+        Ok(())
+    }
 }
 
 impl Transfer {
@@ -181,7 +281,11 @@ impl Transfer {
     ) -> Result<reqwest::Response, FetchError> {
         let url = url::Url::parse(&job.url)
             .map_err(|e| FetchError::Protocol(format!("bad URL {}: {e}", job.url)))?;
-        let mut request = self.client.get(url.clone());
+        // The bytes as stored, never a compressed rendering of them.
+        let mut request = self
+            .client
+            .get(url.clone())
+            .header(header::ACCEPT_ENCODING, "identity");
         // The token goes to the MAST host only; reqwest drops these headers on a redirect elsewhere.
         let token = self.token.read().map(|t| t.clone()).unwrap_or_default();
         if let Some(token) = token.filter(|_| url.origin() == self.mast_origin) {
@@ -210,14 +314,66 @@ impl Transfer {
         Ok(request.send().await?)
     }
 
+    /// Refuses an answer whose body cannot be the product: in an encoding nobody asked for, or an HTML
+    /// page for a product that is not one (read a little, to name it by its title).
+    async fn refuse_wrong_body(
+        &self,
+        job: &Job,
+        response: reqwest::Response,
+    ) -> Result<reqwest::Response, FetchError> {
+        let headers = response.headers();
+        if let Some(encoding) = headers
+            .get(header::CONTENT_ENCODING)
+            .map(|v| v.to_str().unwrap_or("?").trim().to_string())
+            .filter(|e| !e.is_empty() && !e.eq_ignore_ascii_case("identity"))
+        {
+            return Err(FetchError::Verify(format!(
+                "the server sent {} with Content-Encoding: {encoding}, though mastsub asks for the bytes \
+                 as stored (Accept-Encoding: identity); they would not be the product",
+                job.filename
+            )));
+        }
+        let content_type = headers
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
+        let html_product = {
+            let f = job.filename.to_ascii_lowercase();
+            f.ends_with(".html") || f.ends_with(".htm")
+        };
+        match content_type {
+            Some(t) if verify::html::is_html_type(&t) && !html_product => {
+                let announced = response.content_length();
+                let mut response = response;
+                let mut head = Vec::new();
+                while head.len() < HTML_READ {
+                    match response.chunk().await {
+                        Ok(Some(c)) => head.extend_from_slice(&c),
+                        _ => break,
+                    }
+                }
+                let title = verify::html::sniff(&head).and_then(|p| p.title);
+                let page = verify::html::Page { title };
+                Err(FetchError::Verify(page.instead_of(
+                    &job.filename,
+                    Some(t.split(';').next().unwrap_or(&t).trim()),
+                    announced.or(Some(head.len() as u64)),
+                )))
+            }
+            _ => Ok(response),
+        }
+    }
+
     /// Asks for the product (resuming at `offset` if it can), and settles what the answer means.
     async fn open(
         &self,
         job: &Job,
         mut offset: u64,
-        part: &Path,
+        dir: &Arc<SafeDir>,
+        part: &str,
         stored: &Validator,
     ) -> Result<Answer, FetchError> {
+        let first_total = job.bytes_expected.and_then(|t| u64::try_from(t).ok());
         loop {
             let response = self.send(job, offset, stored).await?;
             let status = response.status().as_u16();
@@ -230,11 +386,17 @@ impl Transfer {
                         _ => true,
                     };
                     match content_range(&headers) {
-                        Some((Some(start), total)) if start == offset && same_version => {
+                        Some((Some(start), total))
+                            if start == offset
+                                && same_version
+                                && (first_total.is_none() || total == first_total) =>
+                        {
+                            let response = self.refuse_wrong_body(job, response).await?;
                             return Ok(Answer::Body {
                                 response,
                                 start,
                                 total,
+                                framed: true,
                                 validator: Validator {
                                     etag: fresh.etag.or(stored.etag.clone()),
                                     last_modified: fresh
@@ -242,6 +404,16 @@ impl Transfer {
                                         .or(stored.last_modified.clone()),
                                 },
                             });
+                        }
+                        Some((Some(start), total)) if start == offset && same_version => {
+                            tracing::warn!(
+                                "{}: the server's 206 gives the product's size as {} where its first answer \
+                                 said {}: a changed product; starting over",
+                                job.about(),
+                                total.map_or("unknown (*)".to_string(), |t| t.to_string()),
+                                first_total.unwrap_or_default()
+                            );
+                            offset = 0;
                         }
                         other => {
                             tracing::warn!(
@@ -254,15 +426,19 @@ impl Transfer {
                     }
                 }
                 200 => {
+                    let response = self.refuse_wrong_body(job, response).await?;
                     return Ok(Answer::Body {
                         total: response.content_length(),
+                        framed: response.content_length().is_some() || chunked(&headers),
                         validator: Validator::from_headers(&headers),
                         response,
                         start: 0,
                     });
                 }
                 416 if offset > 0 => match content_range(&headers) {
-                    Some((None, Some(total))) if total == offset => {
+                    Some((None, Some(total)))
+                        if total == offset && first_total.is_none_or(|t| t == total) =>
+                    {
                         return Ok(Answer::AlreadyWhole { total });
                     }
                     _ => {
@@ -288,9 +464,11 @@ impl Transfer {
                 }
             }
             // Starting over: the old bytes must not be mistaken for part of the new answer.
-            tokio::fs::write(part, b"")
-                .await
-                .map_err(|e| FetchError::local("truncate", part, e))?;
+            blocking({
+                let (dir, part) = (dir.clone(), part.to_string());
+                move || dir.open_rw(&part, false).map(drop).map_err(place_error)
+            })
+            .await?;
         }
     }
 
@@ -300,51 +478,72 @@ impl Transfer {
         job: &Job,
         cancel: &CancellationToken,
     ) -> Result<Fetched, FetchError> {
-        let final_path = self.root.join(&job.local_path);
-        let part = part_path(&final_path);
+        let (rel_dir, name) = split(&job.local_path);
+        let part = part_name(&name);
         let stored = Validator {
             etag: job.etag.clone(),
             last_modified: job.last_modified.clone(),
         };
-        // Bytes without a validator cannot be continued safely, so without one the `.part` file (if any)
-        // is not even looked at: it is emptied when the first bytes are written.
-        let offset = if stored.if_range().is_some() {
-            blocking({
-                let part = part.clone();
-                move || disk::part_size(&part)
-            })
-            .await?
-        } else {
-            0
-        };
+        // The folder, opened without following links, and what the `.part` file holds. Bytes without a
+        // validator cannot be continued safely, so without one the `.part` file is not even looked at:
+        // it is emptied when the first bytes are written.
+        let resumable = stored.if_range().is_some();
+        let (dir, offset, space_at_start) = blocking({
+            let (root, rel_dir, part) = (self.root.clone(), rel_dir.to_path_buf(), part.clone());
+            move || {
+                let dir = SafeDir::open(&root, &rel_dir, true).map_err(place_error)?;
+                let size = dir.file_size(&part).map_err(place_error)?.unwrap_or(0);
+                let space = dir.space();
+                Ok((Arc::new(dir), if resumable { size } else { 0 }, space))
+            }
+        })
+        .await?;
 
-        let (mut response, start, total, validator) =
-            match self.open(job, offset, &part, &stored).await? {
+        let (mut response, start, total, framed, validator) =
+            match self.open(job, offset, &dir, &part, &stored).await? {
                 Answer::AlreadyWhole { total } => {
-                    let out = disk::PartWriter::new(part.clone(), true, None);
-                    self.verify_and_publish(job, out, &final_path, total)
+                    let out =
+                        disk::PartWriter::new(dir.clone(), part.clone(), true, None, &job.filename);
+                    let verified = self
+                        .verify_and_publish(job, out, &dir, &name, Some(total), true)
                         .await?;
                     return Ok(Fetched {
                         bytes: total,
                         resumed_from: total,
                         fetched: 0,
+                        verified,
                     });
                 }
                 Answer::Body {
                     response,
                     start,
                     total,
+                    framed,
                     validator,
-                } => (response, start, total, validator),
+                } => (response, start, total, framed, validator),
             };
+        let max = self.limits.max_product_size;
+        if let Some(t) = total.filter(|t| *t > max) {
+            return Err(FetchError::Refused(format!(
+                "the server announces {t} bytes for {}, more than download.max_product_size ({max} bytes); \
+                 raise it if the product really is that large",
+                job.filename
+            )));
+        }
         // The validator and size go on record before the first byte can land in the `.part` file, so
-        // that a crash at any moment can resume. When the bytes in the `.part` file are of the version the store already names
-        // (or the store names none, so a crash restarts from zero anyway), that write runs beside the
-        // transfer instead of in front of it; a changed version is recorded first, so that a crash can
-        // never pair the new bytes with the old validator.
+        // that a crash at any moment can resume. When the bytes in the `.part` file are of the version the
+        // store already names (or the store names none, so a crash restarts from zero anyway), that write
+        // runs beside the transfer instead of in front of it; a changed version is recorded first, so that
+        // a crash can never pair the new bytes with the old validator.
         // A body held whole in memory reaches the disk only when it is published, so there is no
         // `.part` file to resume before then and nothing to record.
-        let out = disk::PartWriter::new(part.clone(), start > 0, total.map(|t| t - start));
+        let out = disk::PartWriter::new(
+            dir.clone(),
+            part.clone(),
+            start > 0,
+            total.map(|t| t - start),
+            &job.filename,
+        );
         let mut pending = None;
         if !out.holds_whole_body() {
             pending = Some(self.report_in_background(job, start, total, &validator));
@@ -356,23 +555,44 @@ impl Transfer {
         let mut written = start;
         let began = Instant::now();
         let mut last_report = began;
+        let watch_rate = self.limits.min_rate > 0;
+        let mut rate = RateWatch::new(&self.limits, began, written);
+        let mut tick = tokio::time::interval_at(
+            tokio::time::Instant::now() + Duration::from_secs(1),
+            Duration::from_secs(1),
+        );
         let ended = loop {
             let chunk = tokio::select! {
                 _ = cancel.cancelled() => break Err(FetchError::Interrupted),
+                _ = tick.tick(), if watch_rate => {
+                    match rate.check(Instant::now(), written) {
+                        Ok(()) => continue,
+                        Err(e) => break Err(e),
+                    }
+                }
                 chunk = response.chunk() => chunk,
             };
             match chunk {
                 Ok(Some(bytes)) => {
-                    if total.is_some_and(|t| written + bytes.len() as u64 > t) {
+                    let after = written + bytes.len() as u64;
+                    if let Some(t) = total
+                        && after > t
+                    {
                         break Err(FetchError::Protocol(format!(
-                            "MAST sent more than the {} bytes it announced",
-                            total.unwrap_or_default()
+                            "MAST sent more than the {t} bytes it announced"
+                        )));
+                    }
+                    if total.is_none() && after > max {
+                        break Err(FetchError::Refused(format!(
+                            "the server sent {} with no size and more than download.max_product_size \
+                             ({max} bytes); the attempt was ended there",
+                            job.filename
                         )));
                     }
                     if let Err(e) = out.write(&bytes).await {
                         break Err(e);
                     }
-                    written += bytes.len() as u64;
+                    written = after;
                     self.vitals
                         .received
                         .fetch_add(bytes.len() as u64, Ordering::Relaxed);
@@ -421,11 +641,16 @@ impl Transfer {
             (other, _) => other,
         };
         if let Err(e) = ended {
-            if matches!(e, FetchError::Protocol(_)) {
+            let e = self.own_disk_filled(job, e, written - start, total, space_at_start);
+            if matches!(
+                e,
+                FetchError::Protocol(_) | FetchError::Verify(_) | FetchError::Refused(_)
+            ) {
                 // Nothing of this answer is worth keeping.
+                drop(out);
                 blocking({
-                    let part = part.clone();
-                    move || disk::open(&part, false).map(drop)
+                    let (dir, part) = (dir.clone(), part.clone());
+                    move || dir.remove(&part).map_err(place_error)
                 })
                 .await?;
                 written = 0;
@@ -444,13 +669,49 @@ impl Transfer {
             }
             return Err(e);
         }
-        self.verify_and_publish(job, out, &final_path, written)
+        let verified = self
+            .verify_and_publish(job, out, &dir, &name, total, framed)
             .await?;
         Ok(Fetched {
             bytes: written,
             resumed_from: start,
             fetched: written - start,
+            verified,
         })
+    }
+
+    /// A full disk is disk trouble to wait out, unless this attempt filled it itself: a body with no size
+    /// that took at least half of what was free when it began, or a product larger than the whole file
+    /// system. Waiting would only fill it again, so the job fails.
+    fn own_disk_filled(
+        &self,
+        job: &Job,
+        e: FetchError,
+        wrote: u64,
+        total: Option<u64>,
+        space: Option<(u64, u64)>,
+    ) -> FetchError {
+        let full = matches!(&e, FetchError::Disk { source, .. }
+            if matches!(source.raw_os_error(), Some(nix::libc::ENOSPC | nix::libc::EDQUOT)));
+        let Some((free, capacity)) = space.filter(|_| full) else {
+            return e;
+        };
+        let why = match total {
+            None if wrote >= free / 2 => format!(
+                "the server sent it with no size, and this attempt wrote {wrote} bytes of the {free}                  that were free when it began"
+            ),
+            Some(t) if t > capacity => {
+                format!("it is {t} bytes, more than the whole file system holds ({capacity} bytes)")
+            }
+            _ => return e,
+        };
+        FetchError::Refused(format!(
+            "{} filled the file system of {}: {why}; its .part file is removed. Make room (or check the \
+             product) and run `mastsub retry {}`",
+            job.filename,
+            self.root.display(),
+            job.id
+        ))
     }
 
     /// Stores progress in a task of its own; `settle` waits for it.
@@ -476,37 +737,34 @@ impl Transfer {
         tokio::spawn(async move { store.progress(id, &owner, until, &progress).await })
     }
 
-    /// Writes what is still buffered, checks the whole `.part` file, then fsyncs it, renames it into place
-    /// and fsyncs its folder, in one blocking call.
+    /// Writes what is still buffered, verifies the whole `.part` file, then fsyncs it, renames it into
+    /// place and fsyncs its folder, in one blocking call.
     async fn verify_and_publish(
         &self,
         job: &Job,
         out: disk::PartWriter,
-        final_path: &Path,
-        size: u64,
-    ) -> Result<(), FetchError> {
+        dir: &Arc<SafeDir>,
+        name: &str,
+        size: Option<u64>,
+        framed: bool,
+    ) -> Result<Verified, FetchError> {
         let keep_as = if self.keep_previous {
             self.store
                 .version_on_disk(&job.product, job.id)
                 .await?
-                .map(|previous| {
-                    let mut kept = final_path.as_os_str().to_owned();
-                    kept.push(format!(".{previous}"));
-                    PathBuf::from(kept)
-                })
+                .map(|previous| format!("{name}.{previous}"))
         } else {
             None
         };
-        let check = disk::Check {
+        let publish = disk::Publish {
+            dir: dir.clone(),
+            name: name.to_string(),
             size,
-            fits: is_fits(&job.filename),
+            framed,
+            accept_unsized: self.limits.accept_unsized,
+            keep_as,
         };
-        let final_path = final_path.to_path_buf();
-        blocking(move || {
-            let (file, part) = out.write_all_now()?;
-            disk::verify_and_publish(file, &part, &final_path, check, keep_as.as_deref())
-        })
-        .await
+        blocking(move || publish.run(out)).await
     }
 }
 
@@ -535,58 +793,55 @@ async fn blocking<T: Send + 'static>(
         .await
         .map_err(|e| FetchError::Io {
             op: "run file work for",
-            path: PathBuf::from("a download"),
+            path: std::path::PathBuf::from("a download"),
             source: std::io::Error::other(e),
         })?
 }
 
 /// The file side of an attempt, as plain blocking calls, few per file: every call from async code costs a
-/// hop to the blocking pool, and on many small files those hops were most of the time.
+/// hop to the blocking pool, and on many small files those hops were most of the time. Every byte written
+/// passes the product's verifier on the way.
 pub(crate) mod disk {
     use std::io::{Read, Seek, SeekFrom, Write};
-    use std::path::{Path, PathBuf};
+    use std::sync::Arc;
 
-    use super::{FITS_BLOCK, FITS_MAGIC, FetchError, WHOLE_IN_MEMORY, WRITE_BUFFER, blocking};
-
-    /// The size of an existing `.part` file (0 if none).
-    pub fn part_size(part: &Path) -> Result<u64, FetchError> {
-        match std::fs::metadata(part) {
-            Ok(m) => Ok(m.len()),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(0),
-            Err(e) => Err(FetchError::local("read", part, e)),
-        }
-    }
-
-    /// Opens the `.part` file (creating its folder) to continue it, or empties it to start over.
-    pub fn open(part: &Path, append: bool) -> Result<std::fs::File, FetchError> {
-        let dir = part.parent().unwrap_or(Path::new("."));
-        std::fs::create_dir_all(dir).map_err(|e| FetchError::local("create folder", dir, e))?;
-        let mut file = std::fs::OpenOptions::new()
-            .create(true)
-            .read(true)
-            .write(true)
-            .truncate(!append)
-            .open(part)
-            .map_err(|e| FetchError::local("open", part, e))?;
-        file.seek(SeekFrom::End(0))
-            .map_err(|e| FetchError::local("open", part, e))?;
-        Ok(file)
-    }
+    use super::{
+        FetchError, Problem, Verified, WHOLE_IN_MEMORY, WRITE_BUFFER, blocking, place_error,
+    };
+    use crate::fsutil::SafeDir;
+    use crate::verify::{self, Verifier};
 
     /// Buffers the body and writes it to the `.part` file in few blocking calls: `WRITE_BUFFER` bytes at a
     /// time, or, for a body of at most `WHOLE_IN_MEMORY` bytes, all at once when the file is published (the
-    /// file is opened by the first write, so a small product costs one blocking call in all).
+    /// file is opened by the first write, so a small product costs one blocking call in all). When it
+    /// continues a `.part` file, the bytes already there pass the verifier first.
     pub struct PartWriter {
         file: Option<std::fs::File>,
         append: bool,
         buffer: Vec<u8>,
         limit: usize,
-        path: PathBuf,
+        dir: Arc<SafeDir>,
+        part: String,
+        verifier: Option<Box<dyn Verifier>>,
+    }
+
+    /// Blocking: what a writer carries into one blocking call and back.
+    struct Carry {
+        file: Option<std::fs::File>,
+        verifier: Option<Box<dyn Verifier>>,
+        buffer: Vec<u8>,
     }
 
     impl PartWriter {
-        /// A writer for `path`, continuing it when `append`; `remaining` is the body's announced size.
-        pub fn new(path: PathBuf, append: bool, remaining: Option<u64>) -> PartWriter {
+        /// A writer for `part` in `dir`, continuing it when `append`; `remaining` is the body's announced
+        /// size; `filename` chooses the verifier.
+        pub fn new(
+            dir: Arc<SafeDir>,
+            part: String,
+            append: bool,
+            remaining: Option<u64>,
+            filename: &str,
+        ) -> PartWriter {
             let (limit, capacity) = match remaining {
                 Some(r) if r <= WHOLE_IN_MEMORY as u64 => (usize::MAX, r as usize),
                 _ => (WRITE_BUFFER, WRITE_BUFFER),
@@ -596,7 +851,9 @@ pub(crate) mod disk {
                 append,
                 buffer: Vec::with_capacity(capacity),
                 limit,
-                path,
+                dir,
+                part,
+                verifier: Some(verify::for_product(filename)),
             }
         }
 
@@ -622,112 +879,194 @@ pub(crate) mod disk {
             if self.buffer.is_empty() {
                 return Ok(());
             }
-            let (file, append, buffer, path) = (
-                self.file.take(),
-                self.append,
-                std::mem::take(&mut self.buffer),
-                self.path.clone(),
-            );
-            let (file, mut buffer) =
-                blocking(move || write_at_end(file, &path, append, buffer)).await?;
-            buffer.clear();
-            self.file = Some(file);
+            let carry = Carry {
+                file: self.file.take(),
+                verifier: self.verifier.take(),
+                buffer: std::mem::take(&mut self.buffer),
+            };
+            let (dir, part, append) = (self.dir.clone(), self.part.clone(), self.append);
+            let mut carry = blocking(move || write_at_end(carry, &dir, &part, append)).await?;
+            carry.buffer.clear();
+            self.file = carry.file;
+            self.verifier = carry.verifier;
+            self.buffer = carry.buffer;
             self.append = true;
-            self.buffer = buffer;
             Ok(())
         }
 
-        /// Blocking: writes what is buffered; gives back the file and its path.
-        pub fn write_all_now(self) -> Result<(std::fs::File, PathBuf), FetchError> {
-            let (file, _) = write_at_end(self.file, &self.path, self.append, self.buffer)?;
-            Ok((file, self.path))
-        }
-    }
-
-    /// Blocking: opens the file if it is not open yet, and writes `buffer` at its end.
-    fn write_at_end(
-        file: Option<std::fs::File>,
-        path: &Path,
-        append: bool,
-        buffer: Vec<u8>,
-    ) -> Result<(std::fs::File, Vec<u8>), FetchError> {
-        let mut file = match file {
-            Some(f) => f,
-            None => open(path, append)?,
-        };
-        file.write_all(&buffer)
-            .map_err(|e| FetchError::local("write", path, e))?;
-        Ok((file, buffer))
-    }
-
-    /// What a finished `.part` file must be.
-    pub struct Check {
-        pub size: u64,
-        pub fits: bool,
-    }
-
-    /// What is wrong with `file` as the whole product `check` describes (`None`: nothing): the size, and
-    /// for FITS whole 2880-byte blocks starting with `SIMPLE  =`.
-    pub fn whole(file: &mut std::fs::File, check: &Check) -> std::io::Result<Option<String>> {
-        let actual = file.metadata()?.len();
-        Ok(if actual != check.size {
-            Some(format!(
-                "the file has {actual} bytes, the server announced {}",
-                check.size
-            ))
-        } else if check.fits && !check.size.is_multiple_of(FITS_BLOCK) {
-            Some(format!(
-                "{} bytes is not a whole number of 2880-byte FITS blocks",
-                check.size
-            ))
-        } else if check.fits {
-            let mut head = [0u8; 9];
-            let read = file
-                .seek(SeekFrom::Start(0))
-                .and_then(|_| file.read_exact(&mut head));
-            (read.is_err() || head != FITS_MAGIC).then(|| {
-                "the file does not begin with \"SIMPLE  =\", so it is not FITS".to_string()
-            })
-        } else {
-            None
-        })
-    }
-
-    /// Verifies, fsyncs, keeps the previous version if asked, renames into place, fsyncs the folder.
-    pub fn verify_and_publish(
-        mut file: std::fs::File,
-        part: &Path,
-        final_path: &Path,
-        check: Check,
-        keep_as: Option<&Path>,
-    ) -> Result<(), FetchError> {
-        let problem = whole(&mut file, &check).map_err(|e| FetchError::local("read", part, e))?;
-        if let Some(why) = problem {
-            // Fetched again from zero next time.
-            let _ = std::fs::remove_file(part);
-            return Err(FetchError::Verify(why));
-        }
-        file.sync_all()
-            .map_err(|e| FetchError::local("fsync", part, e))?;
-        drop(file);
-        if let Some(kept) = keep_as.filter(|_| final_path.exists()) {
-            match crate::fsutil::rename_no_replace(final_path, kept) {
-                Ok(()) => {}
-                // That version is kept already: the file in place is another copy of it.
-                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
-                Err(e) => {
-                    return Err(FetchError::local(
-                        "keep the previous version of",
-                        final_path,
-                        e,
-                    ));
-                }
+        /// Blocking: writes what is buffered; gives back the file and the verifier that saw every byte.
+        pub fn write_all_now(self) -> Result<(std::fs::File, Box<dyn Verifier>), FetchError> {
+            let carry = Carry {
+                file: self.file,
+                verifier: self.verifier,
+                buffer: self.buffer,
+            };
+            let carry = write_at_end(carry, &self.dir, &self.part, self.append)?;
+            match (carry.file, carry.verifier) {
+                (Some(f), Some(v)) => Ok((f, v)),
+                _ => Err(FetchError::Internal("a part writer lost its file".into())),
             }
         }
-        std::fs::rename(part, final_path)
-            .map_err(|e| FetchError::local("publish", final_path, e))?;
-        let dir = final_path.parent().unwrap_or(Path::new("."));
-        crate::fsutil::fsync_dir(dir).map_err(|e| FetchError::local("fsync", dir, e))
+    }
+
+    fn verify_err(p: Problem) -> FetchError {
+        match p {
+            Problem::Io(m) => FetchError::Internal(m),
+            other => FetchError::Verify(other.to_string()),
+        }
+    }
+
+    /// Blocking: opens the file if it is not open yet (passing what it holds through the verifier when it
+    /// is continued), then verifies and writes `buffer` at its end.
+    fn write_at_end(
+        mut carry: Carry,
+        dir: &SafeDir,
+        part: &str,
+        append: bool,
+    ) -> Result<Carry, FetchError> {
+        let path = || dir.path().join(part);
+        let mut file = match carry.file.take() {
+            Some(f) => f,
+            None => {
+                let mut f = dir.open_rw(part, append).map_err(place_error)?;
+                if append {
+                    f.seek(SeekFrom::Start(0))
+                        .map_err(|e| FetchError::local("read", path(), e))?;
+                    let mut buf = vec![0u8; 1 << 20];
+                    loop {
+                        let n = f
+                            .read(&mut buf)
+                            .map_err(|e| FetchError::local("read", path(), e))?;
+                        if n == 0 {
+                            break;
+                        }
+                        if let Some(v) = carry.verifier.as_mut() {
+                            v.update(&buf[..n]).map_err(verify_err)?;
+                        }
+                    }
+                }
+                f.seek(SeekFrom::End(0))
+                    .map_err(|e| FetchError::local("open", path(), e))?;
+                f
+            }
+        };
+        if let Some(v) = carry.verifier.as_mut() {
+            v.update(&carry.buffer).map_err(verify_err)?;
+        }
+        file.write_all(&carry.buffer)
+            .map_err(|e| FetchError::local("write", path(), e))?;
+        carry.file = Some(file);
+        Ok(carry)
+    }
+
+    /// What publishing a finished `.part` file needs.
+    pub struct Publish {
+        pub dir: Arc<SafeDir>,
+        /// The product's file name.
+        pub name: String,
+        /// The size announced, if any.
+        pub size: Option<u64>,
+        /// The protocol marked the body's end (a length or chunked encoding).
+        pub framed: bool,
+        /// `download.accept_unsized_bodies`.
+        pub accept_unsized: bool,
+        /// Keep the file in place under this name first (`download.keep_previous`).
+        pub keep_as: Option<String>,
+    }
+
+    impl Publish {
+        /// Blocking: verifies, fsyncs, keeps the previous version if asked, renames into place, fsyncs the
+        /// folder. A file that fails is removed (fetched from zero next time), except one cut short with no
+        /// length, whose bytes may yet be continued.
+        pub fn run(self, out: PartWriter) -> Result<Verified, FetchError> {
+            let part = out.part.clone();
+            let (mut file, verifier) = match out.write_all_now() {
+                Ok(written) => written,
+                Err(e) => {
+                    if matches!(e, FetchError::Verify(_)) {
+                        let _ = self.dir.remove(&part);
+                    }
+                    return Err(e);
+                }
+            };
+            let result = self.check(&mut file, verifier);
+            let verified = match result {
+                Ok(v) => v,
+                Err(e) => {
+                    drop(file);
+                    if !matches!(e, FetchError::Cut { .. }) {
+                        let _ = self.dir.remove(&part);
+                    }
+                    return Err(e);
+                }
+            };
+            let path = self.dir.path().join(&part);
+            file.sync_all()
+                .map_err(|e| FetchError::local("fsync", &path, e))?;
+            drop(file);
+            if let Some(kept) = &self.keep_as
+                && self
+                    .dir
+                    .file_size(&self.name)
+                    .map_err(place_error)?
+                    .is_some()
+            {
+                match self.dir.rename_no_replace(&self.name, kept) {
+                    Ok(()) => {}
+                    // That version is kept already: the file in place is another copy of it.
+                    Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+                    Err(e) => {
+                        return Err(FetchError::local(
+                            "keep the previous version of",
+                            self.dir.path().join(&self.name),
+                            e,
+                        ));
+                    }
+                }
+            }
+            self.dir.rename(&part, &self.name).map_err(place_error)?;
+            self.dir.fsync().map_err(place_error)?;
+            Ok(verified)
+        }
+
+        fn check(
+            &self,
+            file: &mut std::fs::File,
+            verifier: Box<dyn Verifier>,
+        ) -> Result<Verified, FetchError> {
+            let actual = file
+                .metadata()
+                .map_err(|e| FetchError::local("read", self.dir.path().join(&self.name), e))?
+                .len();
+            if let Some(size) = self.size
+                && actual != size
+            {
+                return Err(FetchError::Verify(format!(
+                    "the file has {actual} bytes, the server announced {size}"
+                )));
+            }
+            let verified = verifier.finish(file).map_err(|p| match p {
+                // With a length announced and met, an early end is the server's file itself.
+                Problem::Short(m) if self.framed => FetchError::Verify(format!(
+                    "{m}, though the body had the length the server announced"
+                )),
+                Problem::Short(m) => FetchError::Cut {
+                    got: actual,
+                    expected: None,
+                    reason: format!("the server sent no length and {m}"),
+                },
+                other => verify_err(other),
+            })?;
+            if !self.framed && !verified.proves_end && !self.accept_unsized {
+                return Err(FetchError::Refused(format!(
+                    "the server sent {} with no length (no Content-Length, not chunked), so a cut \
+                     connection cannot be told from the end, and its format cannot prove the file whole \
+                     ({}); set download.accept_unsized_bodies = true to accept such bodies",
+                    self.name, verified.by
+                )));
+            }
+            Ok(verified)
+        }
     }
 }
 
@@ -743,12 +1082,16 @@ mod tests {
         h
     }
 
+    fn dir(root: &Path, rel: &str) -> Arc<SafeDir> {
+        Arc::new(SafeDir::open(root, Path::new(rel), true).unwrap())
+    }
+
     #[tokio::test]
     async fn a_write_that_ends_on_a_buffer_boundary_keeps_its_file() {
         let tmp = tempfile::tempdir().unwrap();
-        let part = tmp.path().join("x.part");
-        std::fs::write(&part, b"old bytes of another version").unwrap();
-        let mut w = disk::PartWriter::new(part.clone(), false, None);
+        let d = dir(tmp.path(), "");
+        std::fs::write(tmp.path().join("x.part"), b"old bytes of another version").unwrap();
+        let mut w = disk::PartWriter::new(d, "x.part".into(), false, None, "x.dat");
         w.write(&vec![7u8; WRITE_BUFFER]).await.unwrap();
         w.flush().await.unwrap();
         w.flush().await.unwrap();
@@ -760,7 +1103,13 @@ mod tests {
     async fn a_small_body_is_written_once_at_the_end_and_large_ones_as_they_come() {
         let tmp = tempfile::tempdir().unwrap();
         let small = tmp.path().join("sub/small.part");
-        let mut w = disk::PartWriter::new(small.clone(), false, Some(3 * WRITE_BUFFER as u64));
+        let mut w = disk::PartWriter::new(
+            dir(tmp.path(), "sub"),
+            "small.part".into(),
+            false,
+            Some(3 * WRITE_BUFFER as u64),
+            "small.dat",
+        );
         for _ in 0..3 {
             w.write(&vec![1u8; WRITE_BUFFER]).await.unwrap();
         }
@@ -771,13 +1120,63 @@ mod tests {
         let large = tmp.path().join("large.part");
         std::fs::write(&large, vec![2u8; 10]).unwrap();
         let remaining = 2 * WHOLE_IN_MEMORY as u64;
-        let mut w = disk::PartWriter::new(large.clone(), true, Some(remaining));
+        let mut w = disk::PartWriter::new(
+            dir(tmp.path(), ""),
+            "large.part".into(),
+            true,
+            Some(remaining),
+            "large.dat",
+        );
         w.write(&vec![3u8; WRITE_BUFFER]).await.unwrap();
         assert_eq!(
             std::fs::metadata(&large).unwrap().len(),
             10 + WRITE_BUFFER as u64,
             "a large body is written as it comes, after what the file held"
         );
+    }
+
+    #[tokio::test]
+    async fn a_continued_part_passes_the_verifier_from_its_first_byte() {
+        let tmp = tempfile::tempdir().unwrap();
+        // The bytes on disk are not FITS: continuing them must fail the FITS check, though the new bytes
+        // alone would pass it.
+        std::fs::write(tmp.path().join("a.fits.part"), vec![b'x'; 2880]).unwrap();
+        let mut w = disk::PartWriter::new(
+            dir(tmp.path(), ""),
+            "a.fits.part".into(),
+            true,
+            None,
+            "a.fits",
+        );
+        let e = w.write(&vec![b' '; WRITE_BUFFER]).await.unwrap_err();
+        assert!(
+            matches!(e, FetchError::Verify(ref m) if m.contains("SIMPLE")),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn the_rate_watch_ends_only_a_whole_window_below_the_limit() {
+        let limits = Limits {
+            min_rate: 1000,
+            min_rate_window: Duration::from_secs(3),
+            max_product_size: u64::MAX,
+            accept_unsized: false,
+        };
+        let t0 = Instant::now();
+        let mut w = RateWatch::new(&limits, t0, 0);
+        // A fast start, then a trickle: ended once three seconds pass at under 1000 B/s.
+        assert!(w.check(t0 + Duration::from_secs(1), 10_000).is_ok());
+        assert!(w.check(t0 + Duration::from_secs(2), 10_001).is_ok());
+        assert!(
+            w.check(t0 + Duration::from_secs(3), 10_002).is_ok(),
+            "10 kB in the window"
+        );
+        assert!(w.check(t0 + Duration::from_secs(4), 10_003).is_err());
+        let mut steady = RateWatch::new(&limits, t0, 0);
+        for s in 1..20 {
+            assert!(steady.check(t0 + Duration::from_secs(s), s * 1500).is_ok());
+        }
     }
 
     #[test]

@@ -128,6 +128,7 @@ pub async fn run(
             owner: owner_name(),
             lease: LEASE,
             vitals: vitals.clone(),
+            limits: fetch::Limits::from_config(&config.download),
         },
         config: config.download.clone(),
     });
@@ -365,7 +366,7 @@ impl Pool {
             Ok(f) => {
                 let secs = started.elapsed().as_secs_f64();
                 tracing::info!(
-                    "done {}: {} bytes in {:.1}s, {:.1} MB/s, attempt {}{}",
+                    "done {}: {} bytes in {:.1}s, {:.1} MB/s, attempt {}{}; verified: {}",
                     job.about(),
                     f.bytes,
                     secs,
@@ -375,10 +376,18 @@ impl Pool {
                         format!(", resumed at byte {}", f.resumed_from)
                     } else {
                         String::new()
-                    }
+                    },
+                    f.verified.by
                 );
+                if !f.verified.format_known {
+                    tracing::info!(
+                        "{}: mastsub has no verifier for this format; only its size was checked",
+                        job.about()
+                    );
+                }
                 Finish::Done {
                     bytes: f.bytes as i64,
+                    verified: f.verified.by.clone(),
                 }
             }
             Err(FetchError::LeaseLost) => {

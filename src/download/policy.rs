@@ -4,8 +4,11 @@
 //! `retry_initial` and `retry_max` (backon computes the delay), honouring Retry-After, up to
 //! `max_attempts`, then `failed`. 401/403: `needs_auth`. 404: retried every `not_found_retry` until
 //! `not_found_give_up` after the first 404 (products can lag their notice), then `failed`. Disk trouble
-//! waits and retries without counting the attempt. A file that arrives whole but fails verification is
-//! fetched again from zero once, then `failed`. A shutdown puts the job back at once, attempt not counted.
+//! waits and retries without counting the attempt. A body that fails verification (an HTML page, a
+//! damaged or cut file by its format's rules) is fetched again from zero with backoff, three times in
+//! all, then `failed`. What retrying cannot change (a link in the download folder, a product too large,
+//! a disk filled by the product itself) fails at once. Retry-After is honoured up to `retry_max`. A
+//! shutdown puts the job back at once, attempt not counted.
 
 use std::time::Duration;
 
@@ -20,7 +23,7 @@ const MAX_RETRY_AFTER: Duration = Duration::from_secs(3600);
 /// How long disk trouble is waited out between attempts, at most.
 const DISK_WAIT: Duration = Duration::from_secs(60);
 /// Verification failures in a row before the job fails.
-const VERIFY_FAILURES_ALLOWED: i64 = 2;
+const VERIFY_FAILURES_ALLOWED: i64 = 3;
 
 /// The delay before attempt `attempt + 1` after `attempt` transient failures.
 pub fn backoff(config: &DownloadConfig, attempt: i64) -> Duration {
@@ -82,11 +85,11 @@ pub fn decide(config: &DownloadConfig, job: &Job, error: &FetchError, now: i64) 
             if failures >= VERIFY_FAILURES_ALLOWED {
                 Finish::GiveUp {
                     state: DownloadState::Failed,
-                    error: format!("{error} (twice, fetched from zero in between)"),
+                    error: format!("{error} ({failures} times, fetched from zero each time)"),
                 }
             } else {
                 Finish::Retry {
-                    at: now,
+                    at: now + ms(backoff(config, job.attempt)),
                     error: error.to_string(),
                     refund: false,
                     verify_failures: failures,
@@ -101,7 +104,7 @@ pub fn decide(config: &DownloadConfig, job: &Job, error: &FetchError, now: i64) 
                 ..
             } = e
             {
-                delay = delay.max((*after).min(MAX_RETRY_AFTER));
+                delay = delay.max((*after).min(MAX_RETRY_AFTER).min(config.retry_max));
             }
             retry(now + ms(delay), false)
         }
@@ -237,8 +240,8 @@ mod tests {
                 ..
             }
         ));
-        let mut again = job(2);
-        again.verify_failures = 1;
+        let mut again = job(3);
+        again.verify_failures = 2;
         assert!(matches!(
             decide(&c, &again, &v, 0),
             Finish::GiveUp {

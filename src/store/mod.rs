@@ -203,6 +203,8 @@ pub struct DownloadRow {
     pub bytes_done: i64,
     /// The last error, if any.
     pub last_error: Option<String>,
+    /// For a done job, what its content was verified by ("FITS: 3 HDUs, structure and …").
+    pub verified: Option<String>,
     /// Last change, ms since the epoch.
     pub updated_at: i64,
 }
@@ -389,6 +391,8 @@ pub enum Finish {
     Done {
         /// The file's size.
         bytes: i64,
+        /// What its content was verified by.
+        verified: String,
     },
     /// Back to `queued` until `at` (ms since the epoch).
     Retry {

@@ -211,6 +211,7 @@ impl SqliteStore {
             bytes_expected: row.try_get("bytes_expected").map_err(&err)?,
             bytes_done: row.try_get("bytes_done").map_err(&err)?,
             last_error: row.try_get("last_error").map_err(&err)?,
+            verified: row.try_get("verified").map_err(&err)?,
             updated_at: row.try_get("updated_at").map_err(&err)?,
         })
     }
@@ -278,7 +279,7 @@ const NOTICES_BY_STATUS: &str = "SELECT status, count(*) AS n FROM notices GROUP
 macro_rules! download_row_columns {
     () => {
         "SELECT id, mission, fileset, filename, program, event_type, version, url, local_path, state,
-                attempts, bytes_expected, bytes_done, last_error, updated_at FROM downloads "
+                attempts, bytes_expected, bytes_done, last_error, verified, updated_at FROM downloads "
     };
 }
 
@@ -335,7 +336,8 @@ const RENEW_LEASE: &str = "
 const FINISH_DONE: &str = "
     UPDATE downloads SET
         state = 'done', bytes_done = ?3, bytes_expected = ?3, lease_owner = NULL, lease_expires_at = NULL,
-        last_error = NULL, verify_failures = 0, not_found_since = NULL, finished_at = ?4, updated_at = ?4
+        last_error = NULL, verify_failures = 0, not_found_since = NULL, finished_at = ?4, updated_at = ?4,
+        verified = ?5
     WHERE id = ?1 AND lease_owner = ?2 AND state = 'running'";
 
 const FINISH_RETRY: &str = "
@@ -710,10 +712,10 @@ impl Store for SqliteStore {
         );
         let query = sqlx::query(&sql).bind(id).bind(owner);
         let query = match finish {
-            Finish::Done { bytes } => query
+            Finish::Done { bytes, verified } => query
                 .bind(bytes)
                 .bind(now)
-                .bind(None::<i64>)
+                .bind(verified)
                 .bind(None::<i64>)
                 .bind(None::<i64>)
                 .bind(None::<i64>),
@@ -834,11 +836,12 @@ impl Store for SqliteStore {
         now: i64,
     ) -> Result<bool, StoreError> {
         let query = match finish {
-            Finish::Done { bytes } => sqlx::query(FINISH_DONE)
+            Finish::Done { bytes, verified } => sqlx::query(FINISH_DONE)
                 .bind(id)
                 .bind(owner)
                 .bind(bytes)
-                .bind(now),
+                .bind(now)
+                .bind(verified),
             Finish::Retry {
                 at,
                 error,

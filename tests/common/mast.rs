@@ -1,7 +1,8 @@
 //! A MAST stand-in: a real HTTP/1.1 server on loopback serving deterministic products at both MAST URL
 //! forms, with Range, If-Range, ETag and Last-Modified like a static server, and faults switched on per
 //! test. A plain tokio listener rather than a framework, so that a body can be cut at an exact byte, by a
-//! reset or a clean close.
+//! reset or a clean close. The hostile switches answer with plausible lies: an HTML page with a 200, an
+//! encoding not asked for, no length, a 206 whose total is wrong, a trickle, a body that never ends.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -19,10 +20,15 @@ pub struct Faults {
     pub cut_percent: u32,
     /// The next N bodies are cut, whatever `cut_percent` says.
     pub cut_next: u32,
+    /// The next body is cut at exactly this offset of the body sent (for a 206, counted from the
+    /// range's start), whatever the other cut switches say; used once, then cleared.
+    pub cut_at: Option<u64>,
     /// Cut with a TCP reset (else a clean close).
     pub cut_with_reset: bool,
     /// Percent of answers that are 503 with `Retry-After: retry_after`.
     pub unavailable_percent: u32,
+    /// The next N answers are 503 with `Retry-After: retry_after`.
+    pub unavailable_next: u32,
     /// Seconds for Retry-After on 503s.
     pub retry_after: u64,
     /// The next N answers are 500.
@@ -33,6 +39,33 @@ pub struct Faults {
     pub token: Option<String>,
     /// Pause between 16 KiB pieces of a body.
     pub slow: Option<Duration>,
+    /// Answer every product request with 200 and [`html_page`] as `text/html; charset=utf-8`.
+    pub html_page: bool,
+    /// The same page sent as `application/octet-stream`: only sniffing the bytes can tell.
+    pub html_as_octets: bool,
+    /// Send the body gzip-compressed with `Content-Encoding: gzip` (and the compressed length),
+    /// whatever `Accept-Encoding` said.
+    pub gzip_encoding: bool,
+    /// No Content-Length at all: the body ends when the server closes the connection.
+    pub no_length: bool,
+    /// On a 206, lie about the total in Content-Range (the bytes are still the true ones).
+    pub range_total: Option<RangeTotal>,
+    /// Send bodies a byte (or a few) at a time at this rate...
+    pub trickle_bytes_per_sec: Option<u32>,
+    /// ...for these products only (empty: every product).
+    pub trickle_only: Vec<String>,
+    /// A 200 without a length (with `no_length`) goes on with filler bytes after the product's until the
+    /// client closes the connection.
+    pub endless: bool,
+}
+
+/// The total a lying 206 announces in its Content-Range.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RangeTotal {
+    /// `bytes a-b/*`: unknown.
+    Star,
+    /// The true total plus this many bytes.
+    Plus(u64),
 }
 
 /// One request as the server saw it.
@@ -48,8 +81,24 @@ pub struct Seen {
     pub authorization: Option<String>,
     /// The User-Agent.
     pub user_agent: Option<String>,
+    /// The Accept-Encoding header, if any.
+    pub accept_encoding: Option<String>,
     /// The status answered.
     pub status: u16,
+}
+
+/// The page a maintenance proxy answers with, 200 and all.
+pub fn html_page() -> Vec<u8> {
+    concat!(
+        "<!DOCTYPE html>\n<html><head><title>MAST: Service Unavailable</title></head><body>\n",
+        "<h1>Service Unavailable</h1>\n",
+        "<p>The Mikulski Archive for Space Telescopes is undergoing scheduled maintenance.\n",
+        "Downloads and searches will be available again shortly. We apologize for the inconvenience.</p>\n",
+        "<p>For help, contact the <a href=\"https://stsci.service-now.com/mast\">MAST Help Desk</a>.</p>\n",
+        "</body></html>\n"
+    )
+    .as_bytes()
+    .to_vec()
 }
 
 struct Product {
@@ -91,17 +140,31 @@ pub struct MastStandIn {
     _runtime: tokio::runtime::Runtime,
 }
 
-/// A deterministic FITS-shaped product: a primary header block, then `blocks - 1` blocks of data.
+/// A deterministic FITS product: a primary header block, then `blocks - 1` blocks of data that its header
+/// describes (BITPIX = 8, NAXIS1 = the data's length; NAXIS = 0 for a single block), so that a verifier
+/// walking the HDUs finds it whole.
 pub fn fits_product(name: &str, blocks: usize, version: u8) -> Vec<u8> {
+    let data = blocks.saturating_sub(1) * 2880;
+    let axes = if data == 0 {
+        vec!["NAXIS   =                    0".to_string()]
+    } else {
+        vec![
+            "NAXIS   =                    1".to_string(),
+            format!("NAXIS1  = {data:>20}"),
+        ]
+    };
     let mut header = String::new();
     for card in [
         "SIMPLE  =                    T / conforms to FITS standard".to_string(),
         "BITPIX  =                    8".to_string(),
-        "NAXIS   =                    0".to_string(),
+    ]
+    .into_iter()
+    .chain(axes)
+    .chain([
         format!("FILENAME= '{}'", &name[..name.len().min(60)]),
         format!("VERSION =                  {version:>3}"),
         "END".to_string(),
-    ] {
+    ]) {
         header.push_str(&format!("{card:<80}"));
     }
     let mut body = format!("{header:<2880}").into_bytes();
@@ -193,7 +256,60 @@ impl MastStandIn {
     }
 }
 
-async fn serve(mut socket: TcpStream, state: Arc<Mutex<State>>) -> std::io::Result<()> {
+/// How a body's bytes go out.
+#[derive(Debug, Clone, Copy)]
+enum Pace {
+    /// 16 KiB pieces as fast as the socket takes them.
+    Full,
+    /// 16 KiB pieces with a pause after each.
+    Slow(Duration),
+    /// A few bytes at a time at this many bytes a second.
+    Trickle(u32),
+}
+
+/// The whole answer to one request, decided under the lock by [`decide`] and written by [`send`].
+struct Answer {
+    status: u16,
+    /// Header lines besides the status line, Content-Length, Connection and Content-Type.
+    headers: Vec<String>,
+    content_type: &'static str,
+    /// The bytes of the body (already encoded), possibly empty.
+    body: Arc<Vec<u8>>,
+    /// The part of `body` this answer carries.
+    range: std::ops::Range<usize>,
+    /// Send `Content-Length` (else the body ends at the close).
+    send_length: bool,
+    /// Stop after this many bytes of the body and close (a reset if `reset`).
+    cut: Option<usize>,
+    reset: bool,
+    pace: Pace,
+    /// After the body, filler until the client goes away.
+    endless: bool,
+}
+
+impl Answer {
+    fn empty(status: u16, headers: Vec<String>) -> Answer {
+        Answer::with_body(status, headers, Arc::new(Vec::new()), 0)
+    }
+
+    fn with_body(status: u16, headers: Vec<String>, body: Arc<Vec<u8>>, start: usize) -> Answer {
+        Answer {
+            status,
+            headers,
+            content_type: "application/octet-stream",
+            range: start..body.len(),
+            body,
+            send_length: true,
+            cut: None,
+            reset: false,
+            pace: Pace::Full,
+            endless: false,
+        }
+    }
+}
+
+async fn serve(socket: TcpStream, state: Arc<Mutex<State>>) -> std::io::Result<()> {
+    let mut socket = socket;
     let mut buf = Vec::with_capacity(2048);
     let mut chunk = [0u8; 2048];
     while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
@@ -230,96 +346,128 @@ async fn serve(mut socket: TcpStream, state: Arc<Mutex<State>>) -> std::io::Resu
     } else {
         None
     };
-
     // Decide the answer under the lock, write it outside.
-    let (status, extra, body, cut_at, slow, reset) = {
-        let mut s = state.lock().unwrap();
-        let faults = s.faults.clone();
-        let mut seen = Seen {
-            product: product.clone().unwrap_or_default(),
-            range: headers.get("range").cloned(),
-            if_range: headers.get("if-range").cloned(),
-            authorization: headers.get("authorization").cloned(),
-            user_agent: headers.get("user-agent").cloned(),
-            status: 0,
-        };
-        let authorized = faults
-            .token
-            .as_ref()
-            .is_none_or(|t| seen.authorization.as_deref() == Some(format!("token {t}").as_str()));
-        let answer = if !authorized {
-            (401, vec![], None)
-        } else if s.faults.errors_500_next > 0 {
-            s.faults.errors_500_next -= 1;
-            (500, vec![], None)
-        } else if s.roll(faults.unavailable_percent) {
-            (
-                503,
-                vec![format!("Retry-After: {}", faults.retry_after)],
-                None,
-            )
-        } else if let Some(p) = product.as_ref().and_then(|name| s.products.get(name)) {
-            let (body, etag, modified) = (p.body.clone(), p.etag.clone(), p.last_modified.clone());
-            let len = body.len() as u64;
-            let validators = vec![
-                format!("ETag: {etag}"),
-                format!("Last-Modified: {modified}"),
-                "Accept-Ranges: bytes".to_string(),
-            ];
-            let range_ok = seen
-                .if_range
-                .as_ref()
-                .is_none_or(|v| *v == etag || *v == modified);
-            let start = seen
-                .range
-                .as_deref()
-                .filter(|_| !faults.ignore_range && range_ok)
-                .and_then(|r| r.strip_prefix("bytes="))
-                .and_then(|r| r.strip_suffix('-'))
-                .and_then(|r| r.parse::<u64>().ok());
-            match start {
-                Some(start) if start >= len => {
-                    let mut h = validators;
-                    h.push(format!("Content-Range: bytes */{len}"));
-                    (416, h, None)
-                }
-                Some(start) => {
-                    let mut h = validators;
-                    h.push(format!("Content-Range: bytes {start}-{}/{len}", len - 1));
-                    (206, h, Some((body, start)))
-                }
-                None => (200, validators, Some((body, 0))),
-            }
+    let answer = decide(&mut state.lock().unwrap(), product, &headers);
+    send(socket, answer, &state).await
+}
+
+/// The one place that decides what a request gets: status, headers, which bytes, and how they go out.
+fn decide(s: &mut State, product: Option<String>, headers: &HashMap<String, String>) -> Answer {
+    let faults = s.faults.clone();
+    let mut seen = Seen {
+        product: product.clone().unwrap_or_default(),
+        range: headers.get("range").cloned(),
+        if_range: headers.get("if-range").cloned(),
+        authorization: headers.get("authorization").cloned(),
+        user_agent: headers.get("user-agent").cloned(),
+        accept_encoding: headers.get("accept-encoding").cloned(),
+        status: 0,
+    };
+    let authorized = faults
+        .token
+        .as_ref()
+        .is_none_or(|t| seen.authorization.as_deref() == Some(format!("token {t}").as_str()));
+    let retry_after = vec![format!("Retry-After: {}", faults.retry_after)];
+    let mut answer = if !authorized {
+        Answer::empty(401, vec![])
+    } else if s.faults.errors_500_next > 0 {
+        s.faults.errors_500_next -= 1;
+        Answer::empty(500, vec![])
+    } else if s.faults.unavailable_next > 0 {
+        s.faults.unavailable_next -= 1;
+        Answer::empty(503, retry_after)
+    } else if s.roll(faults.unavailable_percent) {
+        Answer::empty(503, retry_after)
+    } else if product.is_some() && (faults.html_page || faults.html_as_octets) {
+        let mut a = Answer::with_body(200, vec![], Arc::new(html_page()), 0);
+        if faults.html_page {
+            a.content_type = "text/html; charset=utf-8";
+        }
+        a
+    } else if let Some(p) = product.as_ref().and_then(|name| s.products.get(name)) {
+        product_answer(p, &seen, &faults)
+    } else {
+        Answer::empty(404, vec![])
+    };
+
+    if !answer.range.is_empty() {
+        if faults.gzip_encoding {
+            let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+            std::io::Write::write_all(&mut gz, &answer.body[answer.range.clone()]).unwrap();
+            answer.body = Arc::new(gz.finish().unwrap());
+            answer.range = 0..answer.body.len();
+            answer.headers.push("Content-Encoding: gzip".to_string());
+        }
+        let remaining = answer.range.len() as u64;
+        answer.cut = if let Some(at) = s.faults.cut_at.take() {
+            Some(at.min(remaining) as usize)
         } else {
-            (404, vec![], None)
-        };
-        let (status, extra, body) = answer;
-        let mut cut_at = None;
-        if let Some((b, start)) = &body {
-            let remaining = b.len() as u64 - start;
             let cut = if s.faults.cut_next > 0 {
                 s.faults.cut_next -= 1;
                 true
             } else {
                 s.roll(faults.cut_percent)
             };
-            if cut && remaining > 1 {
-                cut_at = Some(1 + s.next() % (remaining - 1));
-            }
-        }
-        seen.status = status;
-        s.seen.push(seen);
-        (
-            status,
-            extra,
-            body,
-            cut_at,
-            faults.slow,
-            faults.cut_with_reset,
-        )
-    };
+            (cut && remaining > 1).then(|| (1 + s.next() % (remaining - 1)) as usize)
+        };
+        answer.reset = faults.cut_with_reset;
+        let trickled =
+            faults.trickle_only.is_empty() || faults.trickle_only.contains(&seen.product);
+        answer.pace = match (faults.trickle_bytes_per_sec, faults.slow) {
+            (Some(rate), _) if trickled => Pace::Trickle(rate.max(1)),
+            (_, Some(pause)) => Pace::Slow(pause),
+            _ => Pace::Full,
+        };
+    }
+    answer.send_length = !faults.no_length;
+    answer.endless = faults.endless && faults.no_length && answer.status == 200;
+    seen.status = answer.status;
+    s.seen.push(seen);
+    answer
+}
 
-    let reason = match status {
+/// A product's answer as a static server gives it: 200, 206 from the Range asked (if the validator
+/// still matches), or 416; with `range_total`, a 206 lies about the total.
+fn product_answer(p: &Product, seen: &Seen, faults: &Faults) -> Answer {
+    let len = p.body.len() as u64;
+    let validators = vec![
+        format!("ETag: {}", p.etag),
+        format!("Last-Modified: {}", p.last_modified),
+        "Accept-Ranges: bytes".to_string(),
+    ];
+    let range_ok = seen
+        .if_range
+        .as_ref()
+        .is_none_or(|v| *v == p.etag || *v == p.last_modified);
+    let start = seen
+        .range
+        .as_deref()
+        .filter(|_| !faults.ignore_range && range_ok)
+        .and_then(|r| r.strip_prefix("bytes="))
+        .and_then(|r| r.strip_suffix('-'))
+        .and_then(|r| r.parse::<u64>().ok());
+    let mut headers = validators;
+    match start {
+        Some(start) if start >= len => {
+            headers.push(format!("Content-Range: bytes */{len}"));
+            Answer::empty(416, headers)
+        }
+        Some(start) => {
+            let total = match faults.range_total {
+                None => len.to_string(),
+                Some(RangeTotal::Star) => "*".to_string(),
+                Some(RangeTotal::Plus(n)) => (len + n).to_string(),
+            };
+            headers.push(format!("Content-Range: bytes {start}-{}/{total}", len - 1));
+            Answer::with_body(206, headers, p.body.clone(), start as usize)
+        }
+        None => Answer::with_body(200, headers, p.body.clone(), 0),
+    }
+}
+
+/// Writes `answer`: the head, the body (cut, paced, endless as decided), then the close.
+async fn send(mut socket: TcpStream, answer: Answer, state: &Mutex<State>) -> std::io::Result<()> {
+    let reason = match answer.status {
         200 => "OK",
         206 => "Partial Content",
         401 => "Unauthorized",
@@ -328,36 +476,72 @@ async fn serve(mut socket: TcpStream, state: Arc<Mutex<State>>) -> std::io::Resu
         500 => "Internal Server Error",
         _ => "Service Unavailable",
     };
-    let length = body.as_ref().map_or(0, |(b, start)| b.len() as u64 - start);
-    let mut head =
-        format!("HTTP/1.1 {status} {reason}\r\nContent-Length: {length}\r\nConnection: close\r\n");
-    for h in extra {
-        head.push_str(&h);
+    let mut head = format!("HTTP/1.1 {} {reason}\r\n", answer.status);
+    if answer.send_length {
+        head.push_str(&format!("Content-Length: {}\r\n", answer.range.len()));
+    }
+    head.push_str("Connection: close\r\n");
+    for h in &answer.headers {
+        head.push_str(h);
         head.push_str("\r\n");
     }
-    head.push_str("Content-Type: application/octet-stream\r\n\r\n");
+    head.push_str(&format!("Content-Type: {}\r\n\r\n", answer.content_type));
     socket.write_all(head.as_bytes()).await?;
-    if let Some((b, start)) = body {
-        let end = cut_at.map_or(b.len() as u64, |c| start + c) as usize;
-        for piece in b[start as usize..end].chunks(16 * 1024) {
-            socket.write_all(piece).await?;
-            state.lock().unwrap().served += piece.len() as u64;
-            if let Some(pause) = slow {
-                tokio::time::sleep(pause).await;
-            }
+
+    let body = &answer.body[answer.range.clone()];
+    let end = answer.cut.unwrap_or(body.len());
+    write_paced(&mut socket, &body[..end], answer.pace, state).await?;
+    if answer.cut.is_some() {
+        if answer.reset {
+            socket.set_zero_linger()?;
+            drop(socket);
+        } else {
+            socket.shutdown().await?;
         }
-        if cut_at.is_some() {
-            if reset {
-                socket.set_zero_linger()?;
-                drop(socket);
-            } else {
-                socket.shutdown().await?;
-            }
-            return Ok(());
+        return Ok(());
+    }
+    if answer.endless {
+        // Every round writes, so the loop ends with the first write the closed connection refuses.
+        let filler: Vec<u8> = (0..16 * 1024u32)
+            .map(|i| b"0123456789abcdef"[i as usize % 16])
+            .collect();
+        loop {
+            write_paced(&mut socket, &filler, answer.pace, state).await?;
         }
     }
     socket.flush().await?;
     socket.shutdown().await
+}
+
+/// Writes `bytes` at `pace`, counting them as served.
+async fn write_paced(
+    socket: &mut TcpStream,
+    bytes: &[u8],
+    pace: Pace,
+    state: &Mutex<State>,
+) -> std::io::Result<()> {
+    let (piece_len, pause) = match pace {
+        Pace::Full => (16 * 1024, None),
+        Pace::Slow(pause) => (16 * 1024, Some(pause)),
+        Pace::Trickle(rate) => {
+            let step = (rate / 10).max(1);
+            (
+                step as usize,
+                Some(Duration::from_secs_f64(f64::from(step) / f64::from(rate))),
+            )
+        }
+    };
+    for piece in bytes.chunks(piece_len) {
+        socket.write_all(piece).await?;
+        if matches!(pace, Pace::Trickle(_)) {
+            socket.flush().await?;
+        }
+        state.lock().unwrap().served += piece.len() as u64;
+        if let Some(pause) = pause {
+            tokio::time::sleep(pause).await;
+        }
+    }
+    Ok(())
 }
 
 /// A notice of `count` New products numbered from `first`, each served by `mast` with `blocks` blocks.
