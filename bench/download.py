@@ -26,15 +26,20 @@ BLOCK = 2880
 
 
 def fits_file(path, size):
-    """A FITS-shaped file of about `size` bytes (whole 2880-byte blocks), random data after the header."""
+    """A valid FITS file of about `size` bytes (whole 2880-byte blocks): a primary header whose NAXIS1 covers
+    the random 8-bit data after it, so that mastsub's FITS walk accepts it."""
     blocks = max(2, size // BLOCK)
-    if os.path.exists(path) and os.path.getsize(path) == blocks * BLOCK:
-        return
+    data = (blocks - 1) * BLOCK
     header = "".join(f"{c:<80}" for c in ["SIMPLE  =                    T", "BITPIX  =                    8",
-                                          "NAXIS   =                    0", "END"])
+                                          "NAXIS   =                    1", f"NAXIS1  = {data:>20}", "END"])
+    header = f"{header:<2880}".encode()
+    if os.path.exists(path) and os.path.getsize(path) == blocks * BLOCK:
+        with open(path, "rb") as f:
+            if f.read(BLOCK) == header:
+                return
     with open(path, "wb") as f:
-        f.write(f"{header:<2880}".encode())
-        remaining = (blocks - 1) * BLOCK
+        f.write(header)
+        remaining = data
         chunk = os.urandom(4 * 1024 * 1024)
         while remaining > 0:
             n = min(remaining, len(chunk))

@@ -264,8 +264,17 @@ impl Serialize for Rate {
 
 impl<'de> Deserialize<'de> for Rate {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Rate, D::Error> {
-        let s = String::deserialize(d)?;
-        s.parse().map_err(serde::de::Error::custom)
+        /// A rate as text, or a plain number of bytes per second (as an environment value may arrive).
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Bytes(u64),
+            Text(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Bytes(n) => Ok(Rate(n)),
+            Raw::Text(s) => s.parse().map_err(serde::de::Error::custom),
+        }
     }
 }
 
@@ -591,6 +600,16 @@ impl Config {
         if self.ingest.max_notice_size.as_u64() == 0 {
             problems.push("ingest.max_notice_size must be larger than 0".into());
         }
+        if self.download.min_rate.0 > 0 && self.download.min_rate_window < Duration::from_secs(1) {
+            problems.push(
+                "download.min_rate_window must be at least 1s (or set download.min_rate = \"0B/s\" to turn \
+                 the low-speed limit off)"
+                    .into(),
+            );
+        }
+        if self.download.max_product_size.as_u64() == 0 {
+            problems.push("download.max_product_size must be larger than 0".into());
+        }
         if self.inbox.settle.is_zero() {
             problems.push("inbox.settle must be longer than 0".into());
         }
@@ -735,6 +754,21 @@ impl EventsConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn rates_read_as_people_write_them() {
+        for (text, bytes) in [
+            ("1kB/s", 1000),
+            ("50MB/s", 50_000_000),
+            ("1KiB/s", 1024),
+            ("0B/s", 0),
+            ("2 MB", 2_000_000),
+        ] {
+            assert_eq!(text.parse::<Rate>().unwrap(), Rate(bytes), "{text}");
+        }
+        assert!("fast".parse::<Rate>().unwrap_err().contains("50MB/s"));
+        assert_eq!(Rate(1000).to_string(), "1.0 kB/s");
+    }
 
     #[test]
     fn defaults_are_valid_and_match_the_contract() {

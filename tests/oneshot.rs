@@ -129,7 +129,10 @@ fn a_missing_product_is_an_error_row_with_its_reason_and_exit_1() {
     assert!(d.join(Path::new(&files[0].0).file_name().unwrap()).exists());
     let csv = std::fs::read_to_string(csv).unwrap();
     // astroquery's columns, then what each COMPLETE product was verified by.
-    assert!(csv.starts_with("Local Path,Status,Message,URL,Verified\n"), "{csv}");
+    assert!(
+        csv.starts_with("Local Path,Status,Message,URL,Verified\n"),
+        "{csv}"
+    );
     assert_eq!(csv.matches(",ERROR,").count(), 1, "{csv}");
     assert_eq!(
         csv.matches(",\"FITS: 1 HDU, structure only").count(),
