@@ -20,9 +20,10 @@ fn main() {
         .nth(1)
         .and_then(|a| a.parse().ok())
         .unwrap_or(2);
-    // Data: a 1 MiB random-looking pattern, repeated to the size; its DATASUM is the pattern's sum added
-    // once per repetition (ones'-complement sums add).
-    let mut pattern = vec![0u8; 1 << 20];
+    // Data: a 256 MiB random-looking pattern (larger than any cache, so the bytes come from memory),
+    // repeated to the size; its DATASUM is the pattern's sum added once per repetition (ones'-complement
+    // sums add).
+    let mut pattern = vec![0u8; 256 << 20];
     let mut x = 0x9e37_79b9_7f4a_7c15u64;
     for w in pattern.chunks_mut(8) {
         x ^= x << 13;
@@ -30,7 +31,7 @@ fn main() {
         x ^= x << 17;
         w.copy_from_slice(&x.to_le_bytes());
     }
-    let reps = gib * 1024;
+    let reps = gib * 4;
     let data_len = reps * pattern.len() as u64;
     let padded = data_len.div_ceil(BLOCK as u64) * BLOCK as u64;
     let one = ones_complement_sum(0, &pattern);

@@ -289,6 +289,25 @@ fn products_of_every_format_served_honestly_are_published_byte_identical() {
     ws.drop_notice("n.json", &notice(&records));
     common::mast::wait_done(&ws, &d, files.len() as i64, SETTLE);
     assert_identical(&ws, &files);
+    // `list --json` says what each was proven by.
+    for (r, by) in records.iter().zip([
+        "JSON: parses",
+        "ASDF: header, tree end",
+        "JPEG: start and end markers",
+        "PNG: 3 chunks with good CRCs",
+        "ECSV: header and UTF-8",
+        "FITS: 1 HDU, structure only",
+        "size only (an HTML product)",
+        "size only (no verifier for .dat files)",
+    ]) {
+        let name = r["filename"].as_str().unwrap();
+        let verified = listed(&ws, name)["verified"].as_str().unwrap_or("").to_string();
+        assert!(verified.starts_with(by), "{name}: verified {verified:?}, expected {by:?}");
+    }
+    assert!(
+        d.log().contains("no verifier for this format; only its size was checked"),
+        "the unknown format is not named in the log"
+    );
 }
 
 // ---------------------------------------------------------------------------------------------------
