@@ -132,6 +132,8 @@ pub struct Categorizer {
     urls: product::UrlBuilder,
     filters: crate::filters::Filters,
     flat: bool,
+    /// Events (by `event_id` and product) not downloaded, with why; shared by clones (`exclude`).
+    excluded: std::sync::Arc<std::sync::RwLock<HashMap<(String, String), String>>>,
 }
 
 /// A product's job while the plan is made: one that existed, or one the plan adds.
@@ -150,7 +152,16 @@ impl Categorizer {
             urls: product::UrlBuilder::new(base_url),
             filters: crate::filters::Filters::default(),
             flat: false,
+            excluded: Default::default(),
         }
+    }
+
+    /// Records `event` only, for `why` (the one-shot's `--flat` name taken by an earlier record).
+    /// Through `&self`, so that it reaches a categorizer already built into an ingestor.
+    pub fn exclude(&self, event: &Event, why: String) {
+        let key = (event.event_id.clone(), product::product_key(event));
+        let mut excluded = self.excluded.write().unwrap_or_else(|e| e.into_inner());
+        excluded.insert(key, why);
     }
 
     /// Events that `filters` refuses are recorded only.
@@ -181,13 +192,27 @@ impl Categorizer {
 
     /// Why `event` is not downloaded by policy or filter, if it is not.
     pub fn skipped(&self, event: &Event) -> Option<String> {
-        if self.policy.action_for(event.event_type) == EventAction::Record {
+        if self.policy.action_for(&event.event_type) == EventAction::Record {
             return Some(format!(
-                "recorded only ([events] {} = \"record\")",
-                event.event_type.to_string().to_ascii_lowercase()
+                "recorded only ([events] {} = \"record\"{})",
+                crate::config::EventsConfig::key_for(&event.event_type),
+                if event.event_type.is_other() {
+                    format!(
+                        ", for types mastsub does not know such as {:?}",
+                        event.event_type.as_str()
+                    )
+                } else {
+                    String::new()
+                }
             ));
         }
-        self.filters.refuses(event)
+        self.filters.refuses(event).or_else(|| {
+            let excluded = self.excluded.read().unwrap_or_else(|e| e.into_inner());
+            (!excluded.is_empty())
+                .then(|| excluded.get(&(event.event_id.clone(), product::product_key(event))))
+                .flatten()
+                .cloned()
+        })
     }
 
     /// Plans the changes for `events` (already free of recorded and repeated event ids), given the latest
@@ -241,7 +266,7 @@ impl Categorizer {
                         fileset: event.fileset.clone(),
                         filename: event.filename.clone(),
                         program: event.program,
-                        event_type: event.event_type,
+                        event_type: event.event_type.clone(),
                         version: version.to_string(),
                         url: self.urls.url(event),
                         local_path: self.local_path(event),
@@ -276,7 +301,7 @@ impl Categorizer {
                             });
                             u.version = c.version.clone();
                             if requeue {
-                                u.requeue = Some(event.event_type);
+                                u.requeue = Some(event.event_type.clone());
                             }
                         }
                         JobRef::Existing(_) => {}
@@ -396,9 +421,36 @@ mod tests {
     }
 
     #[test]
+    fn first_and_new_of_one_version_are_one_download_and_unknown_types_are_recorded() {
+        let n = ev(1, "a.fits", EventType::New, D1);
+        let f = ev(2, "a.fits", EventType::First, D1);
+        let plan = cat().plan(&[&n, &f], &HashMap::new());
+        assert_eq!(plan.new_jobs.len(), 1);
+        assert_eq!(
+            dispositions(&plan),
+            [Disposition::Queued, Disposition::Joined]
+        );
+
+        let o = ev(3, "b.fits", EventType::Other("Retracted".into()), D1);
+        let plan = cat().plan(&[&o], &HashMap::new());
+        assert_eq!(dispositions(&plan), [Disposition::RecordOnly]);
+        let why = cat().skipped(&o).unwrap();
+        assert!(
+            why.contains("[events] other") && why.contains("Retracted"),
+            "{why}"
+        );
+        let download_others = cat_with(EventsConfig {
+            other: crate::config::EventAction::Download,
+            ..Default::default()
+        });
+        let plan = download_others.plan(&[&o], &HashMap::new());
+        assert_eq!(dispositions(&plan), [Disposition::Queued]);
+    }
+
+    #[test]
     fn a_newer_version_while_running_queues_behind_it() {
-        for t in EventType::ALL {
-            let a = ev(1, "a.fits", t, D2);
+        for t in EventType::KNOWN {
+            let a = ev(1, "a.fits", t.clone(), D2);
             let plan = cat().plan(&[&a], &latest(DownloadState::Running, D1));
             assert_eq!(dispositions(&plan), [Disposition::Queued], "{t}");
             assert!(

@@ -311,15 +311,31 @@ pub enum EventAction {
 }
 
 /// `[events]`
-#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(default, deny_unknown_fields)]
 pub struct EventsConfig {
     /// For `New` events.
     pub new: EventAction,
+    /// For `First` events (JWST: a program's first data).
+    pub first: EventAction,
     /// For `Reprocessed` events.
     pub reprocessed: EventAction,
     /// For `Public` events.
     pub public: EventAction,
+    /// For event types mastsub does not know (MAST may add some): recorded only by default.
+    pub other: EventAction,
+}
+
+impl Default for EventsConfig {
+    fn default() -> Self {
+        EventsConfig {
+            new: EventAction::Download,
+            first: EventAction::Download,
+            reprocessed: EventAction::Download,
+            public: EventAction::Download,
+            other: EventAction::Record,
+        }
+    }
 }
 
 /// How a connection is secured.
@@ -741,12 +757,26 @@ impl Config {
 
 impl EventsConfig {
     /// The action for an event type.
-    pub fn action_for(&self, event_type: crate::notice::EventType) -> EventAction {
+    pub fn action_for(&self, event_type: &crate::notice::EventType) -> EventAction {
         use crate::notice::EventType;
         match event_type {
             EventType::New => self.new,
+            EventType::First => self.first,
             EventType::Reprocessed => self.reprocessed,
             EventType::Public => self.public,
+            EventType::Other(_) => self.other,
+        }
+    }
+
+    /// The `[events]` key that sets the action for `event_type`.
+    pub fn key_for(event_type: &crate::notice::EventType) -> &'static str {
+        use crate::notice::EventType;
+        match event_type {
+            EventType::New => "new",
+            EventType::First => "first",
+            EventType::Reprocessed => "reprocessed",
+            EventType::Public => "public",
+            EventType::Other(_) => "other",
         }
     }
 }

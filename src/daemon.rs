@@ -3,6 +3,12 @@
 //!
 //! Every loop runs under one [`CancellationToken`]; nothing lives only in memory, so a restart (or a kill -9)
 //! loses nothing. A loop that stops unexpectedly is logged and started again.
+//!
+//! One daemon per database: the run lock (`<database>.run.lock`) is taken before the store opens and held
+//! to the end. While it runs, the database file's identity is checked every [`IDENTITY_EVERY`]: a file
+//! deleted, moved or replaced under the daemon stops it with an error (a non-zero exit, so that systemd's
+//! `Restart=on-failure` starts it again on the file now at the path), since everything recorded from
+//! then on would go into a file no one will read.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -18,13 +24,17 @@ use crate::ingest::Ingestor;
 use crate::service::{self, Vitals};
 use crate::sources::imap::ImapSource;
 use crate::sources::inbox;
-use crate::store::{SqliteStore, Store};
+use crate::store::{RunLock, RunLockError, SqliteStore, Store};
 
 /// Pause before a crashed source is started again.
 const RESTART_PAUSE: Duration = Duration::from_secs(1);
+/// How often the database file's identity is checked.
+pub const IDENTITY_EVERY: Duration = Duration::from_secs(2);
 
 /// Runs the daemon until `shutdown` is cancelled; a new value on `reload` (SIGHUP) makes the loops read
-/// their secrets again.
+/// their secrets again. An error: it could not start (another daemon holds the database, the store cannot
+/// be opened), or it stopped on a fatal condition (the database file was replaced, a loop crashed beyond
+/// repair), after stopping its loops.
 pub async fn run(
     config: Config,
     reload: tokio::sync::watch::Receiver<u64>,
@@ -36,6 +46,13 @@ pub async fn run(
         config.storage.database.display(),
         config.storage.downloads.display()
     );
+    // Taken before anything is opened, and held (by this binding) until the store is closed.
+    let _run_lock = RunLock::acquire(&config.storage.database, "run").map_err(|e| match e {
+        e @ RunLockError::Held { .. } => anyhow::anyhow!(
+            "{e}; stop it first (systemctl stop mastsub) or point this one at another [storage] database"
+        ),
+        e => e.into(),
+    })?;
     let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&config.storage.database).await?);
     let wake = Arc::new(Notify::new());
     let ingestor = Arc::new(Ingestor::new(store.clone(), &config).waking(wake.clone()));
@@ -112,9 +129,21 @@ pub async fn run(
         shutdown.clone(),
     ));
 
+    // Why the daemon stops on its own, if it does: the exit is then an error.
+    let mut fatal: Option<anyhow::Error> = None;
+    let mut identity = tokio::time::interval(IDENTITY_EVERY);
+    identity.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => break,
+            _ = identity.tick() => {
+                if let Err(e) = store.check_identity().await {
+                    tracing::error!("{e}");
+                    fatal = Some(e.into());
+                    shutdown.cancel();
+                    break;
+                }
+            }
             Some(ended) = tasks.join_next_with_id() => {
                 if shutdown.is_cancelled() {
                     break;
@@ -133,6 +162,7 @@ pub async fn run(
                     Err(e) => {
                         let Some(which) = loops.remove(&e.id()) else {
                             tracing::error!("a loop crashed: {e}; stopping so that the service manager restarts mastsub");
+                            fatal = Some(anyhow::anyhow!("a loop crashed: {e}"));
                             shutdown.cancel();
                             break;
                         };
@@ -165,8 +195,16 @@ pub async fn run(
         tasks.abort_all();
     }
     store.close().await;
-    tracing::info!("mastsub stopped");
-    Ok(())
+    match fatal {
+        Some(e) => {
+            tracing::info!("mastsub stopped on an error");
+            Err(e)
+        }
+        None => {
+            tracing::info!("mastsub stopped");
+            Ok(())
+        }
+    }
 }
 
 /// The daemon's supervised loops.

@@ -11,7 +11,7 @@ use crate::notice::Event;
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, clap::Args)]
 #[serde(default, deny_unknown_fields)]
 pub struct FiltersConfig {
-    /// Only these event types (New, Reprocessed, Public); `!X` excludes. Repeat or separate with commas.
+    /// Only these event types (New, First, Reprocessed, Public); `!X` excludes. Repeat or separate with commas.
     #[arg(long = "event-type", value_name = "TYPE", value_delimiter = ',')]
     pub event_type: Vec<String>,
     /// Only these missions; `!X` excludes.
@@ -149,10 +149,12 @@ impl Filters {
     pub fn new(c: &FiltersConfig) -> Result<Filters, String> {
         Ok(Filters {
             event_type: Field::parse("event_type", &c.event_type, |s| {
-                ["new", "reprocessed", "public"]
+                // The four types MAST documents; a typo must not pass silently as a type of its own
+                // (types mastsub does not know are governed by `[events] other`).
+                ["new", "first", "reprocessed", "public"]
                     .contains(&s.to_ascii_lowercase().as_str())
                     .then(|| s.to_ascii_lowercase())
-                    .ok_or_else(|| "expected New, Reprocessed or Public".to_string())
+                    .ok_or_else(|| "expected New, First, Reprocessed or Public".to_string())
             })?,
             mission: Field::parse("mission", &c.mission, |s| Ok(s.to_ascii_lowercase()))?,
             program: Field::parse("program", &c.program, ProgramRule::parse)?,

@@ -12,7 +12,7 @@ use sha2::{Digest, Sha256};
 
 use crate::categorize::Categorizer;
 use crate::config::Config;
-use crate::notice::{self, EventType, Limits, NoticeError, RecordError};
+use crate::notice::{self, Limits, NoticeError, RecordError};
 use crate::store::{IngestOutcome, NoticeMeta, NoticeStatus, SourceKind, Store, StoreError};
 
 /// At most this many refused records are logged one per line; the rest are counted (all are in the report).
@@ -109,14 +109,11 @@ impl IngestReport {
         let total = o.recorded_total();
         let mut s = format!("{total} event{}", plural(total));
         if total > 0 {
-            let by_type: Vec<String> = EventType::ALL
+            let by_type: Vec<String> = o
+                .recorded
                 .iter()
-                .filter_map(|t| {
-                    o.recorded
-                        .get(t)
-                        .filter(|n| **n > 0)
-                        .map(|n| format!("{n} {t}"))
-                })
+                .filter(|(_, n)| **n > 0)
+                .map(|(t, n)| format!("{n} {t}"))
                 .collect();
             let _ = write!(s, " ({})", by_type.join(", "));
         }
@@ -127,6 +124,10 @@ impl IngestReport {
             (o.already_done, "already on disk"),
             (o.record_only, "recorded only ([events] policy)"),
             (o.already_recorded, "already recorded before"),
+            (
+                o.conflicts.len(),
+                "recorded despite an event_id recorded before for something else (see the warnings)",
+            ),
         ] {
             if n > 0 {
                 let _ = write!(s, ", {n} {what}");
@@ -274,9 +275,13 @@ impl Ingestor {
             use std::os::unix::fs::OpenOptionsExt;
             let mut options = std::fs::OpenOptions::new();
             options.read(true);
+            // O_NONBLOCK: a FIFO put where a notice was must not hang the open (it is refused below as not
+            // a regular file); for a regular file the flag changes nothing.
+            let mut flags = nix::libc::O_NONBLOCK;
             if !follow_links {
-                options.custom_flags(nix::libc::O_NOFOLLOW);
+                flags |= nix::libc::O_NOFOLLOW;
             }
+            options.custom_flags(flags);
             let file = options.open(&owned)?;
             let meta = file.metadata()?;
             if !meta.is_file() {
@@ -381,7 +386,34 @@ impl Ingestor {
             wake.notify_one();
         }
         log_report(&report);
+        self.warn_unknown_types(&report.name, &events);
         Ok(report)
+    }
+}
+
+impl Ingestor {
+    /// One warning per event type MAST does not document, per notice: what was done with its events.
+    fn warn_unknown_types(&self, notice: &str, events: &[notice::Event]) {
+        let mut seen: std::collections::BTreeMap<&str, (usize, &notice::Event)> =
+            Default::default();
+        for e in events.iter().filter(|e| e.event_type.is_other()) {
+            seen.entry(e.event_type.as_str()).or_insert((0, e)).0 += 1;
+        }
+        for (t, (n, first)) in seen {
+            let done = match self.categorizer.skipped(first) {
+                Some(why) => format!("recorded without downloads: {why}"),
+                None => {
+                    "recorded, and its products downloaded ([events] other = \"download\")".into()
+                }
+            };
+            tracing::warn!(
+                notice = %notice,
+                "notice {notice}: event type {t:?} is not one MAST documents (New, First, Reprocessed, \
+                 Public); its {n} event{} {} {done}",
+                plural(n),
+                if n == 1 { "was" } else { "were" }
+            );
+        }
     }
 }
 
@@ -399,6 +431,18 @@ fn log_report(report: &IngestReport) {
         );
     } else {
         tracing::info!(notice = %report.name, "notice {}: {}", report.name, report.summary());
+    }
+    for c in &report.outcome.conflicts {
+        tracing::warn!(
+            notice = %report.name,
+            "notice {}, record {}: event_id {} was recorded before for something else ({}); this record \
+             ({}) is recorded and queued too, since nothing is dropped silently: tell MAST if it recurs",
+            report.name,
+            c.record,
+            c.event_id,
+            c.earlier,
+            c.now
+        );
     }
     for e in report.record_errors.iter().take(LOGGED_RECORD_ERRORS) {
         tracing::warn!(notice = %report.name, record = e.index, field = e.field, "notice {}: rejected {e}", report.name);

@@ -34,41 +34,74 @@ impl Default for Limits {
     }
 }
 
-/// Why an event was sent.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+/// Why an event was sent: the four subscription types MAST documents, or one it added since, kept as
+/// written.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum EventType {
-    /// New to the archive.
+    /// Data of a program appear for the first time.
     New,
+    /// The first data of a program appear (JWST only).
+    First,
     /// Recalibrated: a new version of a file one may already have.
     Reprocessed,
     /// Its exclusive-access period ended.
     Public,
+    /// A type mastsub does not know (MAST may add one), as the notice spelled it.
+    Other(String),
 }
 
-impl EventType {
-    /// All three, in the order reports list them.
-    pub const ALL: [EventType; 3] = [EventType::New, EventType::Reprocessed, EventType::Public];
+/// The longest event type taken as a type of its own; longer text is a damaged record.
+const MAX_EVENT_TYPE: usize = 64;
 
-    /// The canonical spelling, as stored.
-    pub fn as_str(self) -> &'static str {
+impl EventType {
+    /// The types MAST documents, in the order reports list them.
+    pub const KNOWN: [EventType; 4] = [
+        EventType::New,
+        EventType::First,
+        EventType::Reprocessed,
+        EventType::Public,
+    ];
+
+    /// The canonical spelling, as stored (an unknown type as the notice wrote it).
+    pub fn as_str(&self) -> &str {
         match self {
             EventType::New => "New",
+            EventType::First => "First",
             EventType::Reprocessed => "Reprocessed",
             EventType::Public => "Public",
+            EventType::Other(s) => s,
         }
     }
 
-    /// Parses any letter case.
+    /// A known type in any letter case, else an `Other` holding the text; `None` for text that cannot be
+    /// a type name (empty, too long, control characters).
     pub fn parse(s: &str) -> Option<EventType> {
-        EventType::ALL
+        if let Some(t) = EventType::KNOWN
             .into_iter()
             .find(|t| t.as_str().eq_ignore_ascii_case(s))
+        {
+            return Some(t);
+        }
+        let t = s.trim();
+        (!t.is_empty() && t.len() <= MAX_EVENT_TYPE && !t.chars().any(char::is_control))
+            .then(|| EventType::Other(t.to_string()))
+    }
+
+    /// True for a type MAST does not document (yet).
+    pub fn is_other(&self) -> bool {
+        matches!(self, EventType::Other(_))
     }
 }
 
 impl fmt::Display for EventType {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.as_str())
+    }
+}
+
+impl Serialize for EventType {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.as_str())
     }
 }
 
@@ -478,8 +511,12 @@ fn program_field(raw: Option<&RawValue>) -> Result<i64, String> {
 
 fn event_type_field(raw: Option<&RawValue>) -> Result<EventType, String> {
     let s = string_field(raw)?;
-    EventType::parse(&s)
-        .ok_or_else(|| format!("{s:?} is not an event type; expected New, Reprocessed or Public"))
+    EventType::parse(&s).ok_or_else(|| {
+        format!(
+            "{:?} is not an event type; expected New, First, Reprocessed, Public or another short name",
+            truncate_for_message(&s)
+        )
+    })
 }
 
 fn date_field(raw: Option<&RawValue>) -> Result<MastTime, String> {
@@ -688,7 +725,14 @@ mod tests {
             Some(EventType::Reprocessed)
         );
         assert_eq!(EventType::parse("PUBLIC"), Some(EventType::Public));
-        assert_eq!(EventType::parse("Old"), None);
+        assert_eq!(EventType::parse("first"), Some(EventType::First));
+        assert_eq!(
+            EventType::parse("Retracted"),
+            Some(EventType::Other("Retracted".into()))
+        );
+        assert_eq!(EventType::parse(""), None);
+        assert_eq!(EventType::parse("a\nb"), None);
+        assert_eq!(EventType::parse(&"x".repeat(65)), None);
     }
 
     #[test]
@@ -712,7 +756,7 @@ mod tests {
         let text = format!(
             "[{}]",
             GOOD.replace("JWST", "")
-                .replace("New", "Old")
+                .replace("\"New\"", "\"\"")
                 .replace("17a653f9", "zzz")
         );
         let p = parse(text.as_bytes(), &Limits::default()).unwrap();

@@ -3,9 +3,9 @@
 //! retry, verified resume, fsync + rename), progress shows as bars on a terminal and as lines otherwise,
 //! and a manifest like astroquery's ends it: one row per product, COMPLETE, ERROR or SKIPPED, with why.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{HashMap, HashSet};
 use std::io::IsTerminal;
-use std::path::{Path, PathBuf};
+use std::path::{Component, Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
@@ -15,13 +15,17 @@ use serde::Serialize;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
+use crate::categorize::Categorizer;
 use crate::config::Config;
 use crate::download;
 use crate::filters::{Filters, FiltersConfig};
 use crate::ingest::Ingestor;
 use crate::notice;
+use crate::product;
 use crate::service::Vitals;
-use crate::store::{DownloadRow, DownloadState, SourceKind, SqliteStore, Store, now_ms};
+use crate::store::{
+    DownloadRow, DownloadState, RunLock, RunLockError, SourceKind, SqliteStore, Store, now_ms,
+};
 
 /// How often progress is read from the store.
 const TICK: Duration = Duration::from_millis(200);
@@ -103,6 +107,19 @@ pub async fn run(mut config: Config, args: Args) -> anyhow::Result<ExitCode> {
         .not_found_give_up
         .min(Duration::from_secs(30));
 
+    // Two downloads into one folder would write the same .part files: one at a time (held to the end).
+    let _run_lock = match RunLock::acquire(&config.storage.database, "download") {
+        Ok(lock) => lock,
+        Err(e @ RunLockError::Held { .. }) => {
+            eprintln!(
+                "mastsub: {e}: two downloads into {} would write the same files; wait for it to end, or \
+                 download into another --dir",
+                args.dir.display()
+            );
+            return Ok(ExitCode::from(2));
+        }
+        Err(e) => return Err(e.into()),
+    };
     let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&config.storage.database).await?);
     let wake = Arc::new(Notify::new());
     let ingestor = Ingestor::new(store.clone(), &config)
@@ -110,9 +127,23 @@ pub async fn run(mut config: Config, args: Args) -> anyhow::Result<ExitCode> {
         .waking(wake.clone());
 
     // Ingest, with the same clear errors as `ingest`; the records of good notices make the manifest.
+    // With --flat, a name goes to the first product that takes it, as astroquery keeps the first record of
+    // a file name: later records of other products with that name are recorded only, never downloaded.
+    let categorizer = ingestor.categorizer();
+    let mut names = FlatNames::default();
+    if args.flat {
+        names = FlatNames::of_jobs(&store.list_downloads(None).await?);
+    }
     let mut bad_notice = false;
     let mut events = Vec::new();
     for file in &args.notices {
+        let parsed = std::fs::read(file)
+            .ok()
+            .and_then(|bytes| notice::parse(&bytes, &Default::default()).ok());
+        let taken = match &parsed {
+            Some(parsed) if args.flat => names.take(&parsed.events, categorizer),
+            _ => Vec::new(),
+        };
         match ingestor.ingest_file(file, SourceKind::Cli).await {
             Ok(report) if report.is_accepted() => {}
             Ok(report) => {
@@ -125,33 +156,28 @@ pub async fn run(mut config: Config, args: Args) -> anyhow::Result<ExitCode> {
             Err(e) => {
                 bad_notice = true;
                 eprintln!("mastsub: {}: {e}", file.display());
+                names.give_back(&taken);
                 continue;
             }
         }
-        if let Ok(bytes) = std::fs::read(file)
-            && let Ok(parsed) = notice::parse(&bytes, &Default::default())
-        {
+        if let Some(parsed) = parsed {
             events.extend(parsed.events);
         }
     }
 
-    // The jobs of these events; finished ones whose file is gone or damaged go again, failed ones too.
-    let categorizer = ingestor.categorizer();
+    // The jobs of these events (each product's latest version); finished ones whose file is gone or
+    // damaged go again, failed ones too.
     let rows = store.list_downloads(None).await?;
-    let by_path: HashMap<(&str, &str), &DownloadRow> = rows
-        .iter()
-        .map(|r| ((r.local_path.as_str(), r.version.as_str()), r))
-        .collect();
+    let latest = latest_jobs(&rows);
     let mut ours: HashSet<i64> = HashSet::new();
     let (mut redo, mut again) = (Vec::new(), Vec::new());
     for e in &events {
         if categorizer.skipped(e).is_some() {
             continue;
         }
-        let path = categorizer.local_path(e);
-        let version = e.archived_date.canonical();
-        if let Some(r) = by_path.get(&(path.as_str(), version)) {
-            ours.insert(r.id);
+        if let Some(r) = latest.get(&(categorizer.local_path(e), product::product_key(e)))
+            && ours.insert(r.id)
+        {
             match r.state {
                 DownloadState::Done
                     if !looks_complete(&config.storage.downloads, &r.local_path, r.bytes_done) =>
@@ -256,23 +282,125 @@ fn looks_complete(root: &Path, local_path: &str, size: i64) -> bool {
     size > 0 && check() == Some(true)
 }
 
-/// The manifest: one row per product of `events`, in notice order.
+/// A job's product key (`product::product_key` of the events it serves).
+fn job_product(r: &DownloadRow) -> String {
+    format!("{}/{}/{}", r.mission.to_lowercase(), r.fileset, r.filename)
+}
+
+/// The latest job (highest version, then id) of each local path and product: the one every event of the
+/// product is answered by, since a newer version recorded (in the same notice or later) replaces the file
+/// an older one fetched.
+fn latest_jobs(rows: &[DownloadRow]) -> HashMap<(String, String), &DownloadRow> {
+    let mut out: HashMap<(String, String), &DownloadRow> = HashMap::new();
+    for r in rows {
+        let slot = out
+            .entry((r.local_path.clone(), job_product(r)))
+            .or_insert(r);
+        if (r.version.as_str(), r.id) > (slot.version.as_str(), slot.id) {
+            *slot = r;
+        }
+    }
+    out
+}
+
+/// `--flat` file names and the product each belongs to: a job already in the folder's store, else the
+/// first record that names it (astroquery's `download_products` keeps the first row of each file name).
+#[derive(Debug, Default)]
+struct FlatNames {
+    /// Name → (product, held by a job of an earlier run rather than by a record of this one).
+    holders: HashMap<String, (String, bool)>,
+}
+
+impl FlatNames {
+    /// The names the jobs of earlier runs hold (bare names: the `--flat` layout), the oldest job first.
+    fn of_jobs(rows: &[DownloadRow]) -> FlatNames {
+        let mut names = FlatNames::default();
+        let mut rows: Vec<&DownloadRow> = rows
+            .iter()
+            .filter(|r| !r.local_path.contains('/'))
+            .collect();
+        rows.sort_by_key(|r| r.id);
+        for r in rows {
+            names
+                .holders
+                .entry(r.local_path.clone())
+                .or_insert_with(|| (job_product(r), true));
+        }
+        names
+    }
+
+    /// Takes the names of `events` in order (those the categorizer would download); an event whose name
+    /// another product holds is excluded in `categorizer`, with the holder in the reason. Returns the
+    /// names newly taken.
+    fn take(&mut self, events: &[notice::Event], categorizer: &Categorizer) -> Vec<String> {
+        let mut taken = Vec::new();
+        for e in events {
+            if categorizer.skipped(e).is_some() {
+                continue;
+            }
+            let (name, key) = (categorizer.local_path(e), product::product_key(e));
+            match self.holders.get_mut(&name) {
+                None => {
+                    taken.push(name.clone());
+                    self.holders.insert(name, (key, false));
+                }
+                Some((holder, earlier_run)) if *holder == key => *earlier_run = false,
+                Some((holder, true)) => categorizer.exclude(
+                    e,
+                    format!(
+                        "--flat: the name {name} is taken by {holder} (recorded by an earlier run \
+                         in this folder)"
+                    ),
+                ),
+                Some((holder, false)) => categorizer.exclude(
+                    e,
+                    format!(
+                        "--flat: the name {name} is taken by {holder} (the first record); \
+                         astroquery keeps the first too"
+                    ),
+                ),
+            }
+        }
+        taken
+    }
+
+    /// Gives back names taken by a notice that was not recorded.
+    fn give_back(&mut self, names: &[String]) {
+        for name in names {
+            self.holders.remove(name);
+        }
+    }
+}
+
+/// A path as astroquery prints it (`pathlib`): no `.` components, so the default folder gives
+/// `mastDownload/jwst/...`, not `./mastDownload/jwst/...`.
+fn shown(path: &Path) -> String {
+    let path: PathBuf = path
+        .components()
+        .filter(|c| *c != Component::CurDir)
+        .collect();
+    if path.as_os_str().is_empty() {
+        ".".to_string()
+    } else {
+        path.display().to_string()
+    }
+}
+
+/// The manifest: one row per product of `events`, in notice order. Every event of a product is answered
+/// by the product's latest job (New and Reprocessed of one file are one row, of the newest version).
 pub fn manifest(
     events: &[notice::Event],
-    categorizer: &crate::categorize::Categorizer,
+    categorizer: &Categorizer,
     rows: &[DownloadRow],
     root: &Path,
 ) -> Vec<Row> {
-    let jobs: HashMap<(&str, &str), &DownloadRow> = rows
-        .iter()
-        .map(|r| ((r.local_path.as_str(), r.version.as_str()), r))
-        .collect();
-    let mut seen: BTreeMap<String, usize> = BTreeMap::new();
+    let jobs = latest_jobs(rows);
+    let mut seen: HashMap<String, usize> = HashMap::new();
     let mut out: Vec<Row> = Vec::new();
     for e in events {
         let rel = categorizer.local_path(e);
-        let local_path = root.join(&rel).display().to_string();
-        let version = e.archived_date.canonical();
+        let local_path = shown(&root.join(&rel));
+        let key = product::product_key(e);
         let row = match categorizer.skipped(e) {
             Some(why) => Row {
                 local_path: local_path.clone(),
@@ -281,7 +409,7 @@ pub fn manifest(
                 url: categorizer.url(e),
                 verified: String::new(),
             },
-            None => match jobs.get(&(rel.as_str(), version)) {
+            None => match jobs.get(&(rel, key.clone())) {
                 Some(j) if j.state == DownloadState::Done => Row {
                     local_path: local_path.clone(),
                     status: "COMPLETE",
@@ -302,18 +430,27 @@ pub fn manifest(
                 None => Row {
                     local_path: local_path.clone(),
                     status: "ERROR",
-                    message: "no download job (a newer version was recorded)".into(),
+                    // The folder's store recorded these events before, in the other layout.
+                    message: match rows.iter().find(|r| job_product(r) == key) {
+                        Some(r) => format!(
+                            "recorded in this folder for {} (the other layout: with or without \
+                             --flat); use the same layout, or another --dir",
+                            r.local_path
+                        ),
+                        None => "no download job was recorded for it".into(),
+                    },
                     url: categorizer.url(e),
                     verified: String::new(),
                 },
             },
         };
         // One row per product: a later event of the same file (New, then Public) replaces a SKIPPED row.
-        match seen.get(&local_path) {
+        // (With --flat, a product whose name another one took has a SKIPPED row of its own.)
+        match seen.get(&key) {
             Some(&i) if out[i].status == "SKIPPED" && row.status != "SKIPPED" => out[i] = row,
             Some(_) => {}
             None => {
-                seen.insert(local_path, out.len());
+                seen.insert(key, out.len());
                 out.push(row);
             }
         }

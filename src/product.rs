@@ -75,9 +75,11 @@ impl UrlBuilder {
         } else {
             let uri = match &event.uri {
                 Some(uri) => query(uri),
+                // MAST spells missions in upper case in its URIs (mast:TESS/product/...).
                 None => query(&format!(
                     "mast:{}/product/{}",
-                    event.mission, event.filename
+                    event.mission.to_uppercase(),
+                    event.filename
                 )),
             };
             format!("{}/api/v0.1/Download/file?uri={uri}", self.prefix)
@@ -125,6 +127,13 @@ mod tests {
             u.as_str(),
             "http://127.0.0.1:8080/mast/api/v0.1/Download/file?uri=mast%3ATESS%2Fproduct%2Ft.fits"
         );
+    }
+
+    #[test]
+    fn a_mission_written_in_lower_case_is_upper_case_in_the_uri() {
+        let base = Url::parse("https://mast.stsci.edu").unwrap();
+        let u = UrlBuilder::new(&base).url(&event("tess", "t.fits"));
+        assert!(u.ends_with("uri=mast%3ATESS%2Fproduct%2Ft.fits"), "{u}");
     }
 
     #[test]

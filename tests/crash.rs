@@ -70,7 +70,8 @@ fn kill_9_during_ingest_records_all_or_nothing_then_all_once() {
         );
         outcomes.push((delay_ms, recorded));
 
-        // A file changed moments ago may still have a writer: the restarted daemon waits write_timeout.
+        // The restarted daemon finds the notice still in the inbox and takes it (at once when it can tell
+        // no process has it open for writing; after write_timeout where it cannot tell).
         let _d = Daemon::start_with_env(&ws, &[("MASTSUB_INBOX__WRITE_TIMEOUT", "1s")]);
         assert!(
             wait_until(Duration::from_secs(30), || ws.files_in("inbox/processed")

@@ -301,11 +301,18 @@ fn products_of_every_format_served_honestly_are_published_byte_identical() {
         "size only (no verifier for .dat files)",
     ]) {
         let name = r["filename"].as_str().unwrap();
-        let verified = listed(&ws, name)["verified"].as_str().unwrap_or("").to_string();
-        assert!(verified.starts_with(by), "{name}: verified {verified:?}, expected {by:?}");
+        let verified = listed(&ws, name)["verified"]
+            .as_str()
+            .unwrap_or("")
+            .to_string();
+        assert!(
+            verified.starts_with(by),
+            "{name}: verified {verified:?}, expected {by:?}"
+        );
     }
     assert!(
-        d.log().contains("no verifier for this format; only its size was checked"),
+        d.log()
+            .contains("no verifier for this format; only its size was checked"),
         "the unknown format is not named in the log"
     );
 }

@@ -394,7 +394,8 @@ fn fifty_mixed_mails_give_exactly_the_expected_notices() {
                 // A notice with one bad record: the good one is recorded.
                 expected_events.insert(n);
                 let mut bad = record(n + 1, "New");
-                bad["event_type"] = "Sideways".into();
+                // (an unknown type is recorded; one that cannot be a type name is refused)
+                bad["event_type"] = "Side\nways".into();
                 let body = serde_json::to_vec(&[record(n, "New"), bad]).unwrap();
                 mails::notice_mail(&body)
             }
@@ -436,7 +437,9 @@ fn fifty_mixed_mails_give_exactly_the_expected_notices() {
         ws.status()
     );
     assert!(
-        daemon.log().contains("Sideways"),
+        daemon
+            .log()
+            .contains(r#""Side\nways" is not an event type"#),
         "the bad record was not reported"
     );
 }

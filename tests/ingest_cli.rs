@@ -19,7 +19,7 @@ fn sample_notice_gives_three_events_and_three_downloads_and_is_idempotent() {
     let first = ws.status();
     assert_eq!(
         first["events"],
-        json!({"New": 1, "Reprocessed": 1, "Public": 1})
+        json!({"New": 1, "First": 0, "Reprocessed": 1, "Public": 1})
     );
     assert_eq!(
         first["downloads"],
@@ -114,7 +114,7 @@ fn a_partly_bad_notice_records_the_good_records_and_exits_1() {
     let s = ws.status();
     assert_eq!(
         s["events"],
-        json!({"New": 1, "Reprocessed": 0, "Public": 1})
+        json!({"New": 1, "First": 0, "Reprocessed": 0, "Public": 1})
     );
     assert_eq!(s["notices"]["partial"], 1);
     // Ingesting the fixed file later records only what is new.

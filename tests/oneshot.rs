@@ -361,3 +361,240 @@ fn ctrl_c_stops_cleanly_and_the_next_run_resumes() {
         "nothing resumed"
     );
 }
+
+/// One integer from the one-shot's own store, `D/.mastsub/mastsub.db`.
+fn oneshot_i64(d: &Path, sql: &str) -> i64 {
+    let opts = sqlx::sqlite::SqliteConnectOptions::new()
+        .filename(d.join(".mastsub/mastsub.db"))
+        .read_only(true);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async move {
+        let pool = sqlx::SqlitePool::connect_with(opts).await.unwrap();
+        let n: i64 = sqlx::query_scalar(sql).fetch_one(&pool).await.unwrap();
+        pool.close().await;
+        n
+    })
+}
+
+/// The requests the stand-in saw for product `name`.
+fn gets_of(mast: &MastStandIn, name: &str) -> usize {
+    mast.seen().iter().filter(|s| s.product == name).count()
+}
+
+/// New, then `later` of the same product with a later `archived_date`, in one notice: one row, COMPLETE,
+/// of the latest version, one GET, exit 0 (astroquery: one row per file name, fetched once).
+fn two_versions_in_one_notice_are_one_complete_row(later: &str) {
+    let mast = MastStandIn::start();
+    let ws = Workspace::with_base(&mast.base_url, "");
+    let first = record(1, "New");
+    let mut second = record(1, later);
+    second["event_id"] = json!("00000000-0000-4000-8000-000000000099");
+    second["archived_date"] = json!("2026-04-02T08:00:00.123");
+    let name = first["filename"].as_str().unwrap().to_string();
+    let body = fits_product(&name, 4, 2);
+    mast.put(&name, body.clone());
+    let notice = ws.write_notice("two.json", &serde_json::to_vec(&[first, second]).unwrap());
+    let (d, manifest) = (ws.path("D"), ws.path("m.json"));
+    let (code, out, err) = download(
+        &ws,
+        &[
+            notice.to_str().unwrap(),
+            "--dir",
+            d.to_str().unwrap(),
+            "--manifest",
+            manifest.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(code, 0, "{later}:\n{out}\n{err}");
+    let rows: Vec<Value> = serde_json::from_slice(&std::fs::read(&manifest).unwrap()).unwrap();
+    assert_eq!(rows.len(), 1, "{later}: {rows:?}");
+    assert_eq!(rows[0]["Status"], "COMPLETE", "{later}: {rows:?}");
+    assert!(!out.contains("ERROR"), "{later}:\n{out}");
+    assert_eq!(gets_of(&mast, &name), 1, "{later}: not one GET");
+    let path = d
+        .join("mastDownload/jwst")
+        .join(format!("jw{:05}001001_02201_00001", 1))
+        .join(&name);
+    assert!(
+        std::fs::read(path).unwrap() == body,
+        "{later}: bytes differ"
+    );
+    // The one job is the latest version's.
+    assert_eq!(oneshot_i64(&d, "SELECT count(*) FROM downloads"), 1);
+    assert_eq!(
+        oneshot_i64(
+            &d,
+            "SELECT count(*) FROM downloads WHERE state = 'done' AND version LIKE '2026-04-02T08:00:00.123%'"
+        ),
+        1,
+        "{later}: the job is not of the later version"
+    );
+}
+
+#[test]
+fn new_and_reprocessed_of_one_product_in_one_notice_are_one_complete_row() {
+    two_versions_in_one_notice_are_one_complete_row("Reprocessed");
+}
+
+#[test]
+fn new_and_public_with_a_later_archived_date_are_one_complete_row() {
+    two_versions_in_one_notice_are_one_complete_row("Public");
+}
+
+#[test]
+fn flat_keeps_the_first_record_of_a_name_and_skips_other_products_of_that_name() {
+    let mast = MastStandIn::start();
+    let ws = Workspace::with_base(&mast.base_url, "");
+    // Three products named alike: JWST in two filesets, and TESS (whose URL comes from its own `uri`,
+    // so that a request for it can be told from the first's).
+    let first = record(1, "New");
+    let name = first["filename"].as_str().unwrap().to_string();
+    let mut other_fileset = record(2, "New");
+    other_fileset["filename"] = json!(name);
+    let mut other_mission = record(3, "New");
+    other_mission["mission"] = json!("TESS");
+    other_mission["fileset"] = json!("tess_fileset_3");
+    other_mission["filename"] = json!(name);
+    other_mission["uri"] = json!("mast:TESS/product/decoy_same_name.fits");
+    let body = fits_product(&name, 40, 1);
+    mast.put(&name, body.clone());
+    mast.put(
+        "decoy_same_name.fits",
+        fits_product("decoy_same_name.fits", 41, 7),
+    );
+    // Slow bodies, so that two jobs on one name would overlap.
+    mast.set_faults(Faults {
+        slow: Some(Duration::from_millis(20)),
+        ..Faults::default()
+    });
+    let notice = ws.write_notice(
+        "flat.json",
+        &serde_json::to_vec(&[first.clone(), other_fileset.clone(), other_mission]).unwrap(),
+    );
+    let (d, manifest) = (ws.path("D"), ws.path("m.json"));
+    let args = [
+        notice.to_str().unwrap(),
+        "--dir",
+        d.to_str().unwrap(),
+        "--flat",
+        "--manifest",
+        manifest.to_str().unwrap(),
+    ];
+    let holder = format!("jwst/{}/{name}", first["fileset"].as_str().unwrap());
+    let reason = format!(
+        "--flat: the name {name} is taken by {holder} (the first record); astroquery keeps the first too"
+    );
+    for run in ["first run", "re-run"] {
+        let (code, out, err) = download(&ws, &args);
+        assert_eq!(code, 0, "{run}:\n{out}\n{err}");
+        let rows: Vec<Value> = serde_json::from_slice(&std::fs::read(&manifest).unwrap()).unwrap();
+        let statuses: Vec<&str> = rows.iter().map(|r| r["Status"].as_str().unwrap()).collect();
+        assert_eq!(
+            statuses,
+            ["COMPLETE", "SKIPPED", "SKIPPED"],
+            "{run}: {rows:?}"
+        );
+        let local = d.join(&name).display().to_string();
+        assert!(
+            rows.iter().all(|r| r["Local Path"] == local.as_str()),
+            "{rows:?}"
+        );
+        for r in &rows[1..] {
+            assert_eq!(r["Message"], reason.as_str(), "{run}");
+        }
+        assert!(
+            rows[2]["URL"]
+                .as_str()
+                .unwrap()
+                .contains("decoy_same_name.fits")
+        );
+        assert!(
+            out.contains(&reason),
+            "{run}: the reason is not printed:\n{out}"
+        );
+        // The first record's bytes, fetched once; the others never asked for.
+        assert!(
+            std::fs::read(d.join(&name)).unwrap() == body,
+            "{run}: not the first's bytes"
+        );
+        assert_eq!(gets_of(&mast, &name), 1, "{run}");
+        assert_eq!(gets_of(&mast, "decoy_same_name.fits"), 0, "{run}");
+        assert!(!ws.tree("D").iter().any(|p| p.ends_with(".part")));
+    }
+    // Recorded, without a job.
+    assert_eq!(oneshot_i64(&d, "SELECT count(*) FROM downloads"), 1);
+    assert_eq!(
+        oneshot_i64(
+            &d,
+            "SELECT count(*) FROM events WHERE disposition = 'record_only'"
+        ),
+        2
+    );
+}
+
+#[test]
+fn local_path_is_printed_as_astroquery_prints_it() {
+    let mast = MastStandIn::start();
+    let files = serve_sample(&mast);
+    let ws = Workspace::with_base(&mast.base_url, "");
+    let notice = common::sample_notice();
+    let notice = notice.to_str().unwrap();
+    let manifest = ws.path("m.json");
+    let manifest = manifest.to_str().unwrap();
+    let local_paths = |args: &[&str]| -> Vec<String> {
+        let mut all = vec![notice, "-q", "--manifest", manifest];
+        all.extend_from_slice(args);
+        let (code, out, err) = download(&ws, &all);
+        assert_eq!(code, 0, "{args:?}\n{out}\n{err}");
+        let rows: Vec<Value> = serde_json::from_slice(&std::fs::read(manifest).unwrap()).unwrap();
+        let paths: Vec<String> = rows
+            .iter()
+            .map(|r| r["Local Path"].as_str().unwrap().to_string())
+            .collect();
+        // The printed table says the same.
+        for p in &paths {
+            assert!(
+                out.lines().any(|l| l.starts_with(&format!("{p} "))),
+                "{p} is not printed:\n{out}"
+            );
+        }
+        paths
+    };
+    // No --dir (the command runs in the workspace): relative, as pathlib prints Path('.') / 'mastDownload'.
+    let expected: Vec<String> = files
+        .iter()
+        .map(|(p, _)| format!("mastDownload/{p}"))
+        .collect();
+    assert_eq!(local_paths(&[]), expected);
+    assert!(ws.path("mastDownload").join(&files[0].0).exists());
+    // --dir ./sub: pathlib drops the `.` too.
+    let expected: Vec<String> = files
+        .iter()
+        .map(|(p, _)| format!("sub/mastDownload/{p}"))
+        .collect();
+    assert_eq!(local_paths(&["--dir", "./sub"]), expected);
+    // --dir D: D/mastDownload/..., as given.
+    let d = ws.path("D");
+    let expected: Vec<String> = files
+        .iter()
+        .map(|(p, _)| d.join("mastDownload").join(p).display().to_string())
+        .collect();
+    assert_eq!(local_paths(&["--dir", d.to_str().unwrap()]), expected);
+    // --flat without --dir, in a folder of its own (this one's store has the other layout's jobs): the
+    // bare name.
+    let ws = Workspace::with_base(&mast.base_url, "");
+    let (code, out, err) = download(&ws, &[notice, "--flat", "-q"]);
+    assert_eq!(code, 0, "{out}\n{err}");
+    for (p, _) in &files {
+        let name = Path::new(p).file_name().unwrap().to_str().unwrap();
+        assert!(
+            out.lines()
+                .any(|l| l.starts_with(&format!("{name} ")) && l.contains(" COMPLETE ")),
+            "{name}:\n{out}"
+        );
+        assert!(ws.path(name).exists());
+    }
+}

@@ -355,6 +355,59 @@ fn ending_a_job_and_claiming_the_next_checks_the_lease_and_keeps_products_apart(
 
 #[rstest]
 #[case::sqlite(Backend::Sqlite)]
+fn two_jobs_of_one_local_path_never_run_at_once(#[case] backend: Backend) {
+    let ws = Workspace::new();
+    runtime().block_on(async {
+        let store = open(&backend, &ws).await;
+        // Two products of one file name in other filesets: in the --flat layout, one local path.
+        let a = same_product(1, 1, "New", "2026-01-01T00:00:00");
+        let mut b = same_product(2, 2, "New", "2026-01-01T00:00:00");
+        b["filename"] = a["filename"].clone();
+        let evs = events(&[a, b]);
+        let meta = NoticeMeta {
+            sha256: format!("{:0>64}", "flat"),
+            source_kind: SourceKind::Cli,
+            source_ref: "flat".into(),
+            name: "flat.json".into(),
+            size: 1,
+            records: evs.len(),
+            status: NoticeStatus::Accepted,
+            error: None,
+        };
+        let outcome = store
+            .ingest_notice(&meta, &evs, &categorizer().flat(true))
+            .await
+            .unwrap();
+        assert_eq!(outcome.queued, 2, "two products, two jobs");
+        let jobs = store.list_downloads(None).await.unwrap();
+        assert_eq!(jobs[0].local_path, jobs[1].local_path);
+        assert_ne!(jobs[0].fileset, jobs[1].fileset);
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as i64
+            + 1_000;
+        let first = store.claim("w1", i64::MAX, now).await.unwrap().unwrap();
+        // Its path is held: the other job is not claimed, by another worker or by the same one.
+        assert!(store.claim("w2", i64::MAX, now).await.unwrap().is_none());
+        let done = Finish::Done {
+            bytes: 10,
+            verified: "JSON: parses".into(),
+        };
+        let (ended, next) = store
+            .finish_and_claim(first.id, "w1", &done, now, i64::MAX)
+            .await
+            .unwrap();
+        assert!(ended);
+        let second = next.expect("the path is free once the first has ended");
+        assert_ne!(second.id, first.id);
+        assert!(store.claim("w2", i64::MAX, now).await.unwrap().is_none());
+        store.close().await;
+    });
+}
+
+#[rstest]
+#[case::sqlite(Backend::Sqlite)]
 fn mailbox_positions_and_source_health_are_kept(#[case] backend: Backend) {
     let ws = Workspace::new();
     runtime().block_on(async {

@@ -7,6 +7,14 @@
 //! sweep every few seconds is the fallback. Jobs of a process that died (same host, pid gone) or whose
 //! lease expired go back to `queued` at start-up and periodically. On shutdown the workers stop at a safe
 //! point, keep their `.part` files, and give their jobs back.
+//!
+//! Clocks: every wait of the pool (the sweep, lease renewals, summaries, naps) runs on tokio's monotonic
+//! clock. Stored times (next attempts, lease expiries) are wall-clock milliseconds, since they must
+//! survive a restart, so a step of the wall clock must not turn them into hour-long waits or stolen
+//! jobs: a queued job due further ahead than any delay the policy sets ([`policy::due_horizon`]) is made
+//! due now by the sweep, and a lease held by a process this host can see (this pool, a live mastsub) is
+//! judged by whether that process lives, never by its expiry; only a holder out of sight (another host)
+//! is judged by its lease.
 
 pub mod error;
 pub mod fetch;
@@ -30,6 +38,8 @@ use fetch::Transfer;
 
 /// How long a lease lasts; workers renew it every third of that.
 const LEASE: Duration = Duration::from_secs(60);
+/// A lease expiring further ahead than `LEASE` plus this was written under a clock since set back.
+const LEASE_CLOCK_MARGIN: Duration = Duration::from_secs(60);
 /// The fallback sweep for due jobs and orphaned leases.
 const SWEEP: Duration = Duration::from_secs(5);
 /// The daemon's figures for `status` this often.
@@ -46,23 +56,72 @@ fn owner_name() -> String {
     format!("{host}:{}:{:08x}", std::process::id(), now_ms() as u32)
 }
 
-/// True when `owner` names a process on this host that no longer exists (it crashed or was killed).
-fn owner_is_dead(owner: &str) -> bool {
+/// What the pool can tell of the holder of a lease.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Holder {
+    /// This pool, or a live mastsub process on this host: its workers renew the lease, whatever the wall
+    /// clock now says of its expiry.
+    Alive,
+    /// A process on this host that no longer exists (it crashed or was killed), or whose pid another
+    /// program has taken since.
+    Gone,
+    /// A holder on another host, or an earlier pool of this very process (its loop was started again):
+    /// only its lease can tell.
+    Unseen,
+}
+
+/// Who holds a lease named `owner` (`host:pid:nonce`), seen from the pool named `me`.
+fn holder(owner: &str, me: &str) -> Holder {
+    if owner == me {
+        return Holder::Alive;
+    }
     let mut parts = owner.rsplitn(3, ':');
     let (_nonce, pid, host) = (parts.next(), parts.next(), parts.next());
     let this_host = nix::unistd::gethostname()
         .ok()
         .and_then(|h| h.into_string().ok());
     match (host, pid.and_then(|p| p.parse::<i32>().ok())) {
-        (Some(host), Some(pid))
-            if Some(host) == this_host.as_deref() && pid as u32 != std::process::id() =>
-        {
-            matches!(
-                nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None),
-                Err(nix::errno::Errno::ESRCH)
-            )
+        (Some(host), Some(pid)) if Some(host) == this_host.as_deref() => {
+            if pid as u32 == std::process::id() {
+                return Holder::Unseen;
+            }
+            match nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None) {
+                Err(nix::errno::Errno::ESRCH) => Holder::Gone,
+                _ if !runs_this_program(pid) => Holder::Gone,
+                _ => Holder::Alive,
+            }
         }
-        _ => false,
+        _ => Holder::Unseen,
+    }
+}
+
+/// Whether process `pid` runs the program this one runs (by `/proc/<pid>/comm`), so that a pid reused by
+/// another program does not keep a dead holder's jobs forever; true when that cannot be read.
+fn runs_this_program(pid: i32) -> bool {
+    let comm = |p: String| {
+        std::fs::read_to_string(p)
+            .ok()
+            .map(|s| s.trim_end().to_owned())
+    };
+    match (
+        comm(format!("/proc/{pid}/comm")),
+        comm("/proc/self/comm".into()),
+    ) {
+        (Some(theirs), Some(ours)) => theirs == ours,
+        _ => true,
+    }
+}
+
+/// Whether a running job's lease is orphaned: its holder, when seen, decides (a clock stepped forward
+/// would make every lease look expired, and the sweep would take the jobs of a live pool); out of sight,
+/// its lease does, and a lease that expires further ahead than a lease lasts was written under a clock
+/// since set back, so it counts as expired. Times in ms since the epoch.
+fn lease_orphaned(holder: Holder, expires: i64, now: i64) -> bool {
+    let longest = i64::try_from((LEASE + LEASE_CLOCK_MARGIN).as_millis()).unwrap_or(i64::MAX);
+    match holder {
+        Holder::Alive => false,
+        Holder::Gone => true,
+        Holder::Unseen => expires <= now || expires > now.saturating_add(longest),
     }
 }
 
@@ -132,7 +191,8 @@ pub async fn run(
         },
         config: config.download.clone(),
     });
-    let orphans = store.requeue_orphans(now_ms(), owner_is_dead).await?;
+    let horizon = policy::due_horizon(&config.download);
+    let orphans = pool.sweep(&store, horizon).await?;
     if orphans > 0 {
         tracing::info!(
             "{orphans} interrupted download(s) queued again (their .part files are resumed)"
@@ -182,6 +242,13 @@ pub async fn run(
             }
             last_state = Some((Instant::now(), received));
         }
+        // Orphans and jobs made due by the sweep are claimed in the same turn.
+        if last_sweep.elapsed() >= SWEEP {
+            last_sweep = Instant::now();
+            if let Err(e) = pool.sweep(&store, horizon).await {
+                tracing::error!("cannot look for orphaned download jobs: {e}");
+            }
+        }
         // Fill free worker slots with due jobs.
         while workers.len() < pool.config.workers {
             let lease_until = now_ms() + LEASE.as_millis() as i64;
@@ -207,12 +274,6 @@ pub async fn run(
                 }
             }
         }
-        if last_sweep.elapsed() >= SWEEP {
-            last_sweep = Instant::now();
-            if let Err(e) = store.requeue_orphans(now_ms(), owner_is_dead).await {
-                tracing::error!("cannot look for orphaned download jobs: {e}");
-            }
-        }
         if last_summary.elapsed() >= SUMMARY_EVERY {
             let received = vitals.received.load(Ordering::Relaxed);
             let rate =
@@ -229,12 +290,15 @@ pub async fn run(
         // Sleep until a job is queued, a worker ends, a retry comes due, or the sweep. With every slot
         // busy, or with due jobs that cannot be claimed (their product is running), only a worker's end
         // can change anything: asking the store when the next job is due would spin on a past time.
+        // The next due time is a stored wall-clock time: never a nap longer than the sweep's.
         let mut nap = SWEEP;
         if workers.len() < pool.config.workers
             && let Ok(Some(at)) = store.next_due().await
-            && at > now_ms()
         {
-            nap = Duration::from_millis((at - now_ms()) as u64).min(SWEEP);
+            let now = now_ms();
+            if at > now {
+                nap = Duration::from_millis((at - now) as u64).min(SWEEP);
+            }
         }
         tokio::select! {
             _ = shutdown.cancelled() => break,
@@ -282,6 +346,29 @@ pub async fn run(
 }
 
 impl Pool {
+    /// Puts orphaned jobs back to `queued` (returns how many), and makes due now the queued jobs whose
+    /// next attempt lies beyond `horizon` (logged: the clock was set back).
+    async fn sweep(
+        &self,
+        store: &Arc<dyn Store>,
+        horizon: Duration,
+    ) -> Result<u64, crate::store::StoreError> {
+        let now = now_ms();
+        let me = self.transfer.owner.as_str();
+        let orphaned = |owner: &str, expires: i64| lease_orphaned(holder(owner, me), expires, now);
+        let orphans = store.requeue_orphans(now, &orphaned).await?;
+        let horizon_ms = i64::try_from(horizon.as_millis()).unwrap_or(i64::MAX);
+        let pulled_in = store.due_now_beyond(now, horizon_ms).await?;
+        if pulled_in > 0 {
+            tracing::warn!(
+                "{pulled_in} queued download(s) had their next attempt more than {} ahead, longer than \
+                 any delay mastsub sets (was the clock set back?): due now",
+                humantime::format_duration(horizon)
+            );
+        }
+        Ok(orphans)
+    }
+
     fn has_token(&self) -> bool {
         self.transfer.token.read().is_ok_and(|t| t.is_some())
     }
@@ -479,15 +566,43 @@ mod tests {
     use super::*;
 
     #[test]
-    fn only_a_vanished_process_on_this_host_is_dead() {
+    fn only_a_vanished_process_on_this_host_is_gone_and_this_pool_is_alive() {
         let host = nix::unistd::gethostname().unwrap().into_string().unwrap();
-        assert!(!owner_is_dead(&owner_name()), "this very process");
+        let me = owner_name();
+        assert_eq!(holder(&me, &me), Holder::Alive, "this very pool");
+        assert_eq!(
+            holder(&format!("{host}:{}:0000abcd", std::process::id()), &me),
+            Holder::Unseen,
+            "an earlier pool of this process"
+        );
         // Pid 2^22 + 1 is above Linux's pid_max: no such process.
-        assert!(owner_is_dead(&format!("{host}:4194305:0000abcd")));
-        assert!(
-            !owner_is_dead("another-host:4194305:0000abcd"),
+        assert_eq!(
+            holder(&format!("{host}:4194305:0000abcd"), &me),
+            Holder::Gone
+        );
+        // Pid 1 lives, but runs another program: a pid taken by someone else since.
+        assert_eq!(holder(&format!("{host}:1:0000abcd"), &me), Holder::Gone);
+        assert_eq!(
+            holder("another-host:4194305:0000abcd", &me),
+            Holder::Unseen,
             "a process elsewhere is not ours to judge"
         );
-        assert!(!owner_is_dead("garbage"));
+        assert_eq!(holder("garbage", &me), Holder::Unseen);
+    }
+
+    #[test]
+    fn a_lease_is_judged_by_its_holder_when_seen_and_by_its_clock_only_out_of_sight() {
+        let now = 10_000_000_000;
+        let hour = 3_600_000;
+        // The clock stepped forward an hour: every lease looks expired. A live holder keeps its jobs.
+        assert!(!lease_orphaned(Holder::Alive, now - hour, now));
+        assert!(lease_orphaned(Holder::Gone, now + 30_000, now));
+        assert!(
+            !lease_orphaned(Holder::Unseen, now + 30_000, now),
+            "a fresh lease"
+        );
+        assert!(lease_orphaned(Holder::Unseen, now - 1, now), "run out");
+        // The clock set back an hour: the lease of a holder out of sight would look fresh for an hour.
+        assert!(lease_orphaned(Holder::Unseen, now + hour, now));
     }
 }

@@ -8,7 +8,8 @@
 //! damaged or cut file by its format's rules) is fetched again from zero with backoff, three times in
 //! all, then `failed`. What retrying cannot change (a link in the download folder, a product too large,
 //! a disk filled by the product itself) fails at once. Retry-After is honoured up to `retry_max`. A
-//! shutdown puts the job back at once, attempt not counted.
+//! shutdown puts the job back at once, attempt not counted. No rule waits longer than [`longest_delay`],
+//! which is what lets the pool tell a next attempt time from a clock that was set back ([`due_horizon`]).
 
 use std::time::Duration;
 
@@ -24,6 +25,32 @@ const MAX_RETRY_AFTER: Duration = Duration::from_secs(3600);
 const DISK_WAIT: Duration = Duration::from_secs(60);
 /// Verification failures in a row before the job fails.
 const VERIFY_FAILURES_ALLOWED: i64 = 3;
+/// Added to [`longest_delay`] for [`due_horizon`]: room for small clock corrections, so that only a
+/// time no rule could have set is taken for a clock that was set back.
+const HORIZON_MARGIN: Duration = Duration::from_secs(60);
+
+/// The longest delay [`decide`] can set before a next attempt: each rule's bound, the largest of them.
+pub fn longest_delay(config: &DownloadConfig) -> Duration {
+    [
+        // Backoff (transient errors, verification failures), and Retry-After, which it honours only up
+        // to retry_max.
+        config.retry_max,
+        MAX_RETRY_AFTER.min(config.retry_max),
+        // Disk trouble.
+        DISK_WAIT.min(config.retry_max),
+        // 404.
+        config.not_found_retry,
+    ]
+    .into_iter()
+    .max()
+    .unwrap_or(config.retry_max)
+}
+
+/// A queued job due further ahead than this was given its time under a wall clock that has since been
+/// set back (no rule sets a longer delay): the pool makes it due now instead of waiting out the step.
+pub fn due_horizon(config: &DownloadConfig) -> Duration {
+    longest_delay(config) + HORIZON_MARGIN
+}
 
 /// The delay before attempt `attempt + 1` after `attempt` transient failures.
 pub fn backoff(config: &DownloadConfig, attempt: i64) -> Duration {
@@ -150,6 +177,67 @@ mod tests {
             retry_max: Duration::from_secs(60),
             ..DownloadConfig::default()
         }
+    }
+
+    #[test]
+    fn no_rule_sets_a_delay_beyond_the_longest_and_the_horizon_is_beyond_that() {
+        let errors = || {
+            vec![
+                FetchError::Cut {
+                    got: 1,
+                    expected: None,
+                    reason: "reset".into(),
+                },
+                FetchError::Http {
+                    status: 503,
+                    retry_after: Some(Duration::from_secs(7 * 24 * 3600)),
+                },
+                FetchError::Http {
+                    status: 429,
+                    retry_after: None,
+                },
+                FetchError::NotFound,
+                FetchError::Verify("not FITS".into()),
+                FetchError::local(
+                    "write",
+                    "/x",
+                    std::io::Error::from_raw_os_error(nix::libc::ENOSPC),
+                ),
+                FetchError::Interrupted,
+            ]
+        };
+        let configs = [
+            config(),
+            DownloadConfig::default(),
+            DownloadConfig {
+                retry_max: Duration::from_secs(4 * 3600),
+                not_found_retry: Duration::from_secs(60),
+                max_attempts: 30,
+                ..DownloadConfig::default()
+            },
+        ];
+        for c in &configs {
+            let longest = ms(longest_delay(c));
+            let mut seen = 0;
+            for attempt in 1..i64::from(c.max_attempts) {
+                for e in errors() {
+                    let mut j = job(attempt);
+                    j.not_found_since = Some(-1);
+                    if let Finish::Retry { at, .. } = decide(c, &j, &e, 1_000_000) {
+                        seen = seen.max(at - 1_000_000);
+                        assert!(at - 1_000_000 <= longest, "{e}: {at} beyond {longest}");
+                    }
+                }
+            }
+            assert_eq!(seen, longest, "the longest delay is one a rule really sets");
+            assert!(due_horizon(c) > longest_delay(c));
+        }
+        assert_eq!(
+            longest_delay(&DownloadConfig::default()),
+            DownloadConfig::default()
+                .not_found_retry
+                .max(DownloadConfig::default().retry_max)
+        );
     }
 
     #[test]

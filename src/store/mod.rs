@@ -4,6 +4,7 @@
 //! reads. Every backend (today SQLite, in `sqlite.rs`) implements [`Store`] and runs the same contract tests.
 //! All SQL lives in the backend modules.
 
+mod guard;
 mod sqlite;
 
 use std::collections::BTreeMap;
@@ -15,6 +16,7 @@ use serde::Serialize;
 use crate::categorize::Categorizer;
 use crate::notice::{Event, EventType};
 
+pub use guard::{RunLock, RunLockError, run_lock_path};
 pub use sqlite::SqliteStore;
 
 /// A download job's state: `queued → running → done | failed | needs_auth`.
@@ -163,6 +165,22 @@ pub struct IngestOutcome {
     pub already_done: usize,
     /// Events kept without a download (`[events]` policy `record`).
     pub record_only: usize,
+    /// Events whose `event_id` was recorded before with other content: recorded (and queued) all the
+    /// same, and reported.
+    pub conflicts: Vec<EventConflict>,
+}
+
+/// An `event_id` seen again with other content (another product, type or date).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct EventConflict {
+    /// The id.
+    pub event_id: String,
+    /// The record (from 1) of this notice that holds it now.
+    pub record: usize,
+    /// What it named now: "jwst/jw1/a.fits, Public, 2026-03-30T17:53:19.6950000".
+    pub now: String,
+    /// Where and what it was before: "notice n.json, record 2: jwst/jw1/b.fits, New, …".
+    pub earlier: String,
 }
 
 impl IngestOutcome {
@@ -446,6 +464,19 @@ pub enum StoreError {
         #[source]
         source: sqlx::Error,
     },
+    /// The database file at the path is not the one opened: what is recorded from now on would go into a
+    /// file no one will read.
+    #[error(
+        "the database file {path} was {what} while mastsub had it open; stopping so that nothing is \
+         recorded into a file no one will read: start mastsub again (systemd does) to use the file now at \
+         that path"
+    )]
+    Moved {
+        /// The file.
+        path: String,
+        /// "deleted or moved away", "replaced by another file".
+        what: &'static str,
+    },
     /// The database holds a value this version cannot read.
     #[error("database {path}: unexpected value {value:?} in {column}")]
     Corrupt {
@@ -528,12 +559,13 @@ pub trait Store: Send + Sync + 'static {
         Ok((finished, self.claim(owner, lease_until, now).await?))
     }
 
-    /// Puts `running` jobs back to `queued` when their lease has expired or `abandoned(owner)` says their
-    /// owner is gone (a process that died); their attempt does not count. Returns how many.
+    /// Puts `running` jobs back to `queued` when `orphaned(lease owner, lease expiry)` says so (a process
+    /// that died, a lease run out: the caller judges, since only it can see processes); their attempt
+    /// does not count. Returns how many.
     async fn requeue_orphans(
         &self,
         now: i64,
-        abandoned: for<'a> fn(&'a str) -> bool,
+        orphaned: &(dyn for<'a> Fn(&'a str, i64) -> bool + Send + Sync),
     ) -> Result<u64, StoreError>;
 
     /// Puts the `running` jobs of `owner` back to `queued` (their attempt not counted): a pool that
@@ -542,6 +574,15 @@ pub trait Store: Send + Sync + 'static {
 
     /// The earliest `next_attempt_at` of a queued job, if any.
     async fn next_due(&self) -> Result<Option<i64>, StoreError>;
+
+    /// Makes due at `now` every queued job whose next attempt lies more than `horizon` ms after `now`:
+    /// no delay mastsub sets is that long, so such a time was written before the clock was set back.
+    /// Returns how many.
+    async fn due_now_beyond(&self, now: i64, horizon: i64) -> Result<u64, StoreError>;
+
+    /// Whether the database file at the configured path is still the one opened (checked through the
+    /// path); [`StoreError::Moved`] if it was deleted, moved or replaced.
+    async fn check_identity(&self) -> Result<(), StoreError>;
 
     /// Re-queues jobs with fresh attempts: these ids (any state but `running` and `done`), or every
     /// `failed` and `needs_auth` job. Returns how many.

@@ -19,9 +19,10 @@ use sqlx::sqlite::{
 };
 use sqlx::{QueryBuilder, Row, Sqlite};
 
+use super::guard::FileIdentity;
 use super::{
-    DaemonState, DownloadRow, DownloadState, Finish, IngestOutcome, Job, NoticeMeta, NoticeStatus,
-    Progress, SourceHealth, StatusSnapshot, Store, StoreError,
+    DaemonState, DownloadRow, DownloadState, EventConflict, Finish, IngestOutcome, Job, NoticeMeta,
+    NoticeStatus, Progress, SourceHealth, StatusSnapshot, Store, StoreError,
 };
 use super::{DigestItem, NewMail, NoticeDigest, OutMail};
 use crate::categorize::{Categorizer, Disposition, JobRef, LatestJob};
@@ -41,6 +42,9 @@ pub struct SqliteStore {
     path: PathBuf,
     writer: SqlitePool,
     readers: SqlitePool,
+    /// The database file's identity when it was opened for writing (`None` read-only: nothing is
+    /// recorded through such a store).
+    identity: Option<FileIdentity>,
 }
 
 /// A list of keys as one JSON text parameter for `json_each`.
@@ -108,6 +112,8 @@ impl SqliteStore {
             )
             .await
             .map_err(open_err)?;
+        // The file SQLite opened, as its path names it now; `check_identity` compares against it.
+        let identity = FileIdentity::of(path).map_err(|e| open_err(sqlx::Error::Io(e)))?;
         sqlx::migrate!("./migrations")
             .run(&writer)
             .await
@@ -125,6 +131,7 @@ impl SqliteStore {
             path: path.to_path_buf(),
             writer,
             readers,
+            identity: Some(identity),
         })
     }
 
@@ -156,7 +163,30 @@ impl SqliteStore {
             path: path.to_path_buf(),
             writer: readers.clone(),
             readers,
+            identity: None,
         })
+    }
+
+    /// Checkpoints the WAL into the database file and truncates it, then makes the writer read-only, so
+    /// that nothing (not even the `PRAGMA optimize` of its close) writes frames again.
+    async fn empty_wal(&self) -> Result<(), String> {
+        let mut conn = self.writer.acquire().await.map_err(|e| e.to_string())?;
+        for _ in 0..10 {
+            // (busy, frames in the log, frames checkpointed): busy 1 means a reader held it back.
+            let (busy, _, _): (i64, i64, i64) = sqlx::query_as("PRAGMA wal_checkpoint(TRUNCATE)")
+                .fetch_one(&mut *conn)
+                .await
+                .map_err(|e| e.to_string())?;
+            if busy == 0 {
+                sqlx::query("PRAGMA query_only = ON")
+                    .execute(&mut *conn)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                return Ok(());
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        Err("another process is reading it".into())
     }
 
     fn query_err(&self) -> impl Fn(sqlx::Error) -> StoreError + '_ {
@@ -229,8 +259,38 @@ const UPSERT_NOTICE: &str = "
         error = excluded.error
     RETURNING id, times_seen";
 
-const RECORDED_EVENT_IDS: &str = "
-    SELECT event_id FROM events WHERE event_id IN (SELECT value FROM json_each(?1))";
+/// Recorded events with any of the ids in ?1, with what they named and where they came from.
+const RECORDED_EVENTS: &str = "
+    SELECT e.event_id, e.content, n.name, e.record_index, e.mission, e.fileset, e.filename, e.event_type,
+           e.archived_date
+    FROM events AS e JOIN notices AS n ON n.id = e.notice_id
+    WHERE e.event_id IN (SELECT value FROM json_each(?1))";
+
+/// What makes two records with one `event_id` the same event (the migration computes the same text with
+/// SQLite's `json_array` for events recorded before it).
+fn event_content(
+    mission: &str,
+    fileset: &str,
+    filename: &str,
+    event_type: &str,
+    archived: &str,
+) -> String {
+    serde_json::to_string(&[mission, fileset, filename, event_type, archived]).unwrap_or_default()
+}
+
+/// An event as conflict reports name it.
+fn describe_event(
+    mission: &str,
+    fileset: &str,
+    filename: &str,
+    event_type: &str,
+    archived: &str,
+) -> String {
+    format!(
+        "{}/{fileset}/{filename}, {event_type}, {archived}",
+        mission.to_lowercase()
+    )
+}
 
 /// One index seek per product on `downloads_by_product (product, id)`.
 const LATEST_JOBS: &str = "
@@ -262,8 +322,9 @@ const UPDATE_JOBS: &str = "
 
 /// Followed by `VALUES (...), (...)` chunks of bound rows.
 const INSERT_EVENTS: &str = "
-    INSERT INTO events (event_id, notice_id, record_index, mission, fileset, filename, program, event_type,
-                        archived_date, public_release_date, uri, raw, disposition, download_id, received_at) ";
+    INSERT INTO events (event_id, content, notice_id, record_index, mission, fileset, filename, program,
+                        event_type, archived_date, public_release_date, uri, raw, disposition, download_id,
+                        received_at) ";
 
 const COUNT_EVENTS_RECORDED: &str = "
     UPDATE notices SET events_recorded = events_recorded + ?2 WHERE id = ?1";
@@ -299,7 +360,8 @@ const FAILURES_SINCE: &str = concat!(
     "WHERE state IN ('failed', 'needs_auth') AND updated_at > ?1 ORDER BY updated_at, id LIMIT 1000"
 );
 
-/// The due job with the earliest attempt time whose product has no job running (one transfer per file),
+/// The due job with the earliest attempt time whose local path has no job running (two jobs never write one
+/// path at once: versions of one product share it, and so do same-named products in `download --flat`),
 /// claimed for an owner until a lease time; the three parameters are named by the caller, so that the
 /// claim can also follow a `FINISH_*` statement in one query.
 fn claim_sql(owner: &str, lease_until: &str, now: &str) -> String {
@@ -310,7 +372,7 @@ fn claim_sql(owner: &str, lease_until: &str, now: &str) -> String {
         WHERE id = (
             SELECT d.id FROM downloads AS d
             WHERE d.state = 'queued' AND d.next_attempt_at <= {now}
-              AND NOT EXISTS (SELECT 1 FROM downloads AS r WHERE r.product = d.product AND r.state = 'running')
+              AND NOT EXISTS (SELECT 1 FROM downloads AS r WHERE r.local_path = d.local_path AND r.state = 'running')
             ORDER BY d.next_attempt_at, d.id
             LIMIT 1)
         RETURNING id, product, mission, filename, program, event_type, version, url, local_path, attempts,
@@ -364,6 +426,11 @@ const REQUEUE_IDS: &str = "
     WHERE id IN (SELECT value FROM json_each(?1)) AND state = 'running'";
 
 const NEXT_DUE: &str = "SELECT min(next_attempt_at) FROM downloads WHERE state = 'queued'";
+
+/// A range on `downloads_by_state`: nothing to do costs one index seek.
+const DUE_NOW_BEYOND: &str = "
+    UPDATE downloads SET next_attempt_at = ?1, updated_at = ?1
+    WHERE state = 'queued' AND next_attempt_at > ?1 + ?2";
 
 const RETRY_IDS: &str = "
     UPDATE downloads SET
@@ -422,18 +489,62 @@ impl SqliteStore {
         }
 
         // Events already recorded, by this notice before or by another; repeats inside the notice count too.
+        // The same id with the same content is one event; with other content it is a conflict, reported
+        // and recorded all the same, so that nothing is silently dropped.
         let ids: Vec<&str> = events.iter().map(|e| e.event_id.as_str()).collect();
-        let recorded: Vec<(String,)> = sqlx::query_as(RECORDED_EVENT_IDS)
+        type Recorded = (
+            String,
+            String,
+            String,
+            i64,
+            String,
+            String,
+            String,
+            String,
+            String,
+        );
+        let recorded: Vec<Recorded> = sqlx::query_as(RECORDED_EVENTS)
             .bind(json_text(&ids))
             .fetch_all(&mut *tx)
             .await
             .map_err(&err)?;
-        let mut seen: HashSet<&str> = recorded.iter().map(|(id,)| id.as_str()).collect();
-        let fresh: Vec<&Event> = events
-            .iter()
-            .filter(|e| seen.insert(e.event_id.as_str()))
-            .collect();
-        outcome.already_recorded = events.len() - fresh.len();
+        let mut known: HashMap<String, Vec<(String, String)>> = HashMap::new();
+        for (id, content, notice, index, mission, fileset, filename, event_type, archived) in
+            recorded
+        {
+            known.entry(id).or_default().push((
+                content,
+                format!(
+                    "notice {notice}, record {}: {}",
+                    index + 1,
+                    describe_event(&mission, &fileset, &filename, &event_type, &archived)
+                ),
+            ));
+        }
+        let mut fresh: Vec<&Event> = Vec::with_capacity(events.len());
+        for e in events {
+            let (t, a) = (e.event_type.as_str(), e.archived_date.canonical());
+            let content = event_content(&e.mission, &e.fileset, &e.filename, t, a);
+            let seen = known.entry(e.event_id.clone()).or_default();
+            if seen.iter().any(|(c, _)| *c == content) {
+                outcome.already_recorded += 1;
+                continue;
+            }
+            let now = describe_event(&e.mission, &e.fileset, &e.filename, t, a);
+            if let Some((_, earlier)) = seen.first() {
+                outcome.conflicts.push(EventConflict {
+                    event_id: e.event_id.clone(),
+                    record: e.index + 1,
+                    now: now.clone(),
+                    earlier: earlier.clone(),
+                });
+            }
+            seen.push((
+                content,
+                format!("notice {}, record {}: {now}", notice.name, e.index + 1),
+            ));
+            fresh.push(e);
+        }
 
         let products: HashSet<String> = fresh
             .iter()
@@ -486,7 +597,7 @@ impl SqliteStore {
             let batch: Vec<_> = plan
                 .updates
                 .iter()
-                .map(|u| json!([u.id, u.version, u.requeue.map(EventType::as_str)]))
+                .map(|u| json!([u.id, u.version, u.requeue.as_ref().map(EventType::as_str)]))
                 .collect();
             sqlx::query(UPDATE_JOBS)
                 .bind(serde_json::Value::Array(batch).to_string())
@@ -499,7 +610,7 @@ impl SqliteStore {
         for planned in &plan.events {
             *outcome
                 .recorded
-                .entry(planned.event.event_type)
+                .entry(planned.event.event_type.clone())
                 .or_default() += 1;
             match planned.disposition {
                 Disposition::Queued => outcome.queued += 1,
@@ -518,6 +629,13 @@ impl SqliteStore {
                     JobRef::New(i) => job_id(i),
                 });
                 row.push_bind(e.event_id.as_str())
+                    .push_bind(event_content(
+                        &e.mission,
+                        &e.fileset,
+                        &e.filename,
+                        e.event_type.as_str(),
+                        e.archived_date.canonical(),
+                    ))
                     .push_bind(notice_id)
                     .push_bind(e.index as i64)
                     .push_bind(e.mission.as_str())
@@ -554,6 +672,10 @@ impl Store for SqliteStore {
         events: &[Event],
         categorizer: &Categorizer,
     ) -> Result<IngestOutcome, StoreError> {
+        // A notice recorded into a database file that was deleted or replaced is lost with it; the source
+        // keeps a notice whose recording failed, so it is checked before and after (the inbox moves the
+        // file away right after a success).
+        self.check_identity().await?;
         let err = self.query_err();
         let mut conn = self.writer.acquire().await.map_err(&err)?;
         // A committed notice must survive a power cut (the inbox moves the file away after the commit), so
@@ -567,14 +689,16 @@ impl Store for SqliteStore {
             .execute(&mut *conn)
             .await
             .map_err(&err)?;
-        result
+        let outcome = result?;
+        self.check_identity().await?;
+        Ok(outcome)
     }
 
     async fn status(&self, recent_failures: usize) -> Result<StatusSnapshot, StoreError> {
         let err = self.query_err();
         let mut snap = StatusSnapshot {
             downloads: DownloadState::ALL.into_iter().map(|s| (s, 0)).collect(),
-            events: EventType::ALL.into_iter().map(|t| (t, 0)).collect(),
+            events: EventType::KNOWN.into_iter().map(|t| (t, 0)).collect(),
             notices: NoticeStatus::ALL.into_iter().map(|s| (s, 0)).collect(),
             ..StatusSnapshot::default()
         };
@@ -652,7 +776,7 @@ impl Store for SqliteStore {
                 },
             )
             .collect();
-        snap.by_event_type = EventType::ALL
+        snap.by_event_type = EventType::KNOWN
             .into_iter()
             .map(|t| (t, DownloadState::ALL.into_iter().map(|s| (s, 0)).collect()))
             .collect();
@@ -874,7 +998,7 @@ impl Store for SqliteStore {
     async fn requeue_orphans(
         &self,
         now: i64,
-        abandoned: for<'a> fn(&'a str) -> bool,
+        orphaned: &(dyn for<'a> Fn(&'a str, i64) -> bool + Send + Sync),
     ) -> Result<u64, StoreError> {
         let err = self.query_err();
         let running: Vec<(i64, String, i64)> = sqlx::query_as(RUNNING_LEASES)
@@ -883,7 +1007,7 @@ impl Store for SqliteStore {
             .map_err(&err)?;
         let orphans: Vec<i64> = running
             .into_iter()
-            .filter(|(_, owner, expires)| *expires <= now || abandoned(owner))
+            .filter(|(_, owner, expires)| orphaned(owner, *expires))
             .map(|(id, _, _)| id)
             .collect();
         if orphans.is_empty() {
@@ -918,6 +1042,41 @@ impl Store for SqliteStore {
             .fetch_one(&self.readers)
             .await
             .map_err(self.query_err())
+    }
+
+    async fn due_now_beyond(&self, now: i64, horizon: i64) -> Result<u64, StoreError> {
+        let done = sqlx::query(DUE_NOW_BEYOND)
+            .bind(now)
+            .bind(horizon)
+            .execute(&self.writer)
+            .await
+            .map_err(self.query_err())?;
+        Ok(done.rows_affected())
+    }
+
+    async fn check_identity(&self) -> Result<(), StoreError> {
+        let Some(identity) = self.identity else {
+            return Ok(());
+        };
+        let path = self.path.clone();
+        let checked = tokio::task::spawn_blocking(move || identity.check(&path)).await;
+        match checked {
+            Ok(Ok(None)) => Ok(()),
+            Ok(Ok(Some(change))) => Err(StoreError::Moved {
+                path: self.path.display().to_string(),
+                what: change.describe(),
+            }),
+            // Not allowed to look, or an I/O error: that proves nothing about the file (and SQLite will
+            // say so if the file cannot be used).
+            Ok(Err(e)) => {
+                tracing::debug!(
+                    "cannot check the database file {}: {e}",
+                    self.path.display()
+                );
+                Ok(())
+            }
+            Err(_) => Ok(()),
+        }
     }
 
     async fn retry(&self, ids: Option<&[i64]>, now: i64) -> Result<u64, StoreError> {
@@ -1223,6 +1382,18 @@ impl Store for SqliteStore {
 
     async fn close(&self) {
         self.readers.close().await;
+        // SQLite neither checkpoints nor removes the WAL of a database file that was deleted or moved
+        // (SQLITE_FCNTL_HAS_MOVED), and the WAL is found by name: the file now at the path would read our
+        // frames as its own at its next opening. Emptied, it is harmless.
+        if matches!(self.check_identity().await, Err(StoreError::Moved { .. }))
+            && let Err(why) = self.empty_wal().await
+        {
+            tracing::warn!(
+                "cannot empty the write-ahead log {}-wal of the database file that was moved ({why}); \
+                 remove it before mastsub opens the file now at that path",
+                self.path.display()
+            );
+        }
         self.writer.close().await;
     }
 }
