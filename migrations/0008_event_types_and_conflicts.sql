@@ -1,9 +1,10 @@
 -- Event types are MAST's four (New, First, Reprocessed, Public) or any other it may add, kept as written:
 -- the CHECK constraints on event_type go. An event_id recorded once may come again with other content
--- (another product, type or date): that is a conflict, reported and recorded too, so events are unique by
--- (event_id, content) instead of by event_id alone. SQLite cannot drop a constraint in place, so both
--- tables are rebuilt (downloads first, so that events can point at the new one; the renames carry the
--- reference along).
+-- (another product, type or date): that is a conflict, reported and recorded too, so event_id is no longer
+-- unique on its own. The ingest transaction (BEGIN IMMEDIATE, the only writer of events) records an id
+-- again only with other mission, fileset, filename, type or date; the index on event_id serves its look-up.
+-- SQLite cannot drop a constraint in place, so both tables are rebuilt (downloads first, so that events can
+-- point at the new one; the renames carry the reference along).
 
 CREATE TABLE downloads_new (
     id               INTEGER PRIMARY KEY,
@@ -48,8 +49,6 @@ FROM downloads;
 CREATE TABLE events_new (
     id                  INTEGER PRIMARY KEY,
     event_id            TEXT    NOT NULL,
-    -- What makes two records with one event_id the same event: mission, fileset, filename, type, date.
-    content             TEXT    NOT NULL,
     notice_id           INTEGER NOT NULL REFERENCES notices (id),
     record_index        INTEGER NOT NULL,
     mission             TEXT    NOT NULL,
@@ -64,15 +63,12 @@ CREATE TABLE events_new (
     disposition         TEXT    NOT NULL
                         CHECK (disposition IN ('queued', 'joined', 'requeued', 'already_done', 'record_only')),
     download_id         INTEGER REFERENCES downloads_new (id),
-    received_at         INTEGER NOT NULL,
-    UNIQUE (event_id, content)
+    received_at         INTEGER NOT NULL
 );
-INSERT INTO events_new (id, event_id, content, notice_id, record_index, mission, fileset, filename, program,
+INSERT INTO events_new (id, event_id, notice_id, record_index, mission, fileset, filename, program,
                         event_type, archived_date, public_release_date, uri, raw, disposition, download_id,
                         received_at)
-SELECT id, event_id,
-       json_array(mission, fileset, filename, event_type, archived_date),
-       notice_id, record_index, mission, fileset, filename, program,
+SELECT id, event_id, notice_id, record_index, mission, fileset, filename, program,
        event_type, archived_date, public_release_date, uri, raw, disposition, download_id, received_at
 FROM events;
 
@@ -83,6 +79,7 @@ ALTER TABLE events_new RENAME TO events;
 
 CREATE INDEX downloads_by_product ON downloads (product, id);
 CREATE INDEX downloads_by_state ON downloads (state, next_attempt_at);
+CREATE INDEX events_by_event_id ON events (event_id);
 CREATE INDEX events_by_notice ON events (notice_id);
 CREATE INDEX events_by_download ON events (download_id);
 CREATE INDEX events_by_type ON events (event_type);

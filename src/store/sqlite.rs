@@ -261,21 +261,29 @@ const UPSERT_NOTICE: &str = "
 
 /// Recorded events with any of the ids in ?1, with what they named and where they came from.
 const RECORDED_EVENTS: &str = "
-    SELECT e.event_id, e.content, n.name, e.record_index, e.mission, e.fileset, e.filename, e.event_type,
+    SELECT e.event_id, n.name, e.record_index, e.mission, e.fileset, e.filename, e.event_type,
            e.archived_date
     FROM events AS e JOIN notices AS n ON n.id = e.notice_id
     WHERE e.event_id IN (SELECT value FROM json_each(?1))";
 
-/// What makes two records with one `event_id` the same event (the migration computes the same text with
-/// SQLite's `json_array` for events recorded before it).
-fn event_content(
-    mission: &str,
-    fileset: &str,
-    filename: &str,
-    event_type: &str,
-    archived: &str,
-) -> String {
-    serde_json::to_string(&[mission, fileset, filename, event_type, archived]).unwrap_or_default()
+/// A recorded event found by `RECORDED_EVENTS`: id, notice name, record index, then what it named.
+type Recorded = (String, String, i64, String, String, String, String, String);
+
+/// What makes two records with one `event_id` the same event: mission, fileset, filename, type, date.
+type Names<'a> = (&'a str, &'a str, &'a str, &'a str, &'a str);
+
+fn recorded_names(r: &Recorded) -> Names<'_> {
+    (&r.3, &r.4, &r.5, &r.6, &r.7)
+}
+
+fn event_names(e: &Event) -> Names<'_> {
+    (
+        &e.mission,
+        &e.fileset,
+        &e.filename,
+        e.event_type.as_str(),
+        e.archived_date.canonical(),
+    )
 }
 
 /// An event as conflict reports name it.
@@ -322,9 +330,8 @@ const UPDATE_JOBS: &str = "
 
 /// Followed by `VALUES (...), (...)` chunks of bound rows.
 const INSERT_EVENTS: &str = "
-    INSERT INTO events (event_id, content, notice_id, record_index, mission, fileset, filename, program,
-                        event_type, archived_date, public_release_date, uri, raw, disposition, download_id,
-                        received_at) ";
+    INSERT INTO events (event_id, notice_id, record_index, mission, fileset, filename, program, event_type,
+                        archived_date, public_release_date, uri, raw, disposition, download_id, received_at) ";
 
 const COUNT_EVENTS_RECORDED: &str = "
     UPDATE notices SET events_recorded = events_recorded + ?2 WHERE id = ?1";
@@ -492,57 +499,66 @@ impl SqliteStore {
         // The same id with the same content is one event; with other content it is a conflict, reported
         // and recorded all the same, so that nothing is silently dropped.
         let ids: Vec<&str> = events.iter().map(|e| e.event_id.as_str()).collect();
-        type Recorded = (
-            String,
-            String,
-            String,
-            i64,
-            String,
-            String,
-            String,
-            String,
-            String,
-        );
         let recorded: Vec<Recorded> = sqlx::query_as(RECORDED_EVENTS)
             .bind(json_text(&ids))
             .fetch_all(&mut *tx)
             .await
             .map_err(&err)?;
-        let mut known: HashMap<String, Vec<(String, String)>> = HashMap::new();
-        for (id, content, notice, index, mission, fileset, filename, event_type, archived) in
-            recorded
-        {
-            known.entry(id).or_default().push((
-                content,
-                format!(
-                    "notice {notice}, record {}: {}",
-                    index + 1,
-                    describe_event(&mission, &fileset, &filename, &event_type, &archived)
-                ),
-            ));
+        let mut before: HashMap<&str, Vec<&Recorded>> = HashMap::new();
+        for r in &recorded {
+            before.entry(r.0.as_str()).or_default().push(r);
         }
+        // This notice's own events by id; what they named is compared only when an id comes again.
+        let mut here: HashMap<&str, Vec<&Event>> = HashMap::with_capacity(events.len());
         let mut fresh: Vec<&Event> = Vec::with_capacity(events.len());
         for e in events {
-            let (t, a) = (e.event_type.as_str(), e.archived_date.canonical());
-            let content = event_content(&e.mission, &e.fileset, &e.filename, t, a);
-            let seen = known.entry(e.event_id.clone()).or_default();
-            if seen.iter().any(|(c, _)| *c == content) {
+            let what = (
+                e.mission.as_str(),
+                e.fileset.as_str(),
+                e.filename.as_str(),
+                e.event_type.as_str(),
+                e.archived_date.canonical(),
+            );
+            let earlier = before.get(e.event_id.as_str());
+            let earlier_here = here.get(e.event_id.as_str());
+            let same = earlier.is_some_and(|v| v.iter().any(|r| recorded_names(r) == what))
+                || earlier_here.is_some_and(|v| v.iter().any(|o| event_names(o) == what));
+            if same {
                 outcome.already_recorded += 1;
                 continue;
             }
-            let now = describe_event(&e.mission, &e.fileset, &e.filename, t, a);
-            if let Some((_, earlier)) = seen.first() {
+            let first = earlier
+                .and_then(|v| v.first())
+                .map(|r| {
+                    let (m, f, n, t, a) = recorded_names(r);
+                    format!(
+                        "notice {}, record {}: {}",
+                        r.1,
+                        r.2 + 1,
+                        describe_event(m, f, n, t, a)
+                    )
+                })
+                .or_else(|| {
+                    earlier_here.and_then(|v| v.first()).map(|o| {
+                        let (m, f, n, t, a) = event_names(o);
+                        format!(
+                            "notice {}, record {}: {}",
+                            notice.name,
+                            o.index + 1,
+                            describe_event(m, f, n, t, a)
+                        )
+                    })
+                });
+            if let Some(earlier) = first {
+                let (m, f, n, t, a) = what;
                 outcome.conflicts.push(EventConflict {
                     event_id: e.event_id.clone(),
                     record: e.index + 1,
-                    now: now.clone(),
-                    earlier: earlier.clone(),
+                    now: describe_event(m, f, n, t, a),
+                    earlier,
                 });
             }
-            seen.push((
-                content,
-                format!("notice {}, record {}: {now}", notice.name, e.index + 1),
-            ));
+            here.entry(e.event_id.as_str()).or_default().push(e);
             fresh.push(e);
         }
 
@@ -629,13 +645,6 @@ impl SqliteStore {
                     JobRef::New(i) => job_id(i),
                 });
                 row.push_bind(e.event_id.as_str())
-                    .push_bind(event_content(
-                        &e.mission,
-                        &e.fileset,
-                        &e.filename,
-                        e.event_type.as_str(),
-                        e.archived_date.canonical(),
-                    ))
                     .push_bind(notice_id)
                     .push_bind(e.index as i64)
                     .push_bind(e.mission.as_str())
@@ -673,9 +682,8 @@ impl Store for SqliteStore {
         categorizer: &Categorizer,
     ) -> Result<IngestOutcome, StoreError> {
         // A notice recorded into a database file that was deleted or replaced is lost with it; the source
-        // keeps a notice whose recording failed, so it is checked before and after (the inbox moves the
-        // file away right after a success).
-        self.check_identity().await?;
+        // keeps a notice whose recording failed, so the file is checked once the transaction committed
+        // (the inbox moves the notice away right after a success).
         let err = self.query_err();
         let mut conn = self.writer.acquire().await.map_err(&err)?;
         // A committed notice must survive a power cut (the inbox moves the file away after the commit), so
