@@ -282,11 +282,6 @@ fn looks_complete(root: &Path, local_path: &str, size: i64) -> bool {
     size > 0 && check() == Some(true)
 }
 
-/// A job's product key (`product::product_key` of the events it serves).
-fn job_product(r: &DownloadRow) -> String {
-    format!("{}/{}/{}", r.mission.to_lowercase(), r.fileset, r.filename)
-}
-
 /// The latest job (highest version, then id) of each local path and product: the one every event of the
 /// product is answered by, since a newer version recorded (in the same notice or later) replaces the file
 /// an older one fetched.
@@ -294,7 +289,7 @@ fn latest_jobs(rows: &[DownloadRow]) -> HashMap<(String, String), &DownloadRow> 
     let mut out: HashMap<(String, String), &DownloadRow> = HashMap::new();
     for r in rows {
         let slot = out
-            .entry((r.local_path.clone(), job_product(r)))
+            .entry((r.local_path.clone(), r.product.clone()))
             .or_insert(r);
         if (r.version.as_str(), r.id) > (slot.version.as_str(), slot.id) {
             *slot = r;
@@ -324,7 +319,7 @@ impl FlatNames {
             names
                 .holders
                 .entry(r.local_path.clone())
-                .or_insert_with(|| (job_product(r), true));
+                .or_insert_with(|| (r.product.clone(), true));
         }
         names
     }
@@ -431,7 +426,7 @@ pub fn manifest(
                     local_path: local_path.clone(),
                     status: "ERROR",
                     // The folder's store recorded these events before, in the other layout.
-                    message: match rows.iter().find(|r| job_product(r) == key) {
+                    message: match rows.iter().find(|r| r.product == key) {
                         Some(r) => format!(
                             "recorded in this folder for {} (the other layout: with or without \
                              --flat); use the same layout, or another --dir",

@@ -669,9 +669,8 @@ fn trickled_products_are_cut_off_by_the_low_speed_limit_and_do_not_block_the_oth
     }
 }
 
-#[test]
-fn an_endless_body_fails_at_the_maximum_product_size() {
-    let mast = MastStandIn::start();
+/// A `.dat` product whose body never ends (sent with no length), and its notice record.
+fn serve_endless(mast: &MastStandIn) -> (Value, String, String) {
     let (r, name, rel) = product(1, "dat");
     mast.put(&name, opaque_body(100_000));
     mast.set_faults(Faults {
@@ -679,17 +678,31 @@ fn an_endless_body_fails_at_the_maximum_product_size() {
         endless: true,
         ..Faults::default()
     });
-    let ws = Workspace::with_base(&mast.base_url, "");
+    (r, name, rel)
+}
+
+/// A daemon that accepts bodies with no length up to `max_size`, then the endless product's notice; waits
+/// until the job has failed.
+fn download_endless(ws: &Workspace, r: Value, name: &str, max_size: &str) -> Daemon {
     let d = daemon(
-        &ws,
+        ws,
         &[
             ("MASTSUB_DOWNLOAD__ACCEPT_UNSIZED_BODIES", "true"),
-            ("MASTSUB_DOWNLOAD__MAX_PRODUCT_SIZE", "1MiB"),
+            ("MASTSUB_DOWNLOAD__MAX_PRODUCT_SIZE", max_size),
             ("MASTSUB_DOWNLOAD__MAX_ATTEMPTS", "3"),
         ],
     );
     ws.drop_notice("n.json", &notice(&[r]));
-    wait_state(&ws, &d, &name, "failed", None);
+    wait_state(ws, &d, name, "failed", None);
+    d
+}
+
+#[test]
+fn an_endless_body_fails_at_the_maximum_product_size() {
+    let mast = MastStandIn::start();
+    let (r, name, rel) = serve_endless(&mast);
+    let ws = Workspace::with_base(&mast.base_url, "");
+    let _d = download_endless(&ws, r, &name, "1MiB");
     assert_failed_with(&ws, &name, &["download.max_product_size"]);
     assert_not_published(&ws, &rel);
 }
@@ -697,13 +710,7 @@ fn an_endless_body_fails_at_the_maximum_product_size() {
 #[test]
 fn a_disk_filled_by_the_job_s_own_part_fails_it_and_the_room_comes_back() {
     let mast = MastStandIn::start();
-    let (r, name, rel) = product(1, "dat");
-    mast.put(&name, opaque_body(100_000));
-    mast.set_faults(Faults {
-        no_length: true,
-        endless: true,
-        ..Faults::default()
-    });
+    let (r, name, rel) = serve_endless(&mast);
     let ws = Workspace::with_base(&mast.base_url, "");
     let downloads = ws.path("mastDownload");
     let Some(_disk) = SmallDisk::mount(&downloads, "4m") else {
@@ -712,16 +719,7 @@ fn a_disk_filled_by_the_job_s_own_part_fails_it_and_the_room_comes_back() {
         );
         return;
     };
-    let d = daemon(
-        &ws,
-        &[
-            ("MASTSUB_DOWNLOAD__ACCEPT_UNSIZED_BODIES", "true"),
-            ("MASTSUB_DOWNLOAD__MAX_PRODUCT_SIZE", "1GiB"),
-            ("MASTSUB_DOWNLOAD__MAX_ATTEMPTS", "3"),
-        ],
-    );
-    ws.drop_notice("n.json", &notice(&[r]));
-    wait_state(&ws, &d, &name, "failed", None);
+    let _d = download_endless(&ws, r, &name, "1GiB");
     assert_failed_with(&ws, &name, &["filled"]);
     assert_not_published(&ws, &rel);
     let fs = nix::sys::statvfs::statvfs(&downloads).unwrap();

@@ -3,3 +3,4 @@
 pub mod imap;
 pub mod inbox;
 pub mod mail;
+mod writers;

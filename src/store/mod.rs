@@ -195,6 +195,8 @@ impl IngestOutcome {
 pub struct DownloadRow {
     /// Its id (what `retry` takes).
     pub id: i64,
+    /// `<mission lowercase>/<fileset>/<filename>` (`product::product_key` of the events it serves).
+    pub product: String,
     /// Mission as given.
     pub mission: String,
     /// File set.

@@ -224,6 +224,7 @@ impl SqliteStore {
         let state: String = row.try_get("state").map_err(&err)?;
         Ok(DownloadRow {
             id: row.try_get("id").map_err(&err)?,
+            product: row.try_get("product").map_err(&err)?,
             mission: row.try_get("mission").map_err(&err)?,
             fileset: row.try_get("fileset").map_err(&err)?,
             filename: row.try_get("filename").map_err(&err)?,
@@ -286,17 +287,20 @@ fn event_names(e: &Event) -> Names<'_> {
     )
 }
 
-/// An event as conflict reports name it.
-fn describe_event(
-    mission: &str,
-    fileset: &str,
-    filename: &str,
-    event_type: &str,
-    archived: &str,
-) -> String {
+/// What an event named, as conflict reports say it: "jwst/jw1/a.fits, New, 2026-…".
+fn names_text((mission, fileset, filename, t, archived): Names) -> String {
     format!(
-        "{}/{fileset}/{filename}, {event_type}, {archived}",
+        "{}/{fileset}/{filename}, {t}, {archived}",
         mission.to_lowercase()
+    )
+}
+
+/// An event and where it came from: "notice n.json, record 2: jwst/jw1/a.fits, New, 2026-…".
+fn describe_event(notice: &str, index: usize, names: Names) -> String {
+    format!(
+        "notice {notice}, record {}: {}",
+        index + 1,
+        names_text(names)
     )
 }
 
@@ -346,7 +350,7 @@ const NOTICES_BY_STATUS: &str = "SELECT status, count(*) AS n FROM notices GROUP
 /// The columns `download_row` reads, for every query that lists jobs.
 macro_rules! download_row_columns {
     () => {
-        "SELECT id, mission, fileset, filename, program, event_type, version, url, local_path, state,
+        "SELECT id, product, mission, fileset, filename, program, event_type, version, url, local_path, state,
                 attempts, bytes_expected, bytes_done, last_error, verified, updated_at FROM downloads "
     };
 }
@@ -512,13 +516,7 @@ impl SqliteStore {
         let mut here: HashMap<&str, Vec<&Event>> = HashMap::with_capacity(events.len());
         let mut fresh: Vec<&Event> = Vec::with_capacity(events.len());
         for e in events {
-            let what = (
-                e.mission.as_str(),
-                e.fileset.as_str(),
-                e.filename.as_str(),
-                e.event_type.as_str(),
-                e.archived_date.canonical(),
-            );
+            let what = event_names(e);
             let earlier = before.get(e.event_id.as_str());
             let earlier_here = here.get(e.event_id.as_str());
             let same = earlier.is_some_and(|v| v.iter().any(|r| recorded_names(r) == what))
@@ -529,32 +527,17 @@ impl SqliteStore {
             }
             let first = earlier
                 .and_then(|v| v.first())
-                .map(|r| {
-                    let (m, f, n, t, a) = recorded_names(r);
-                    format!(
-                        "notice {}, record {}: {}",
-                        r.1,
-                        r.2 + 1,
-                        describe_event(m, f, n, t, a)
-                    )
-                })
+                .map(|r| describe_event(&r.1, r.2 as usize, recorded_names(r)))
                 .or_else(|| {
-                    earlier_here.and_then(|v| v.first()).map(|o| {
-                        let (m, f, n, t, a) = event_names(o);
-                        format!(
-                            "notice {}, record {}: {}",
-                            notice.name,
-                            o.index + 1,
-                            describe_event(m, f, n, t, a)
-                        )
-                    })
+                    earlier_here
+                        .and_then(|v| v.first())
+                        .map(|o| describe_event(&notice.name, o.index, event_names(o)))
                 });
             if let Some(earlier) = first {
-                let (m, f, n, t, a) = what;
                 outcome.conflicts.push(EventConflict {
                     event_id: e.event_id.clone(),
                     record: e.index + 1,
-                    now: describe_event(m, f, n, t, a),
+                    now: names_text(what),
                     earlier,
                 });
             }
