@@ -4,6 +4,7 @@
 
 pub mod dovecot;
 pub mod mast;
+pub mod nginx;
 pub mod smtp;
 
 use std::io::{BufRead, BufReader};
