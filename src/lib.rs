@@ -24,3 +24,12 @@ pub mod sources;
 pub mod status;
 pub mod store;
 pub mod verify;
+
+/// Shared by unit tests that must not overlap.
+#[cfg(test)]
+pub(crate) mod test_support {
+    /// Held by a unit test that starts a process, and by one that asserts no process holds a file open
+    /// for writing: a child forked in between inherits the test's descriptors until it execs, and a read
+    /// lease rightly counts it as a writer.
+    pub static SPAWNS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+}

@@ -1033,6 +1033,8 @@ mod tests {
 
     #[tokio::test]
     async fn credentials_come_from_the_configured_place_and_errors_say_which() {
+        // It runs `sh`: no test may be asking whether a file has a writer meanwhile.
+        let _spawns = crate::test_support::SPAWNS.lock().await;
         let tmp = tempfile::tempdir().unwrap();
         let file = tmp.path().join("pw");
         std::fs::write(&file, "s3cret\n").unwrap();

@@ -762,6 +762,8 @@ mod tests {
 
     #[test]
     fn a_closed_file_has_no_writer_and_an_open_one_has() {
+        // A process another test starts meanwhile would hold `held` until it execs.
+        let _spawns = crate::test_support::SPAWNS.blocking_lock();
         let tmp = tempfile::tempdir().unwrap();
         let path = tmp.path().join("n.json");
         std::fs::write(&path, b"[]").unwrap();
