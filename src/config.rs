@@ -362,8 +362,11 @@ pub struct ImapConfig {
     pub port: u16,
     /// `implicit`, `starttls` or `none`.
     pub tls: TlsMode,
-    /// A PEM file of CA certificates to trust instead of the system's.
+    /// A PEM file of CA certificates to trust instead of the system's, or of the server's own
+    /// (self-signed) certificate.
     pub ca_file: Option<PathBuf>,
+    /// "sha256:<hex>": trust only the server certificate with this SHA-256 fingerprint.
+    pub tls_fingerprint: Option<String>,
     /// The login name.
     pub username: String,
     /// The password (or `password_file`, `password_credential`).
@@ -405,6 +408,7 @@ impl Default for ImapConfig {
             port: 993,
             tls: TlsMode::Implicit,
             ca_file: None,
+            tls_fingerprint: None,
             username: String::new(),
             password: None,
             password_file: None,
@@ -435,8 +439,11 @@ pub struct EmailConfig {
     pub smtp_port: u16,
     /// `implicit`, `starttls` or `none`.
     pub tls: TlsMode,
-    /// A PEM file of CA certificates to trust instead of the system's.
+    /// A PEM file of CA certificates to trust instead of the system's, or of the server's own
+    /// (self-signed) certificate.
     pub ca_file: Option<PathBuf>,
+    /// "sha256:<hex>": trust only the server certificate with this SHA-256 fingerprint.
+    pub tls_fingerprint: Option<String>,
     /// The SMTP login, if any.
     pub username: Option<String>,
     /// A file holding the SMTP password.
@@ -464,6 +471,7 @@ impl Default for EmailConfig {
             smtp_port: 587,
             tls: TlsMode::Starttls,
             ca_file: None,
+            tls_fingerprint: None,
             username: None,
             password_file: None,
             from: String::new(),
@@ -640,6 +648,36 @@ impl Config {
         }
         if let Err(e) = crate::filters::Filters::new(&self.filters) {
             problems.push(format!("[filters] {e}"));
+        }
+        for (section, enabled, tls, fingerprint) in [
+            (
+                "imap",
+                self.imap.enabled,
+                self.imap.tls,
+                &self.imap.tls_fingerprint,
+            ),
+            (
+                "email",
+                self.email.enabled,
+                self.email.tls,
+                &self.email.tls_fingerprint,
+            ),
+        ] {
+            let Some(fingerprint) = fingerprint.as_deref().filter(|_| enabled) else {
+                continue;
+            };
+            if let Err(e) = crate::tls::parse_fingerprint(fingerprint) {
+                problems.push(format!(
+                    "{section}.tls_fingerprint = {fingerprint:?}: {e}, e.g. \"sha256:{}\"",
+                    "0f".repeat(32)
+                ));
+            }
+            if tls == TlsMode::None {
+                problems.push(format!(
+                    "{section}.tls_fingerprint is set but {section}.tls = \"none\": a fingerprint needs \
+                     TLS (set {section}.tls = \"implicit\" or \"starttls\")"
+                ));
+            }
         }
         if self.imap.enabled {
             if self.imap.host.is_empty() {
@@ -865,6 +903,51 @@ mod tests {
     }
 
     #[test]
+    fn a_tls_fingerprint_must_be_sha256_and_needs_tls() {
+        let mut c = Config::default();
+        c.imap.enabled = true;
+        c.imap.host = "imap.example.org".into();
+        c.imap.username = "u".into();
+        c.imap.password = Some(Secret::new("p"));
+        let fp = "AB:CD:EF:01:23:45:67:89:AB:CD:EF:01:23:45:67:89:AB:CD:EF:01:23:45:67:89:AB:CD:EF:01:23:45:67:89";
+        for good in [
+            format!("sha256:{fp}"),
+            fp.to_lowercase(),
+            format!("SHA256:{}", fp.replace(':', "")),
+        ] {
+            c.imap.tls_fingerprint = Some(good.clone());
+            c.validate().unwrap_or_else(|e| panic!("{good}: {e}"));
+        }
+        c.imap.tls_fingerprint = Some("sha256:abcd".into());
+        c.email.enabled = true;
+        c.email.smtp_host = "smtp.example.org".into();
+        c.email.from = "m@example.org".into();
+        c.email.to = vec!["a@example.org".into()];
+        c.email.tls = TlsMode::None;
+        c.email.tls_fingerprint = Some(format!("sha256:{fp}"));
+        let Err(ConfigError::Invalid(problems)) = c.validate() else {
+            panic!("expected invalid")
+        };
+        assert_eq!(problems.len(), 2, "{problems:?}");
+        assert!(
+            problems[0].starts_with(
+                "imap.tls_fingerprint = \"sha256:abcd\": expected \"sha256:\" and 64 hex digits"
+            ),
+            "{problems:?}"
+        );
+        assert!(problems[0].contains("e.g. \"sha256:0f0f"), "{problems:?}");
+        assert!(
+            problems[1].starts_with("email.tls_fingerprint is set but email.tls = \"none\""),
+            "{problems:?}"
+        );
+        // Unknown keys are still refused.
+        let e = toml::from_str::<ImapConfig>("tls_fingerprints = \"x\"").unwrap_err();
+        assert!(e.to_string().contains("tls_fingerprints"), "{e}");
+        let i: ImapConfig = toml::from_str(&format!("tls_fingerprint = \"sha256:{fp}\"")).unwrap();
+        assert_eq!(i.tls_fingerprint.as_deref(), Some(&*format!("sha256:{fp}")));
+    }
+
+    #[test]
     fn the_example_file_documents_every_key_with_its_default() {
         let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/mastsub.toml");
         let loaded = Config::load(Some(&example)).unwrap();
@@ -883,6 +966,7 @@ mod tests {
             "oauth2_token_file",
             "oauth2_token_command",
             "ca_file",
+            "tls_fingerprint",
             "processed_mailbox",
             "username",
         ] {

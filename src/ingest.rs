@@ -202,6 +202,11 @@ pub struct Ingestor {
 }
 
 impl Ingestor {
+    /// `ingest.max_notice_size`: also the most a compressed notice may unpack to.
+    pub fn max_notice_size(&self) -> u64 {
+        self.limits.max_size
+    }
+
     /// Files go straight into `storage.downloads` (the `download --flat` layout).
     pub fn flat(mut self, flat: bool) -> Ingestor {
         self.categorizer = self.categorizer.flat(flat);

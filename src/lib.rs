@@ -23,6 +23,7 @@ pub mod service;
 pub mod sources;
 pub mod status;
 pub mod store;
+pub mod tls;
 pub mod verify;
 
 /// Shared by unit tests that must not overlap.

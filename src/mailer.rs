@@ -11,10 +11,15 @@ use std::fmt::Write as _;
 use std::sync::Arc;
 use std::time::Duration;
 
+use lettre::Message;
 use lettre::message::{Mailbox, header::ContentType};
-use lettre::transport::smtp::authentication::Credentials;
-use lettre::transport::smtp::client::{Certificate, CertificateStore, Tls, TlsParameters};
-use lettre::{AsyncSmtpTransport, AsyncTransport, Message, Tokio1Executor};
+use lettre::transport::smtp::authentication::{Credentials, Mechanism};
+use lettre::transport::smtp::client::{AsyncSmtpConnection, AsyncTokioStream};
+use lettre::transport::smtp::extension::ClientId;
+use tokio::io::{
+    AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, ReadBuf,
+};
+use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{EmailConfig, TlsMode};
@@ -249,7 +254,7 @@ async fn send_due(cfg: &EmailConfig, store: &Arc<dyn Store>) {
             return;
         }
     };
-    let transport = match transport(cfg) {
+    let smtp = match Smtp::new(cfg) {
         Ok(t) => t,
         Err(e) => {
             tracing::error!("e-mail: {e}");
@@ -258,7 +263,7 @@ async fn send_due(cfg: &EmailConfig, store: &Arc<dyn Store>) {
     };
     for mail in due {
         let sent = match message(cfg, &mail.subject, &mail.body) {
-            Ok(m) => transport.send(m).await.map(drop).map_err(|e| e.to_string()),
+            Ok(m) => smtp.send(&m).await,
             Err(e) => Err(e),
         };
         let now = now_ms();
@@ -310,41 +315,315 @@ fn message(cfg: &EmailConfig, subject: &str, body: &str) -> Result<Message, Stri
     builder.body(body.to_string()).map_err(|e| e.to_string())
 }
 
-fn transport(cfg: &EmailConfig) -> Result<AsyncSmtpTransport<Tokio1Executor>, String> {
-    let tls = || -> Result<TlsParameters, String> {
-        let mut builder = TlsParameters::builder(cfg.smtp_host.clone());
-        if let Some(path) = &cfg.ca_file {
-            let pem = std::fs::read(path)
-                .map_err(|e| format!("cannot read email.ca_file {}: {e}", path.display()))?;
-            let cert = Certificate::from_pem(&pem)
-                .map_err(|e| format!("email.ca_file {}: {e}", path.display()))?;
-            builder = builder
-                .certificate_store(CertificateStore::None)
-                .add_root_certificate(cert);
-        }
-        builder.build_rustls().map_err(|e| e.to_string())
-    };
-    let builder = match cfg.tls {
-        TlsMode::None => AsyncSmtpTransport::<Tokio1Executor>::builder_dangerous(&cfg.smtp_host),
-        TlsMode::Starttls => {
-            AsyncSmtpTransport::<Tokio1Executor>::builder_dangerous(&cfg.smtp_host)
-                .tls(Tls::Required(tls()?))
-        }
-        TlsMode::Implicit => {
-            AsyncSmtpTransport::<Tokio1Executor>::builder_dangerous(&cfg.smtp_host)
-                .tls(Tls::Wrapper(tls()?))
-        }
-    };
-    let mut builder = builder.port(cfg.smtp_port).timeout(Some(SMTP_TIMEOUT));
-    if let (Some(user), Some(path)) = (&cfg.username, &cfg.password_file) {
-        let password = std::fs::read_to_string(path)
-            .map_err(|e| format!("cannot read email.password_file {}: {e}", path.display()))?;
-        builder = builder.credentials(Credentials::new(
-            user.clone(),
-            password.trim_end_matches(['\r', '\n']).to_string(),
-        ));
+/// What the SMTP connection trusts.
+fn trust(cfg: &EmailConfig) -> crate::tls::Trust<'_> {
+    crate::tls::Trust {
+        section: "email",
+        ca_file: cfg.ca_file.as_deref(),
+        fingerprint: cfg.tls_fingerprint.as_deref(),
     }
-    Ok(builder.build())
+}
+
+/// Sending over SMTP: lettre speaks SMTP, over a connection made here, so that TLS (implicit, or after
+/// STARTTLS) uses `crate::tls`'s verifier (self-listed certificates, pinning, sentences for errors):
+/// lettre 0.11 takes no rustls configuration of ours, but takes a stream.
+struct Smtp<'a> {
+    cfg: &'a EmailConfig,
+    tls: Option<Arc<rustls::ClientConfig>>,
+    credentials: Option<Credentials>,
+}
+
+impl<'a> Smtp<'a> {
+    fn new(cfg: &'a EmailConfig) -> Result<Smtp<'a>, String> {
+        let tls = match cfg.tls {
+            TlsMode::None => None,
+            TlsMode::Implicit | TlsMode::Starttls => Some(crate::tls::client_config(&trust(cfg))?),
+        };
+        let credentials = match (&cfg.username, &cfg.password_file) {
+            (Some(user), Some(path)) => {
+                let password = std::fs::read_to_string(path).map_err(|e| {
+                    format!("cannot read email.password_file {}: {e}", path.display())
+                })?;
+                Some(Credentials::new(
+                    user.clone(),
+                    password.trim_end_matches(['\r', '\n']).to_string(),
+                ))
+            }
+            _ => None,
+        };
+        Ok(Smtp {
+            cfg,
+            tls,
+            credentials,
+        })
+    }
+
+    fn who(&self) -> String {
+        format!("{}:{}", self.cfg.smtp_host, self.cfg.smtp_port)
+    }
+
+    /// Sends `message` on a connection of its own.
+    async fn send(&self, message: &Message) -> Result<(), String> {
+        let exchange = async {
+            let mut conn = self.connect().await?;
+            if let Some(credentials) = &self.credentials {
+                conn.auth(&[Mechanism::Plain, Mechanism::Login], credentials)
+                    .await
+                    .map_err(|e| {
+                        format!("{} refused the login (check email.username and email.password_file): {e}", self.who())
+                    })?;
+            }
+            conn.send(message.envelope(), &message.formatted())
+                .await
+                .map_err(|e| format!("{} did not take the mail: {e}", self.who()))?;
+            let _ = conn.quit().await;
+            Ok(())
+        };
+        tokio::time::timeout(SMTP_TIMEOUT, exchange)
+            .await
+            .unwrap_or_else(|_| {
+                Err(format!(
+                    "{} did not answer within {}s{}",
+                    self.who(),
+                    SMTP_TIMEOUT.as_secs(),
+                    if self.cfg.tls == TlsMode::Starttls {
+                        " (if the port speaks TLS at once, as 465 does, set email.tls = \"implicit\")"
+                    } else {
+                        ""
+                    }
+                ))
+            })
+    }
+
+    /// Connects, secures the connection as `email.tls` says, and greets the server.
+    async fn connect(&self) -> Result<AsyncSmtpConnection, String> {
+        let (host, port) = (self.cfg.smtp_host.as_str(), self.cfg.smtp_port);
+        let hello = ClientId::default();
+        let tcp = TcpStream::connect((host, port))
+            .await
+            .map_err(|e| format!("cannot connect to {}: {e}", self.who()))?;
+        let _ = tcp.set_nodelay(true);
+        let peer = tcp.peer_addr().ok();
+        let stream = match (&self.tls, self.cfg.tls) {
+            (Some(config), TlsMode::Starttls) => {
+                let tcp = self.starttls(tcp, &hello).await?;
+                // lettre reads a greeting first; the server greeted before STARTTLS already.
+                SmtpStream::tls(
+                    self.handshake(config, tcp).await?,
+                    b"220 (greeted before STARTTLS)\r\n",
+                    peer,
+                )
+            }
+            (Some(config), _) => SmtpStream::tls(self.handshake(config, tcp).await?, b"", peer),
+            (None, _) => SmtpStream {
+                inner: Inner::Plain(tcp),
+                pending: Vec::new(),
+                peer,
+            },
+        };
+        AsyncSmtpConnection::connect_with_transport(Box::new(stream), &hello)
+            .await
+            .map_err(|e| format!("{} failed the SMTP greeting: {e}", self.who()))
+    }
+
+    async fn handshake(
+        &self,
+        config: &Arc<rustls::ClientConfig>,
+        tcp: TcpStream,
+    ) -> Result<tokio_rustls::client::TlsStream<TcpStream>, String> {
+        let name =
+            rustls::pki_types::ServerName::try_from(self.cfg.smtp_host.clone()).map_err(|e| {
+                format!(
+                    "email.smtp_host {:?} is not a valid server name: {e}",
+                    self.cfg.smtp_host
+                )
+            })?;
+        tokio_rustls::TlsConnector::from(config.clone())
+            .connect(name, tcp)
+            .await
+            .map_err(|e| {
+                crate::tls::explain_handshake(
+                    &e,
+                    &self.cfg.smtp_host,
+                    self.cfg.smtp_port,
+                    &trust(self.cfg),
+                )
+            })
+    }
+
+    /// The plain part of STARTTLS (RFC 3207): greeting, EHLO, STARTTLS, 220. Nothing the server sends
+    /// after its 220 is taken (it would be read as if it came over TLS).
+    async fn starttls(&self, tcp: TcpStream, hello: &ClientId) -> Result<TcpStream, String> {
+        let who = self.who();
+        let mut r = BufReader::new(tcp);
+        let (code, text) = reply(&mut r).await.map_err(|e| {
+            format!("{who} sent no SMTP greeting ({e}); if the port speaks TLS at once, as 465 does, set email.tls = \"implicit\"")
+        })?;
+        if code != 220 {
+            return Err(format!("{who} greeted with {code} {text}"));
+        }
+        r.get_mut()
+            .write_all(format!("EHLO {hello}\r\n").as_bytes())
+            .await
+            .map_err(|e| format!("{who}: {e}"))?;
+        let (code, text) = reply(&mut r).await.map_err(|e| format!("{who}: {e}"))?;
+        if code != 250 {
+            return Err(format!("{who} refused EHLO: {code} {text}"));
+        }
+        let offers = text
+            .lines()
+            .any(|l| l.trim().eq_ignore_ascii_case("STARTTLS"));
+        if !offers {
+            return Err(format!(
+                "{who} does not offer STARTTLS; if the port speaks TLS at once, as 465 does, set \
+                 email.tls = \"implicit\""
+            ));
+        }
+        r.get_mut()
+            .write_all(b"STARTTLS\r\n")
+            .await
+            .map_err(|e| format!("{who}: {e}"))?;
+        let (code, text) = reply(&mut r).await.map_err(|e| format!("{who}: {e}"))?;
+        if code != 220 {
+            return Err(format!("{who} refused STARTTLS: {code} {text}"));
+        }
+        if !r.buffer().is_empty() {
+            return Err(format!(
+                "{who} sent more after its STARTTLS answer; refused, as it could be injected"
+            ));
+        }
+        Ok(r.into_inner())
+    }
+}
+
+/// One SMTP reply: its code, and its lines' text without the codes.
+async fn reply(r: &mut BufReader<TcpStream>) -> Result<(u16, String), String> {
+    let mut text = String::new();
+    for _ in 0..100 {
+        let mut line = String::new();
+        let n = (&mut *r)
+            .take(4096)
+            .read_line(&mut line)
+            .await
+            .map_err(|e| e.to_string())?;
+        if n == 0 {
+            return Err("the connection was closed".into());
+        }
+        let line = line.trim_end_matches(['\r', '\n']);
+        let code = line
+            .get(..3)
+            .and_then(|c| c.parse::<u16>().ok())
+            .ok_or_else(|| {
+                format!(
+                    "not an SMTP reply: {:?}",
+                    line.chars().take(60).collect::<String>()
+                )
+            })?;
+        if !text.is_empty() {
+            text.push('\n');
+        }
+        text.push_str(line.get(4..).unwrap_or(""));
+        if line.as_bytes().get(3) != Some(&b'-') {
+            return Ok((code, text));
+        }
+    }
+    Err("an SMTP reply of more than 100 lines".into())
+}
+
+/// The stream lettre talks SMTP over.
+struct SmtpStream {
+    inner: Inner,
+    /// Bytes read before the stream's own (the greeting given before STARTTLS).
+    pending: Vec<u8>,
+    peer: Option<std::net::SocketAddr>,
+}
+
+enum Inner {
+    Plain(TcpStream),
+    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+}
+
+impl SmtpStream {
+    fn tls(
+        stream: tokio_rustls::client::TlsStream<TcpStream>,
+        pending: &[u8],
+        peer: Option<std::net::SocketAddr>,
+    ) -> SmtpStream {
+        SmtpStream {
+            inner: Inner::Tls(Box::new(stream)),
+            pending: pending.to_vec(),
+            peer,
+        }
+    }
+}
+
+impl std::fmt::Debug for SmtpStream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let kind = match self.inner {
+            Inner::Plain(_) => "plain",
+            Inner::Tls(_) => "TLS",
+        };
+        write!(f, "SMTP stream ({kind}) to {:?}", self.peer)
+    }
+}
+
+impl AsyncTokioStream for SmtpStream {
+    fn peer_addr(&self) -> std::io::Result<std::net::SocketAddr> {
+        self.peer
+            .ok_or_else(|| std::io::Error::other("no peer address"))
+    }
+}
+
+impl AsyncRead for SmtpStream {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        if !self.pending.is_empty() {
+            let n = self.pending.len().min(buf.remaining());
+            buf.put_slice(&self.pending[..n]);
+            self.pending.drain(..n);
+            return std::task::Poll::Ready(Ok(()));
+        }
+        match &mut self.inner {
+            Inner::Plain(s) => std::pin::Pin::new(s).poll_read(cx, buf),
+            Inner::Tls(s) => std::pin::Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for SmtpStream {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        data: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        match &mut self.inner {
+            Inner::Plain(s) => std::pin::Pin::new(s).poll_write(cx, data),
+            Inner::Tls(s) => std::pin::Pin::new(s.as_mut()).poll_write(cx, data),
+        }
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        match &mut self.inner {
+            Inner::Plain(s) => std::pin::Pin::new(s).poll_flush(cx),
+            Inner::Tls(s) => std::pin::Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        match &mut self.inner {
+            Inner::Plain(s) => std::pin::Pin::new(s).poll_shutdown(cx),
+            Inner::Tls(s) => std::pin::Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
+    }
 }
 
 #[cfg(test)]

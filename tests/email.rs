@@ -109,10 +109,7 @@ fn summaries_go_out_over_starttls() {
 #[test]
 fn an_smtp_server_that_is_down_delays_the_mail_without_losing_it_or_stopping_downloads() {
     need_smtp!();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .unwrap();
+    let port = common::free_port();
     let mut server = Smtp::on_port(port, false);
     let mast = MastStandIn::start();
     let (notice, _) = serve_products(&mast, 1, 2, 10);
@@ -129,4 +126,72 @@ fn an_smtp_server_that_is_down_delays_the_mail_without_losing_it_or_stopping_dow
     assert!(body.contains("Downloads: 2 done"), "{body}");
     std::thread::sleep(Duration::from_secs(2));
     assert_eq!(server.received().len(), 1, "{:?}", server.received());
+}
+
+#[test]
+fn a_self_signed_ca_true_certificate_in_ca_file_works_and_a_wrong_name_or_port_is_a_sentence() {
+    need_smtp!();
+    if !common::certs::available() {
+        eprintln!("SKIPPED: openssl is not installed");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    // `openssl req -x509` as people run it: CA:TRUE, no subjectAltName, CN=localhost.
+    let made = common::certs::self_signed_ca_true_no_san(dir.path());
+    let server = Smtp::start_with_cert(&made.server);
+    let mast = MastStandIn::start();
+    let (notice, _) = serve_products(&mast, 1, 1, 10);
+    let config = server
+        .config("")
+        .replace("smtp_host = \"127.0.0.1\"", "smtp_host = \"localhost\"");
+    // ca_file is the server's certificate itself.
+    assert_eq!(
+        std::fs::read_to_string(&server.ca_file).unwrap(),
+        made.server.cert_pem
+    );
+    let ws = Workspace::with_base(&mast.base_url, &config);
+    let d = Daemon::start_watching(&ws);
+    ws.drop_notice("n.json", &notice);
+    let body = wait_for_mail(&server, &d, "1 of 1 product(s) downloaded");
+    assert!(body.contains("Downloads: 1 done"), "{body}");
+    drop(d);
+
+    // A certificate for another name: refused, and the log says which names it gives.
+    let wrong = common::certs::wrong_name(dir.path());
+    let server = Smtp::start_with_cert(&wrong.server);
+    let config = server
+        .config("")
+        .replace("smtp_host = \"127.0.0.1\"", "smtp_host = \"localhost\"");
+    let ws = Workspace::with_base(&mast.base_url, &config);
+    let d = Daemon::start_watching(&ws);
+    let (notice, _) = serve_products(&mast, 2, 1, 10);
+    ws.drop_notice("n.json", &notice);
+    let expected = format!(
+        "TLS with localhost failed: the certificate of localhost:{} names mail.example.org, not \
+         localhost: set email.smtp_host to a name it gives",
+        server.port
+    );
+    d.wait_for_log(&expected, Duration::from_secs(30));
+    assert!(server.received().is_empty(), "{:?}", server.received());
+    drop(d);
+
+    // Implicit TLS on a port that speaks plain SMTP first.
+    let config = config.replace("tls = \"starttls\"", "tls = \"implicit\"");
+    let ws = Workspace::with_base(&mast.base_url, &config);
+    let d = Daemon::start_watching(&ws);
+    let (notice, _) = serve_products(&mast, 3, 1, 10);
+    ws.drop_notice("n.json", &notice);
+    let expected = format!(
+        "TLS with localhost failed: localhost:{} did not answer TLS; port 587 or 25 speaks plain SMTP \
+         first: set email.tls = \"starttls\"",
+        server.port
+    );
+    d.wait_for_log(&expected, Duration::from_secs(30));
+    for line in d.log().lines().filter(|l| l.contains("TLS with")) {
+        assert!(
+            !line.contains("InvalidContentType") && !line.contains("Other("),
+            "{line}"
+        );
+    }
+    assert!(server.received().is_empty(), "{:?}", server.received());
 }

@@ -28,8 +28,7 @@ use async_imap::types::UnsolicitedResponse;
 use async_imap::{Client, Session};
 use backon::BackoffBuilder;
 use futures_util::TryStreamExt;
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, ServerName};
+use rustls::pki_types::ServerName;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
@@ -47,54 +46,65 @@ const RECONNECT_MAX: Duration = Duration::from_secs(300);
 const HEALTHY_SESSION: Duration = Duration::from_secs(60);
 /// A mail on which this many sessions in a row ended is passed over.
 const POISON_AFTER: u32 = 3;
+/// The first pause after the server refused the login; it doubles up to `LOGIN_RETRY_MAX`.
+const LOGIN_RETRY_MIN: Duration = Duration::from_secs(5 * 60);
+/// The longest pause after a refused login.
+const LOGIN_RETRY_MAX: Duration = Duration::from_secs(60 * 60);
+/// Mails looked at (size, From, structure) with one FETCH.
+const LOOK_BATCH: usize = 100;
 
-/// Why a session ended.
+/// Why a session ended. Each reads as a sentence for a person: what failed, the server's own words, and
+/// the fix where one is known.
 #[derive(Debug, thiserror::Error)]
 pub enum ImapError {
-    /// Could not reach the server.
+    /// Could not reach the server; `reason` is a sentence.
     #[error("cannot connect to {addr}: {reason}")]
     Connect {
         /// host:port
         addr: String,
-        /// Why.
+        /// Why, and what to check.
         reason: String,
     },
-    /// The TLS handshake failed (certificate, protocol).
-    #[error("TLS with {host} failed: {reason} (for a private CA set imap.ca_file)")]
-    Tls {
-        /// The host.
-        host: String,
-        /// Why.
-        reason: String,
-    },
+    /// The TLS handshake failed (certificate, protocol); a sentence from `crate::tls`.
+    #[error("{0}")]
+    Tls(String),
     /// The server refused the credentials.
-    #[error("the server refused the login of {user}: {reason} (check the imap credential)")]
+    #[error("the server refused the login for {user}: {hint} (the server said: {reason})")]
     Auth {
         /// The user.
         user: String,
         /// What the server said.
         reason: String,
+        /// What to check.
+        hint: &'static str,
     },
     /// A credential could not be read or made.
     #[error("{0}")]
     Credential(String),
     /// The mailbox cannot be selected.
-    #[error("cannot open mailbox {mailbox:?}: {reason}")]
+    #[error("cannot open the mailbox {mailbox:?}{sent}: the server said: {reason}; {hint}")]
     Mailbox {
-        /// The mailbox.
+        /// The mailbox as configured.
         mailbox: String,
+        /// `(sent as "…")` when the server's name differs, else empty.
+        sent: String,
         /// What the server said.
         reason: String,
+        /// The folders there are, or what to check.
+        hint: String,
     },
     /// A command took too long.
-    #[error("no answer to {0} within the timeout (imap.timeout)")]
+    #[error("no answer to {0} within imap.timeout")]
     Timeout(&'static str),
-    /// The server answered NO or BAD.
+    /// The server answered NO or BAD; its words.
     #[error("the server refused: {0}")]
     Refused(String),
-    /// The connection failed or the server said something unexpected.
+    /// The connection failed or the server said something unexpected; a sentence.
     #[error("{0}")]
     Protocol(String),
+    /// The server sent an answer the client cannot parse (the start of it); the session cannot go on.
+    #[error("the server sent an answer mastsub cannot read: {0}")]
+    Unreadable(String),
     /// A notice could not be recorded; its mail stays for the next try.
     #[error("{0}")]
     Ingest(#[from] IngestError),
@@ -105,7 +115,7 @@ pub enum ImapError {
 
 impl From<std::io::Error> for ImapError {
     fn from(e: std::io::Error) -> Self {
-        ImapError::Protocol(e.to_string())
+        io_error(&e)
     }
 }
 
@@ -113,11 +123,63 @@ impl From<async_imap::error::Error> for ImapError {
     fn from(e: async_imap::error::Error) -> Self {
         use async_imap::error::Error;
         match e {
-            Error::No(why) | Error::Bad(why) => ImapError::Refused(why),
-            other => ImapError::Protocol(other.to_string()),
+            Error::No(why) | Error::Bad(why) => ImapError::Refused(server_words(&why)),
+            Error::Io(e) => io_error(&e),
+            Error::ConnectionLost => ImapError::Protocol("the server closed the connection".into()),
+            Error::Parse(e) => ImapError::Unreadable(clip(&e.to_string(), 120)),
+            other => ImapError::Protocol(clip(&other.to_string(), 200)),
         }
     }
 }
+
+/// `text` cut to `n` characters, with an ellipsis.
+fn clip(text: &str, n: usize) -> String {
+    let mut out: String = text.chars().take(n).collect();
+    if text.chars().count() > n {
+        out.push('…');
+    }
+    out
+}
+
+/// A failed read or write on the connection, as a sentence. A response the client library cannot parse
+/// comes as an I/O error holding the whole buffer (mail included): only its start is kept.
+fn io_error(e: &std::io::Error) -> ImapError {
+    use std::io::ErrorKind;
+    let text = e.to_string();
+    if let Some((_, answer)) = text.split_once(" during parsing of ") {
+        return ImapError::Unreadable(clip(answer, 120));
+    }
+    ImapError::Protocol(match e.kind() {
+        ErrorKind::UnexpectedEof | ErrorKind::ConnectionReset | ErrorKind::BrokenPipe => {
+            "the server closed the connection".into()
+        }
+        ErrorKind::TimedOut => "the connection timed out".into(),
+        _ => format!("the connection failed: {text}"),
+    })
+}
+
+/// Why a TCP connection could not be made, with what to check.
+fn describe_connect(e: &std::io::Error, cfg: &ImapConfig) -> String {
+    use std::io::ErrorKind;
+    match e.kind() {
+        ErrorKind::ConnectionRefused => format!(
+            "the connection was refused: is the server running, and is imap.port ({}) right?",
+            cfg.port
+        ),
+        ErrorKind::TimedOut => "no answer (a firewall, or the wrong imap.host or imap.port)".into(),
+        _ if e.to_string().contains("failed to lookup address")
+            || e.to_string().contains("Name or service not known") =>
+        {
+            format!(
+                "the name {:?} cannot be resolved: check imap.host",
+                cfg.host
+            )
+        }
+        _ => format!("{e}"),
+    }
+}
+
+use super::imap_folders::{Layout, server_words};
 
 /// The stream under the IMAP client: TLS or, with `tls = "none"`, plain TCP.
 #[derive(Debug)]
@@ -259,41 +321,13 @@ async fn credential(cfg: &ImapConfig) -> Result<Credential, ImapError> {
     ))
 }
 
-/// The TLS settings: the system's roots, or only the CAs in `ca_file`.
-fn tls_config(cfg: &ImapConfig) -> Result<Arc<rustls::ClientConfig>, ImapError> {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let builder = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(|e| ImapError::Credential(format!("TLS setup: {e}")))?;
-    let config = match &cfg.ca_file {
-        Some(path) => {
-            let mut roots = rustls::RootCertStore::empty();
-            let certs = CertificateDer::pem_file_iter(path)
-                .and_then(|it| it.collect::<Result<Vec<_>, _>>())
-                .map_err(|e| {
-                    ImapError::Credential(format!(
-                        "cannot read imap.ca_file {}: {e}",
-                        path.display()
-                    ))
-                })?;
-            let (added, _) = roots.add_parsable_certificates(certs);
-            if added == 0 {
-                return Err(ImapError::Credential(format!(
-                    "imap.ca_file {} holds no usable certificate",
-                    path.display()
-                )));
-            }
-            builder.with_root_certificates(roots).with_no_client_auth()
-        }
-        None => {
-            use rustls_platform_verifier::BuilderVerifierExt;
-            builder
-                .with_platform_verifier()
-                .map_err(|e| ImapError::Credential(format!("TLS setup: {e}")))?
-                .with_no_client_auth()
-        }
-    };
-    Ok(Arc::new(config))
+/// What the IMAP connection trusts.
+fn trust(cfg: &ImapConfig) -> crate::tls::Trust<'_> {
+    crate::tls::Trust {
+        section: "imap",
+        ca_file: cfg.ca_file.as_deref(),
+        fingerprint: cfg.tls_fingerprint.as_deref(),
+    }
 }
 
 /// Runs `f`, or fails with `Timeout(what)`.
@@ -320,6 +354,98 @@ pub struct ImapSource {
     failures: std::collections::HashMap<(u32, u32), u32>,
     /// Whether the current session caught up at least once (only such a session resets the backoff).
     progressed: bool,
+    /// Whether the current session logged in (only then the login backoff starts over).
+    logged_in: bool,
+    /// The last reason a session ended, as logged: the same reason again is not logged again.
+    last_reported: Option<String>,
+    /// Whether `UID SEARCH` can be trusted to find new mail; false once it missed mail `UID FETCH` found.
+    search_works: bool,
+    /// Whether the server's BODYSTRUCTURE answers can be read; false after one could not.
+    bodystructure_works: bool,
+    /// Why the processed folder cannot be used, as last logged.
+    processed_problem: Option<String>,
+    /// Mails expunged by commands read past the client's parser, not yet taken off the mailbox size.
+    expunged: u32,
+}
+
+/// What a look at a mail (size, From, structure) found, before fetching it whole.
+struct Look {
+    size: Option<u32>,
+    sender: Option<mail::Sender>,
+    /// `None` when the structure was not asked for or not given.
+    may_hold_notice: Option<bool>,
+    message_id: Option<String>,
+}
+
+/// What one catch-up pass passed over without fetching, for its summary line.
+#[derive(Default)]
+struct Passed {
+    looked: usize,
+    taken: usize,
+    not_allowed: usize,
+    not_allowed_with_parts: usize,
+    example_sender: Option<String>,
+    no_notice: usize,
+    too_large: usize,
+    gone: usize,
+    left: usize,
+}
+
+impl Passed {
+    /// "12 mails looked at, 2 taken; passed over without fetching them: …", or `None` when there is
+    /// nothing to say beyond the taken mails' own lines.
+    fn summary(&self) -> Option<String> {
+        let skipped = self.not_allowed + self.no_notice + self.gone;
+        if skipped == 0 && self.left == 0 {
+            return None;
+        }
+        let mut parts = Vec::new();
+        if self.not_allowed > 0 {
+            let mut p = format!(
+                "{} from senders imap.allowed_senders does not name",
+                self.not_allowed
+            );
+            if self.not_allowed_with_parts > 0 {
+                p.push_str(&format!(
+                    " ({} of them with a part that could be a notice, e.g. from {})",
+                    self.not_allowed_with_parts,
+                    self.example_sender.as_deref().unwrap_or("?")
+                ));
+            }
+            parts.push(p);
+        }
+        if self.no_notice > 0 {
+            parts.push(format!(
+                "{} with no part that could be a notice",
+                self.no_notice
+            ));
+        }
+        if self.gone > 0 {
+            parts.push(format!("{} gone before they could be read", self.gone));
+        }
+        let mut s = format!(
+            "{} new mail(s) looked at, {} taken",
+            self.looked, self.taken
+        );
+        if !parts.is_empty() {
+            s.push_str(&format!(
+                "; passed over without fetching them: {}",
+                parts.join(", ")
+            ));
+        }
+        if self.left > 0 {
+            s.push_str(&format!(
+                "; {} fetched but left where they are (see the lines above{})",
+                self.left,
+                if self.too_large > 0 {
+                    format!(", {} over imap.max_message_size", self.too_large)
+                } else {
+                    String::new()
+                }
+            ));
+        }
+        Some(s)
+    }
 }
 
 impl ImapSource {
@@ -340,11 +466,18 @@ impl ImapSource {
             health,
             failures: std::collections::HashMap::new(),
             progressed: false,
+            logged_in: false,
+            last_reported: None,
+            search_works: true,
+            bodystructure_works: true,
+            processed_problem: None,
+            expunged: 0,
         }
     }
 
     /// Runs until `shutdown`: sessions, with backoff between them. A change on `reload` (SIGHUP: secrets
-    /// read again) ends the session and connects again at once, with the credential read anew.
+    /// read again) ends the session (or the pause) and connects again at once, with the credential read
+    /// anew.
     pub async fn run(
         mut self,
         mut reload: tokio::sync::watch::Receiver<u64>,
@@ -361,16 +494,20 @@ impl ImapSource {
                  (or @stsci.edu) to refuse others"
             );
         }
-        let mut backoff = new_backoff();
+        let mut backoff = new_backoff(RECONNECT_MIN, RECONNECT_MAX);
+        // A refused login waits minutes, not seconds: directories lock accounts after a few failures.
+        let mut login_backoff = new_backoff(LOGIN_RETRY_MIN, LOGIN_RETRY_MAX);
         loop {
             let began = Instant::now();
             self.progressed = false;
+            self.logged_in = false;
             let ended = tokio::select! {
                 r = self.session(&shutdown) => r,
                 _ = shutdown.cancelled() => Ok(()),
                 Ok(()) = reload.changed() => {
                     tracing::info!("IMAP {}: secrets read again; connecting again", self.account);
-                    backoff = new_backoff();
+                    backoff = new_backoff(RECONNECT_MIN, RECONNECT_MAX);
+                    login_backoff = new_backoff(LOGIN_RETRY_MIN, LOGIN_RETRY_MAX);
                     continue;
                 }
             };
@@ -378,22 +515,43 @@ impl ImapSource {
                 self.set_state("stopped", false, None).await;
                 return;
             }
-            if self.progressed && began.elapsed() >= HEALTHY_SESSION {
-                backoff = new_backoff();
+            if self.logged_in {
+                login_backoff = new_backoff(LOGIN_RETRY_MIN, LOGIN_RETRY_MAX);
             }
-            let pause = backoff.next().unwrap_or(RECONNECT_MAX);
+            if self.progressed && began.elapsed() >= HEALTHY_SESSION {
+                backoff = new_backoff(RECONNECT_MIN, RECONNECT_MAX);
+            }
+            let (pause, state) = match &ended {
+                Err(ImapError::Auth { .. }) => (
+                    login_backoff.next().unwrap_or(LOGIN_RETRY_MAX),
+                    "login refused",
+                ),
+                _ => (backoff.next().unwrap_or(RECONNECT_MAX), "reconnecting"),
+            };
             let why = match ended {
                 Ok(()) => "the session ended".to_string(),
                 Err(e) => e.to_string(),
             };
-            tracing::warn!(
-                "IMAP {}: {why}; reconnecting in {:.0}s",
-                self.account,
-                pause.as_secs_f64().ceil()
-            );
-            self.set_state("reconnecting", false, Some(why)).await;
+            let when = humantime::format_duration(Duration::from_secs(pause.as_secs().max(1)));
+            // Said once per change: the same reason again goes to the debug log (and `status`).
+            if self.last_reported.as_deref() == Some(why.as_str()) {
+                tracing::debug!(
+                    "IMAP {}: {why} (again); trying again in {when}",
+                    self.account
+                );
+            } else {
+                tracing::warn!("IMAP {}: {why}; trying again in {when}", self.account);
+                self.last_reported = Some(why.clone());
+            }
+            self.set_state(state, false, Some(format!("{why} (next try in {when})")))
+                .await;
             tokio::select! {
                 _ = tokio::time::sleep(pause) => {}
+                Ok(()) = reload.changed() => {
+                    tracing::info!("IMAP {}: secrets read again; connecting now", self.account);
+                    backoff = new_backoff(RECONNECT_MIN, RECONNECT_MAX);
+                    login_backoff = new_backoff(LOGIN_RETRY_MIN, LOGIN_RETRY_MAX);
+                }
                 _ = shutdown.cancelled() => {
                     self.set_state("stopped", false, None).await;
                     return;
@@ -406,8 +564,10 @@ impl ImapSource {
         let now = crate::store::now_ms();
         self.health.state = state.to_string();
         self.health.connected = connected;
-        self.health.last_error_at = error.as_ref().map(|_| now);
-        self.health.last_error = error;
+        if error.is_some() {
+            self.health.last_error_at = Some(now);
+            self.health.last_error = error;
+        }
         if connected {
             self.health.last_contact = Some(now);
         }
@@ -428,20 +588,28 @@ impl ImapSource {
     async fn connect(&mut self) -> Result<Session<Stream>, ImapError> {
         let cfg = &self.cfg;
         let addr = format!("{}:{}", cfg.host, cfg.port);
-        let tcp = timed(cfg.timeout, "the connection", async {
-            TcpStream::connect((cfg.host.as_str(), cfg.port)).await
-        })
+        let tcp = match tokio::time::timeout(
+            cfg.timeout,
+            TcpStream::connect((cfg.host.as_str(), cfg.port)),
+        )
         .await
-        .map_err(|e| match e {
-            ImapError::Timeout(_) => ImapError::Connect {
-                addr: addr.clone(),
-                reason: "timed out".into(),
-            },
-            other => ImapError::Connect {
-                addr: addr.clone(),
-                reason: other.to_string(),
-            },
-        })?;
+        {
+            Err(_) => {
+                return Err(ImapError::Connect {
+                    addr,
+                    reason: "no answer within imap.timeout (a firewall, or the wrong imap.host or \
+                             imap.port)"
+                        .into(),
+                });
+            }
+            Ok(Err(e)) => {
+                return Err(ImapError::Connect {
+                    addr,
+                    reason: describe_connect(&e, cfg),
+                });
+            }
+            Ok(Ok(tcp)) => tcp,
+        };
         let keepalive = socket2::TcpKeepalive::new()
             .with_time(Duration::from_secs(60))
             .with_interval(Duration::from_secs(10));
@@ -449,51 +617,66 @@ impl ImapSource {
         let _ = tcp.set_nodelay(true);
 
         let tls = |tcp: TcpStream| async move {
-            let name = ServerName::try_from(cfg.host.clone()).map_err(|e| ImapError::Tls {
-                host: cfg.host.clone(),
-                reason: format!("not a valid server name: {e}"),
+            let name = ServerName::try_from(cfg.host.clone()).map_err(|e| {
+                ImapError::Tls(format!(
+                    "imap.host {:?} is not a valid server name: {e}",
+                    cfg.host
+                ))
             })?;
-            let connector = tokio_rustls::TlsConnector::from(tls_config(cfg)?);
+            let config = crate::tls::client_config(&trust(cfg)).map_err(ImapError::Credential)?;
+            let connector = tokio_rustls::TlsConnector::from(config);
             timed(cfg.timeout, "the TLS handshake", async {
-                connector
-                    .connect(name, tcp)
-                    .await
-                    .map_err(|e| ImapError::Tls {
-                        host: cfg.host.clone(),
-                        reason: e.to_string(),
-                    })
+                connector.connect(name, tcp).await.map_err(|e| {
+                    ImapError::Tls(crate::tls::explain_handshake(
+                        &e,
+                        &cfg.host,
+                        cfg.port,
+                        &trust(cfg),
+                    ))
+                })
             })
             .await
         };
+        // A plain greeting that never comes: the port may be waiting for a TLS handshake.
+        let plain_hint =
+            format!("if {addr} speaks TLS at once (as port 993 does), set imap.tls = \"implicit\"");
         let client = match cfg.tls {
             TlsMode::Implicit => {
                 let mut c = Client::new(Stream::Tls(Box::new(tls(tcp).await?)));
-                greeting(&mut c, cfg.timeout).await?;
+                greeting(&mut c, cfg.timeout, "").await?;
                 c
             }
             TlsMode::None => {
                 let mut c = Client::new(Stream::Plain(tcp));
-                greeting(&mut c, cfg.timeout).await?;
+                greeting(&mut c, cfg.timeout, &plain_hint).await?;
                 c
             }
             TlsMode::Starttls => {
                 let mut c = Client::new(tcp);
-                greeting(&mut c, cfg.timeout).await?;
+                greeting(&mut c, cfg.timeout, &plain_hint).await?;
                 timed(
                     cfg.timeout,
                     "STARTTLS",
                     c.run_command_and_check_ok("STARTTLS", None),
                 )
                 .await
-                .map_err(|e| ImapError::Tls {
-                    host: cfg.host.clone(),
-                    reason: format!("STARTTLS refused: {e}"),
+                .map_err(|e| {
+                    ImapError::Tls(format!(
+                        "{addr} refused STARTTLS ({e}); if the port speaks TLS at once, set \
+                         imap.tls = \"implicit\""
+                    ))
                 })?;
                 Client::new(Stream::Tls(Box::new(tls(c.into_inner()).await?)))
             }
         };
         let credential = credential(cfg).await?;
         let user = cfg.username.clone();
+        let hint = match credential {
+            Credential::Password(_) => "check imap.username and the password",
+            Credential::OAuth2Token(_) => {
+                "check imap.username and the OAuth2 token (it may have expired or lack the IMAP scope)"
+            }
+        };
         let login = async {
             match credential {
                 Credential::Password(p) => client.login(&user, &p).await,
@@ -510,10 +693,161 @@ impl ImapSource {
         match tokio::time::timeout(cfg.timeout, login).await {
             Err(_) => Err(ImapError::Timeout("the login")),
             Ok(Ok(session)) => Ok(session),
-            Ok(Err((e, _))) => Err(ImapError::Auth {
+            Ok(Err((
+                async_imap::error::Error::No(why) | async_imap::error::Error::Bad(why),
+                _,
+            ))) => Err(ImapError::Auth {
                 user,
-                reason: e.to_string(),
+                reason: server_words(&why),
+                hint,
             }),
+            // A connection lost during the login is not a refusal.
+            Ok(Err((other, _))) => Err(other.into()),
+        }
+    }
+
+    /// The server's folder layout: NAMESPACE (where offered) and the delimiter from `LIST "" ""`.
+    async fn layout(
+        &mut self,
+        session: &mut Session<Stream>,
+        has_namespace: bool,
+    ) -> Result<Layout, ImapError> {
+        let t = self.cfg.timeout;
+        let mut layout = Layout::default();
+        if has_namespace {
+            match namespace(session, t).await? {
+                Some(line) => match super::imap_folders::parse_namespace(&line) {
+                    Some((personal, delimiter, others)) => {
+                        layout.personal = personal;
+                        layout.delimiter = delimiter;
+                        layout.others = others;
+                    }
+                    None => tracing::debug!("IMAP: cannot read the NAMESPACE answer {line:?}"),
+                },
+                None => tracing::debug!("IMAP: NAMESPACE gave no namespace"),
+            }
+        }
+        let listed = timed(t, "LIST", async {
+            session
+                .list(Some(""), Some("\"\""))
+                .await?
+                .try_collect::<Vec<_>>()
+                .await
+        })
+        .await;
+        match listed {
+            Ok(names) => {
+                if let Some(d) = names
+                    .iter()
+                    .find_map(|n| n.delimiter())
+                    .and_then(|d| d.chars().next())
+                {
+                    layout.delimiter = Some(d);
+                }
+            }
+            Err(ImapError::Refused(why)) => tracing::debug!("IMAP: LIST \"\" \"\" refused: {why}"),
+            Err(e) => return Err(e),
+        }
+        tracing::debug!(
+            "IMAP {}: hierarchy delimiter {:?}, personal namespace {:?}",
+            self.account,
+            layout.delimiter,
+            layout.personal
+        );
+        Ok(layout)
+    }
+
+    /// Whether the folder `name` (the server's name) exists.
+    async fn folder_exists(
+        &mut self,
+        session: &mut Session<Stream>,
+        name: &str,
+    ) -> Result<bool, ImapError> {
+        let pattern = quote(name);
+        let names = timed(self.cfg.timeout, "LIST", async {
+            session
+                .list(Some(""), Some(&pattern))
+                .await?
+                .try_collect::<Vec<_>>()
+                .await
+        })
+        .await;
+        match names {
+            Ok(names) => Ok(names.iter().any(|n| n.name() == name)),
+            Err(ImapError::Refused(_)) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Up to a dozen of the server's folder names, for hints.
+    async fn some_folders(&mut self, session: &mut Session<Stream>) -> String {
+        let names = timed(self.cfg.timeout, "LIST", async {
+            session
+                .list(Some(""), Some("*"))
+                .await?
+                .try_collect::<Vec<_>>()
+                .await
+        })
+        .await;
+        match names {
+            Ok(names) if !names.is_empty() => {
+                let mut shown: Vec<String> = names
+                    .iter()
+                    .take(12)
+                    .map(|n| format!("{:?}", n.name()))
+                    .collect();
+                if names.len() > 12 {
+                    shown.push(format!("and {} more", names.len() - 12));
+                }
+                format!("the server has {}", shown.join(", "))
+            }
+            _ => "the server lists no folders".into(),
+        }
+    }
+
+    /// The processed folder, created if missing; `None` (said once, at warning level) if it cannot be.
+    async fn processed_folder(
+        &mut self,
+        session: &mut Session<Stream>,
+        layout: &Layout,
+        mailbox: &str,
+    ) -> Result<Option<String>, ImapError> {
+        let Some(configured) = self.cfg.processed_mailbox.clone() else {
+            return Ok(None);
+        };
+        let name = layout.server_name(&configured);
+        let sent = sent_as(&configured, &name);
+        if self.folder_exists(session, &name).await? {
+            self.processed_problem = None;
+            return Ok(Some(name));
+        }
+        match timed(self.cfg.timeout, "CREATE", session.create(&name)).await {
+            Ok(()) => {
+                tracing::info!(
+                    "IMAP {}: created the folder {configured:?}{sent} for taken mail",
+                    self.account
+                );
+                self.processed_problem = None;
+                Ok(Some(name))
+            }
+            Err(ImapError::Refused(why)) => {
+                // Made meanwhile by someone else, or a server that hides it from LIST.
+                if self.folder_exists(session, &name).await? {
+                    return Ok(Some(name));
+                }
+                let folders = self.some_folders(session).await;
+                let problem = format!(
+                    "cannot create imap.processed_mailbox {configured:?}{sent}: the server said: {why}. \
+                     Taken mail is marked \\Seen and stays in {mailbox:?}; create the folder with a mail \
+                     client, or set imap.processed_mailbox to one that exists ({folders})"
+                );
+                if self.processed_problem.as_deref() != Some(problem.as_str()) {
+                    tracing::warn!("IMAP {}: {problem}", self.account);
+                    self.processed_problem = Some(problem);
+                }
+                Ok(None)
+            }
+            Err(e) => Err(e),
         }
     }
 
@@ -521,44 +855,54 @@ impl ImapSource {
     async fn session(&mut self, shutdown: &CancellationToken) -> Result<(), ImapError> {
         self.set_state("connecting", false, None).await;
         let mut session = self.connect().await?;
+        self.logged_in = true;
         let t = self.cfg.timeout;
         let caps = timed(t, "CAPABILITY", session.capabilities()).await?;
         let use_idle = self.cfg.idle && caps.has_str("IDLE");
+        let layout = self.layout(&mut session, caps.has_str("NAMESPACE")).await?;
+        let configured = self.cfg.mailbox.clone();
+        let mailbox = layout.server_name(&configured);
+        let target = self
+            .processed_folder(&mut session, &layout, &configured)
+            .await?;
+        self.health.detail = Some(match (&target, &self.processed_problem) {
+            (Some(t), _) => format!("{}/{mailbox}, taken mail moved to {t}", self.account),
+            (None, Some(problem)) => format!("{}/{mailbox}; {problem}", self.account),
+            (None, None) => format!("{}/{mailbox}", self.account),
+        });
         let moves = Moves {
-            target: self.cfg.processed_mailbox.clone(),
+            target,
             can_move: caps.has_str("MOVE"),
             uidplus: caps.has_str("UIDPLUS"),
         };
-        if let Some(target) = &moves.target {
-            // Created if missing; "already exists" is the usual answer.
-            match timed(t, "CREATE", session.create(target)).await {
-                Ok(()) => tracing::info!("IMAP {}: created mailbox {target}", self.account),
-                Err(ImapError::Refused(why)) => tracing::debug!("CREATE {target}: {why}"),
-                Err(other) => return Err(other),
-            }
-        }
-        let mailbox = self.cfg.mailbox.clone();
         let selected = match timed(t, "SELECT", session.select(&mailbox)).await {
             Ok(m) => m,
             Err(ImapError::Refused(reason)) => {
-                return Err(ImapError::Mailbox { mailbox, reason });
+                let hint = self.some_folders(&mut session).await;
+                return Err(ImapError::Mailbox {
+                    sent: sent_as(&configured, &mailbox),
+                    mailbox: configured,
+                    reason,
+                    hint: format!("check imap.mailbox ({hint})"),
+                });
             }
             Err(e) => return Err(e),
         };
         let uidvalidity = selected.uid_validity.ok_or_else(|| {
             ImapError::Protocol(format!("the server gave no UIDVALIDITY for {mailbox}"))
         })?;
-        let stored = self.store.imap_position(&self.account, &mailbox).await?;
+        // The position is kept under the configured name, which does not change with the server.
+        let stored = self.store.imap_position(&self.account, &configured).await?;
         let mut last_uid = match stored {
             Some((v, uid)) if v == uidvalidity => {
                 if selected.uid_next.is_some_and(|next| next <= uid) {
                     // UIDs went backwards without a new UIDVALIDITY (a server restored from a backup):
                     // what comes next would hide below the position.
                     tracing::warn!(
-                        "IMAP {}/{mailbox}: the next UID ({:?}) is not above the last one handled ({uid}); \
+                        "IMAP {}/{mailbox}: the next UID ({}) is not above the last one handled ({uid}); \
                          reading all of it again, already recorded notices are skipped",
                         self.account,
-                        selected.uid_next
+                        selected.uid_next.unwrap_or_default()
                     );
                     0
                 } else {
@@ -577,7 +921,7 @@ impl ImapSource {
         };
         if stored != Some((uidvalidity, last_uid)) {
             self.store
-                .set_imap_position(&self.account, &mailbox, uidvalidity, last_uid)
+                .set_imap_position(&self.account, &configured, uidvalidity, last_uid)
                 .await?;
         }
         tracing::info!(
@@ -599,13 +943,18 @@ impl ImapSource {
         let mut exists = selected.exists;
 
         loop {
-            // Until a search finds nothing new: announcements dropped meanwhile cannot hide mail.
+            // Until a pass finds nothing new: announcements dropped meanwhile cannot hide mail.
             while self
                 .catch_up(&mut session, uidvalidity, &mut last_uid, &moves)
                 .await?
                 > 0
             {}
+            exists = exists.saturating_sub(std::mem::take(&mut self.expunged));
+            if !self.progressed && self.last_reported.is_some() {
+                tracing::info!("IMAP {}: connected and caught up again", self.account);
+            }
             self.progressed = true;
+            self.last_reported = None;
             let mut announced = false;
             track_size(&session.unsolicited_responses, &mut exists, &mut announced);
             if announced {
@@ -621,10 +970,14 @@ impl ImapSource {
                 let woke = if announced {
                     None
                 } else {
-                    let (wait, stop) = idle.wait_with_timeout(self.cfg.idle_refresh);
+                    // Renewed every poll_interval too (at most idle_refresh), with a catch-up after:
+                    // some servers announce nothing during IDLE (GNU Mailutils imap4d looks at the
+                    // mailbox only when the client speaks).
+                    let renew = self.cfg.idle_refresh.min(self.cfg.poll_interval);
+                    let (wait, stop) = idle.wait_with_timeout(renew);
                     let woke = tokio::select! {
                         r = wait => Some(r),
-                        _ = tokio::time::sleep(self.cfg.idle_refresh) => None,
+                        _ = tokio::time::sleep(renew) => None,
                         _ = shutdown.cancelled() => None,
                     };
                     drop(stop);
@@ -642,8 +995,13 @@ impl ImapSource {
                                 status: status @ (Status::No | Status::Bad | Status::Bye),
                                 outcome,
                             } => {
+                                let said = match status {
+                                    Status::No => "NO",
+                                    Status::Bad => "BAD",
+                                    _ => "BYE",
+                                };
                                 return Err(ImapError::Protocol(format!(
-                                    "the server reported {status:?} during IDLE: {}",
+                                    "the server said {said} while waiting for mail: {}",
                                     outcome.information.as_deref().unwrap_or("(no text)")
                                 )));
                             }
@@ -672,6 +1030,107 @@ impl ImapSource {
         }
     }
 
+    /// The UIDs above `last_uid`, oldest first. `UID SEARCH` first; when it finds nothing, `UID FETCH
+    /// n:* (UID)` too, since some servers' SEARCH misses mail (GNU Mailutils imap4d answers nothing to
+    /// `UID SEARCH UID n:*`). A SEARCH caught missing mail is not asked again.
+    async fn new_uids(
+        &mut self,
+        session: &mut Session<Stream>,
+        last_uid: u32,
+    ) -> Result<Vec<u32>, ImapError> {
+        let t = self.cfg.timeout;
+        let from = last_uid.saturating_add(1);
+        let mut uids: Vec<u32> = Vec::new();
+        if self.search_works {
+            let found: HashSet<u32> =
+                timed(t, "UID SEARCH", session.uid_search(format!("UID {from}:*"))).await?;
+            // `n:*` always matches the highest UID, even below n.
+            uids = found.into_iter().filter(|u| *u > last_uid).collect();
+        }
+        if uids.is_empty() {
+            let fetched = timed(t, "UID FETCH (UID)", async {
+                session
+                    .uid_fetch(format!("{from}:*"), "(UID)")
+                    .await?
+                    .try_collect::<Vec<_>>()
+                    .await
+            })
+            .await?;
+            uids = fetched
+                .iter()
+                .filter_map(|f| f.uid)
+                .filter(|u| *u > last_uid)
+                .collect();
+            if !uids.is_empty() && self.search_works {
+                tracing::warn!(
+                    "IMAP {}: UID SEARCH found no mail above UID {last_uid}, but UID FETCH found {}; the \
+                     server's SEARCH is not relied on from now on",
+                    self.account,
+                    uids.len()
+                );
+                self.search_works = false;
+            }
+        }
+        uids.sort_unstable();
+        uids.dedup();
+        Ok(uids)
+    }
+
+    /// Size, From and structure of `uids`, without their bodies.
+    async fn look(
+        &mut self,
+        session: &mut Session<Stream>,
+        uids: &[u32],
+    ) -> Result<std::collections::HashMap<u32, Look>, ImapError> {
+        let set = uids
+            .iter()
+            .map(u32::to_string)
+            .collect::<Vec<_>>()
+            .join(",");
+        let query = if self.bodystructure_works {
+            "(UID RFC822.SIZE BODYSTRUCTURE BODY.PEEK[HEADER.FIELDS (FROM MESSAGE-ID)])"
+        } else {
+            "(UID RFC822.SIZE BODY.PEEK[HEADER.FIELDS (FROM MESSAGE-ID)])"
+        };
+        let allowed = self.cfg.allowed_senders.clone();
+        let limit = self.cfg.timeout + Duration::from_millis(20 * uids.len() as u64);
+        let looked = timed(limit, "UID FETCH (the mails' headers)", async {
+            let fetched = session
+                .uid_fetch(&set, query)
+                .await?
+                .try_collect::<Vec<_>>()
+                .await?;
+            let mut out = std::collections::HashMap::new();
+            for f in &fetched {
+                let Some(uid) = f.uid else { continue };
+                let header = f.header();
+                out.insert(
+                    uid,
+                    Look {
+                        size: f.size,
+                        sender: header.map(|h| mail::header_sender(h, &allowed)),
+                        may_hold_notice: f.bodystructure().map(mail::may_hold_notice),
+                        message_id: header.and_then(mail::message_id),
+                    },
+                );
+            }
+            Ok::<_, async_imap::error::Error>(out)
+        })
+        .await;
+        match looked {
+            Err(ImapError::Unreadable(what)) if self.bodystructure_works => {
+                // The connection's parser is stuck on that answer: the session ends, and the next one
+                // looks without BODYSTRUCTURE (every mail from an allowed sender is then fetched).
+                self.bodystructure_works = false;
+                Err(ImapError::Protocol(format!(
+                    "the server sent a BODYSTRUCTURE mastsub cannot read ({what}); from now on every mail \
+                     from an allowed sender is fetched whole"
+                )))
+            }
+            other => other,
+        }
+    }
+
     /// Takes every mail above `last_uid`, oldest first; returns how many UIDs it passed.
     async fn catch_up(
         &mut self,
@@ -680,76 +1139,133 @@ impl ImapSource {
         last_uid: &mut u32,
         moves: &Moves,
     ) -> Result<usize, ImapError> {
-        let t = self.cfg.timeout;
-        let query = format!("UID {}:*", last_uid.saturating_add(1));
-        let found: HashSet<u32> = timed(t, "UID SEARCH", session.uid_search(&query)).await?;
-        // `n:*` always matches the highest UID, even below n.
-        let mut uids: Vec<u32> = found.into_iter().filter(|u| *u > *last_uid).collect();
-        uids.sort_unstable();
-        for &uid in &uids {
-            // A mail that ended three sessions in a row is passed over, so that it cannot hold up the
-            // mail behind it forever.
-            let key = (uidvalidity, uid);
-            let tries = self.failures.get(&key).copied().unwrap_or(0);
-            let taken = if tries >= POISON_AFTER {
-                tracing::error!(
-                    "IMAP {} UID {uid}: {tries} sessions ended on this mail; passing over it, left where \
-                     it is",
-                    self.cfg.mailbox
-                );
-                false
-            } else {
-                self.failures.insert(key, tries + 1);
-                let taken = self.take(session, uidvalidity, uid, moves).await?;
-                self.failures.remove(&key);
-                taken
-            };
-            self.store
-                .set_imap_position(&self.account, &self.cfg.mailbox, uidvalidity, uid)
-                .await?;
-            *last_uid = uid;
-            if taken {
-                self.health.taken += 1;
-                self.write_health().await;
+        let uids = self.new_uids(session, *last_uid).await?;
+        let mailbox = self.cfg.mailbox.clone();
+        let limit = self.cfg.max_message_size.as_u64();
+        let mut passed = Passed::default();
+        for batch in uids.chunks(LOOK_BATCH) {
+            let mut looks = self.look(session, batch).await?;
+            for &uid in batch {
+                passed.looked += 1;
+                let taken = match looks.remove(&uid) {
+                    None => {
+                        tracing::debug!("IMAP {mailbox} UID {uid}: gone before it could be read");
+                        passed.gone += 1;
+                        false
+                    }
+                    Some(look) => {
+                        let id = look.message_id.as_deref().unwrap_or("(no Message-ID)");
+                        let from = match &look.sender {
+                            Some(mail::Sender::Allowed { from }) => Some(from.clone()),
+                            Some(mail::Sender::NotAllowed { from }) => {
+                                tracing::debug!(
+                                    "IMAP {mailbox} UID {uid} <{id}>: from {from}, not allowed; not fetched"
+                                );
+                                passed.not_allowed += 1;
+                                if look.may_hold_notice != Some(false) {
+                                    passed.not_allowed_with_parts += 1;
+                                    passed.example_sender.get_or_insert_with(|| from.clone());
+                                }
+                                None
+                            }
+                            // No header given: the whole mail decides.
+                            None => Some(String::new()),
+                        };
+                        match from {
+                            None => false,
+                            Some(from) if look.may_hold_notice == Some(false) => {
+                                tracing::debug!(
+                                    "IMAP {mailbox} UID {uid} <{id}>: from {from}, no part that could be \
+                                     a notice; not fetched"
+                                );
+                                passed.no_notice += 1;
+                                false
+                            }
+                            Some(_) => match look.size {
+                                Some(size) if u64::from(size) > limit => {
+                                    tracing::warn!(
+                                        "IMAP {mailbox} UID {uid} <{id}>: {size} bytes is more than \
+                                         imap.max_message_size ({limit}); left where it is"
+                                    );
+                                    passed.too_large += 1;
+                                    passed.left += 1;
+                                    false
+                                }
+                                size => {
+                                    let taken = self
+                                        .take_candidate(session, uidvalidity, uid, size, moves)
+                                        .await?;
+                                    if taken {
+                                        passed.taken += 1;
+                                    } else {
+                                        passed.left += 1;
+                                    }
+                                    taken
+                                }
+                            },
+                        }
+                    }
+                };
+                self.store
+                    .set_imap_position(&self.account, &mailbox, uidvalidity, uid)
+                    .await?;
+                *last_uid = uid;
+                if taken {
+                    self.health.taken += 1;
+                    self.write_health().await;
+                }
             }
+        }
+        if let Some(summary) = passed.summary() {
+            tracing::info!("IMAP {mailbox}: {summary}");
         }
         self.health.last_contact = Some(crate::store::now_ms());
         Ok(uids.len())
     }
 
-    /// Handles one mail; true if its notices were taken (and the mail marked and moved).
+    /// A mail worth fetching: taken, unless sessions ended on it three times in a row.
+    async fn take_candidate(
+        &mut self,
+        session: &mut Session<Stream>,
+        uidvalidity: u32,
+        uid: u32,
+        size: Option<u32>,
+        moves: &Moves,
+    ) -> Result<bool, ImapError> {
+        // A mail that ended three sessions in a row is passed over, so that it cannot hold up the mail
+        // behind it forever.
+        let key = (uidvalidity, uid);
+        let tries = self.failures.get(&key).copied().unwrap_or(0);
+        if tries >= POISON_AFTER {
+            tracing::error!(
+                "IMAP {} UID {uid}: {tries} sessions ended on this mail; passing over it, left where it is",
+                self.cfg.mailbox
+            );
+            return Ok(false);
+        }
+        self.failures.insert(key, tries + 1);
+        let taken = self.take(session, uidvalidity, uid, size, moves).await?;
+        self.failures.remove(&key);
+        Ok(taken)
+    }
+
+    /// Fetches one mail whole and takes its notices; true if they were taken (and the mail marked and
+    /// moved).
     async fn take(
         &mut self,
         session: &mut Session<Stream>,
         uidvalidity: u32,
         uid: u32,
+        size: Option<u32>,
         moves: &Moves,
     ) -> Result<bool, ImapError> {
         let t = self.cfg.timeout;
         let mailbox = self.cfg.mailbox.clone();
         let uid_s = uid.to_string();
-        let size = fetch_one(
-            session,
-            t,
-            "UID FETCH (size)",
-            uid,
-            "(UID RFC822.SIZE)",
-            |f| f.size,
-        )
-        .await?;
-        let Some(size) = size else {
-            return self.gone_or_failed(session, uid, "its size").await;
-        };
-        let limit = self.cfg.max_message_size.as_u64();
-        if u64::from(size) > limit {
-            tracing::warn!(
-                "IMAP {mailbox} UID {uid}: {size} bytes is more than imap.max_message_size ({limit}); \
-                 left where it is"
-            );
-            return Ok(false);
-        }
         // The timeout grows with the mail: at least 256 KiB/s on top of the command timeout.
-        let body_limit = t + Duration::from_secs(u64::from(size) / (256 * 1024));
+        let size =
+            u64::from(size.unwrap_or(0)).max(self.cfg.max_message_size.as_u64().min(1 << 20));
+        let body_limit = t + Duration::from_secs(size / (256 * 1024));
         let raw = fetch_one(
             session,
             body_limit,
@@ -762,9 +1278,21 @@ impl ImapSource {
         let Some(raw) = raw else {
             return self.gone_or_failed(session, uid, "its body").await;
         };
+        if raw.len() as u64 > self.cfg.max_message_size.as_u64() {
+            tracing::warn!(
+                "IMAP {mailbox} UID {uid}: {} bytes is more than imap.max_message_size ({}); left where \
+                 it is",
+                raw.len(),
+                self.cfg.max_message_size.as_u64()
+            );
+            return Ok(false);
+        }
         let allowed = self.cfg.allowed_senders.clone();
+        let limits = mail::Limits {
+            max_uncompressed: self.ingestor.max_notice_size(),
+        };
         let read = tokio::task::spawn_blocking(move || {
-            (mail::read(&raw, &allowed), mail::message_id(&raw))
+            (mail::read(&raw, &allowed, &limits), mail::message_id(&raw))
         })
         .await;
         let (mail, message_id) = match read {
@@ -791,15 +1319,31 @@ impl ImapSource {
                 );
                 return Ok(false);
             }
-            Mail::NoNotice { from } => {
-                tracing::info!("{what}: from {from}, has no JSON attachment; left where it is");
+            Mail::NoNotice { from, found } => {
+                if found.is_empty() {
+                    tracing::info!(
+                        "{what}: from {from}, has no JSON, .json.gz or .zip attachment; left where it is"
+                    );
+                } else {
+                    tracing::warn!(
+                        "{what}: from {from}, no notice could be read: {}; left where it is",
+                        found.join("; ")
+                    );
+                }
                 return Ok(false);
             }
-            Mail::Notices { from, attachments } => {
+            Mail::Notices {
+                from,
+                attachments,
+                skipped,
+            } => {
                 tracing::info!(
                     "{what}: from {from}, {} notice attachment(s)",
                     attachments.len()
                 );
+                if !skipped.is_empty() {
+                    tracing::warn!("{what}: also held, not read: {}", skipped.join("; "));
+                }
                 attachments
             }
         };
@@ -846,10 +1390,16 @@ impl ImapSource {
         uid: u32,
         what: &str,
     ) -> Result<bool, ImapError> {
-        let query = format!("UID {uid}");
-        let still: HashSet<u32> =
-            timed(self.cfg.timeout, "UID SEARCH", session.uid_search(&query)).await?;
-        if still.contains(&uid) {
+        let still = fetch_one(
+            session,
+            self.cfg.timeout,
+            "UID FETCH (UID)",
+            uid,
+            "(UID)",
+            |f| f.uid,
+        )
+        .await?;
+        if still.is_some() {
             Err(ImapError::Protocol(format!(
                 "the server did not give {what} of UID {uid}, which is still there"
             )))
@@ -894,10 +1444,12 @@ impl ImapSource {
             );
             return Ok(());
         }
-        timed(t, "EXPUNGE", async {
-            session.expunge().await?.try_collect::<Vec<_>>().await
-        })
-        .await?;
+        let answer = raw_command(session, t, "EXPUNGE", "EXPUNGE").await?;
+        // The mailbox shrank by the mails expunged (however the server spells it).
+        self.expunged += answer
+            .iter()
+            .filter(|l| l.to_ascii_uppercase().contains(" EXPUNGE"))
+            .count() as u32;
         tracing::debug!("IMAP UID {uid_s}: copied to {target} and expunged (EXPUNGE)");
         Ok(())
     }
@@ -989,13 +1541,17 @@ fn settle(result: Result<(), ImapError>, what: &str, doing: &str) -> Result<(), 
     }
 }
 
-async fn greeting<T>(client: &mut Client<T>, limit: Duration) -> Result<(), ImapError>
+/// Reads the server's greeting; `hint` is added when none comes in time.
+async fn greeting<T>(client: &mut Client<T>, limit: Duration, hint: &str) -> Result<(), ImapError>
 where
     T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + std::fmt::Debug + Send,
 {
     match tokio::time::timeout(limit, client.read_response()).await {
-        Err(_) => Err(ImapError::Timeout("the server's greeting")),
-        Ok(Err(e)) => Err(ImapError::Protocol(format!("reading the greeting: {e}"))),
+        Err(_) if hint.is_empty() => Err(ImapError::Timeout("the server's greeting")),
+        Err(_) => Err(ImapError::Protocol(format!(
+            "the server sent no greeting within imap.timeout: {hint}"
+        ))),
+        Ok(Err(e)) => Err(e.into()),
         Ok(Ok(None)) => Err(ImapError::Protocol(
             "the server closed the connection before its greeting".into(),
         )),
@@ -1003,10 +1559,94 @@ where
     }
 }
 
-fn new_backoff() -> impl Iterator<Item = Duration> {
+/// Sends `command` and reads its answer line by line up to the tagged end, straight from the connection,
+/// past the client library's parser: for NAMESPACE (RFC 2342), which async-imap cannot parse and would
+/// stop the session on, and for EXPUNGE, whose answers some servers misspell (GNU Mailutils imap4d sends
+/// `* n EXPUNGED`). Called between commands, when the client has nothing buffered. Returns the untagged
+/// lines, or the server's refusal.
+async fn raw_command(
+    session: &mut Session<Stream>,
+    limit: Duration,
+    what: &'static str,
+    command: &str,
+) -> Result<Vec<String>, ImapError> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    const TAG: &str = "mastsub-raw";
+    let stream: &mut Stream = session.get_mut();
+    let answer = timed(limit, what, async move {
+        stream
+            .write_all(format!("{TAG} {command}\r\n").as_bytes())
+            .await?;
+        stream.flush().await?;
+        let mut untagged = Vec::new();
+        let mut line = Vec::new();
+        let mut byte = [0u8; 1];
+        loop {
+            if stream.read(&mut byte).await? == 0 {
+                return Err(std::io::Error::from(std::io::ErrorKind::UnexpectedEof));
+            }
+            line.push(byte[0]);
+            if line.len() > 64 * 1024 {
+                return Err(std::io::Error::other("an answer line over 64 KiB"));
+            }
+            if line.ends_with(b"\r\n") {
+                let text = String::from_utf8_lossy(&line).trim_end().to_string();
+                line.clear();
+                if let Some(status) = text.strip_prefix(TAG) {
+                    return Ok((status.trim().to_string(), untagged));
+                }
+                untagged.push(text);
+            }
+        }
+    })
+    .await?;
+    let (status, untagged) = answer;
+    let word = status.split_whitespace().next().unwrap_or("");
+    if word.eq_ignore_ascii_case("OK") {
+        Ok(untagged)
+    } else {
+        Err(ImapError::Refused(
+            status.get(word.len()..).unwrap_or("").trim().to_string(),
+        ))
+    }
+}
+
+/// The server's NAMESPACE line, if it gives one.
+async fn namespace(
+    session: &mut Session<Stream>,
+    limit: Duration,
+) -> Result<Option<String>, ImapError> {
+    match raw_command(session, limit, "NAMESPACE", "NAMESPACE").await {
+        Ok(lines) => Ok(lines.into_iter().find(|l| {
+            l.get(..11)
+                .is_some_and(|h| h.eq_ignore_ascii_case("* NAMESPACE"))
+        })),
+        Err(ImapError::Refused(why)) => {
+            tracing::debug!("IMAP: NAMESPACE refused: {why}");
+            Ok(None)
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// A mailbox name as an IMAP quoted string.
+fn quote(name: &str) -> String {
+    format!("\"{}\"", name.replace('\\', "\\\\").replace('"', "\\\""))
+}
+
+/// ` (sent as "…")` when the server's name for a folder differs from the configured one.
+fn sent_as(configured: &str, server: &str) -> String {
+    if configured == server {
+        String::new()
+    } else {
+        format!(" (sent as {server:?})")
+    }
+}
+
+fn new_backoff(min: Duration, max: Duration) -> impl Iterator<Item = Duration> {
     backon::ExponentialBuilder::default()
-        .with_min_delay(RECONNECT_MIN)
-        .with_max_delay(RECONNECT_MAX)
+        .with_min_delay(min)
+        .with_max_delay(max)
         .with_jitter()
         .without_max_times()
         .build()

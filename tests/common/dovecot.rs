@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
+use super::imap_server::{ImapServer, ServerCert};
 use super::wait_until;
 
 /// The test user and password.
@@ -39,10 +40,7 @@ pub struct Dovecot {
 }
 
 fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
+    super::free_port()
 }
 
 fn current_user() -> (u32, u32, String) {
@@ -140,13 +138,22 @@ impl Dovecot {
 
     /// `start`, with `extra` appended to the configuration (e.g. an `imap_capability` list).
     pub fn start_with(extra: &str) -> Dovecot {
+        let (ca, cert_pem, key_pem) = certificates();
+        Dovecot::configure(extra, ServerCert { cert_pem, key_pem }, &ca)
+    }
+
+    /// `start` with `cert` as the server's certificate; `ca_file` is then that certificate itself.
+    pub fn start_with_cert(cert: ServerCert) -> Dovecot {
+        let ca = cert.cert_pem.clone();
+        Dovecot::configure("", cert, &ca)
+    }
+
+    fn configure(extra: &str, cert: ServerCert, ca: &str) -> Dovecot {
         let dir = tempfile::tempdir().expect("temp dir");
         let root = dir.path();
-        let (ca, cert, key) = certificates();
         let ca_file = root.join("ca.pem");
         std::fs::write(&ca_file, ca).unwrap();
-        std::fs::write(root.join("cert.pem"), cert).unwrap();
-        std::fs::write(root.join("key.pem"), key).unwrap();
+        super::imap_server::write_cert(root, &cert);
         let (uid, gid, name) = current_user();
         // Dovecot never opens mail as root: as root, the mail belongs to the package's `dovecot` user.
         let (mail_uid, mail_gid) = if uid == 0 {
@@ -370,6 +377,75 @@ impl Drop for Dovecot {
     }
 }
 
+impl ImapServer for Dovecot {
+    fn name(&self) -> &'static str {
+        "Dovecot"
+    }
+
+    fn port(&self) -> u16 {
+        self.port
+    }
+
+    fn tls_port(&self) -> u16 {
+        self.tls_port
+    }
+
+    fn ca_file(&self) -> &Path {
+        &self.ca_file
+    }
+
+    fn user(&self) -> &str {
+        USER
+    }
+
+    fn password(&self) -> &str {
+        PASSWORD
+    }
+
+    fn deliver(&self, mailbox: &str, mail: &[u8]) {
+        Dovecot::deliver(self, mailbox, mail)
+    }
+
+    fn uids(&self, mailbox: &str, criteria: &str) -> Vec<u32> {
+        Dovecot::uids(self, mailbox, criteria)
+    }
+
+    /// Maildir++: the separator is `.`, folders sit beside INBOX ("MAST/processed" is "MAST.processed").
+    fn mailbox_name(&self, path: &str) -> String {
+        let path = path.trim_matches('/');
+        if path.eq_ignore_ascii_case("INBOX") {
+            return "INBOX".into();
+        }
+        path.replace('/', ".")
+    }
+
+    fn stop(&mut self) {
+        Dovecot::stop(self)
+    }
+
+    fn start_again(&mut self) {
+        Dovecot::start_again(self)
+    }
+
+    fn log(&self) -> String {
+        Dovecot::log(self)
+    }
+
+    /// imap-login logs each refused login as "Disconnected (auth failed, N attempts …)" or, when the
+    /// client logs out, "Aborted login by logging out (auth failed, …)": one line per connection, when
+    /// it ends, N the attempts on it.
+    fn failed_logins(&self) -> usize {
+        Dovecot::log(self)
+            .lines()
+            .filter_map(|l| {
+                let at = l.find("(auth failed, ")?;
+                let rest = &l[at + "(auth failed, ".len()..];
+                rest.split_whitespace().next()?.parse::<usize>().ok()
+            })
+            .sum()
+    }
+}
+
 /// A minimal blocking IMAP client over plain TCP, for delivering and inspecting mail.
 pub struct Imap {
     reader: BufReader<TcpStream>,
@@ -378,7 +454,7 @@ pub struct Imap {
 }
 
 impl Imap {
-    fn connect(port: u16) -> Option<Imap> {
+    pub fn connect(port: u16) -> Option<Imap> {
         let stream = TcpStream::connect(("127.0.0.1", port)).ok()?;
         stream
             .set_read_timeout(Some(Duration::from_secs(10)))
@@ -444,6 +520,22 @@ impl Imap {
         self.writer.write_all(b"\r\n").unwrap();
         self.finish(&tag)
             .unwrap_or_else(|e| panic!("APPEND to {mailbox}: {e}"));
+    }
+
+    /// Appends every mail of `mails` with one MULTIAPPEND command (RFC 3502) and LITERAL+ (RFC 7888): a
+    /// single round trip, for servers that offer both (Dovecot).
+    pub fn append_many(&mut self, mailbox: &str, mails: &[Vec<u8>]) {
+        self.tag += 1;
+        let tag = format!("t{}", self.tag);
+        let mut command = format!("{tag} APPEND \"{mailbox}\"").into_bytes();
+        for mail in mails {
+            command.extend_from_slice(format!(" {{{}+}}\r\n", mail.len()).as_bytes());
+            command.extend_from_slice(mail);
+        }
+        command.extend_from_slice(b"\r\n");
+        self.writer.write_all(&command).unwrap();
+        self.finish(&tag)
+            .unwrap_or_else(|e| panic!("MULTIAPPEND to {mailbox}: {e}"));
     }
 
     pub fn logout(&mut self) {

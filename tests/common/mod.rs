@@ -2,7 +2,11 @@
 //! and the MAST stand-in (`mast.rs`).
 #![allow(dead_code)] // each test crate uses its own subset
 
+pub mod certs;
+pub mod cyrus;
 pub mod dovecot;
+pub mod imap4d;
+pub mod imap_server;
 pub mod mast;
 pub mod nginx;
 pub mod smtp;
@@ -14,6 +18,24 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
+
+/// A loopback port free now for a server a test starts, never the same twice in one test process: a port
+/// released by `bind(0)` can be handed to the next caller at once, and two servers of tests running in
+/// parallel would then share it (the second failing to bind while the first answers for it).
+pub fn free_port() -> u16 {
+    static GIVEN: Mutex<Vec<u16>> = Mutex::new(Vec::new());
+    loop {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .expect("a free port");
+        let mut given = GIVEN.lock().unwrap_or_else(|e| e.into_inner());
+        if !given.contains(&port) {
+            given.push(port);
+            return port;
+        }
+    }
+}
 
 /// The sample notice of ../shared/samples, kept in the repo so a lone clone tests too.
 pub fn sample_notice() -> PathBuf {

@@ -3,7 +3,6 @@
 //! ETag handling, and its gzip, are nginx's own, not our reading of the RFCs (the stand-in in `mast.rs`
 //! shares that reading, so it cannot catch our mistakes about it).
 
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
@@ -38,10 +37,7 @@ impl Nginx {
             return None;
         };
         let dir = tempfile::tempdir().unwrap();
-        let port = TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .map(|a| a.port())
-            .unwrap();
+        let port = super::free_port();
         let d = dir.path().display();
         let conf = format!(
             "daemon off;\nmaster_process off;\npid {d}/nginx.pid;\nerror_log {d}/error.log;\n\

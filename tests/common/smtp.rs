@@ -34,23 +34,32 @@ pub struct Smtp {
 impl Smtp {
     /// A server on a free port; `tls` requires STARTTLS.
     pub fn start(tls: bool) -> Smtp {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .map(|a| a.port())
-            .unwrap();
+        let port = super::free_port();
         let mut s = Smtp::on_port(port, tls);
+        s.start_again();
+        s
+    }
+
+    /// A server requiring STARTTLS with `cert` (`ca_file` is then that certificate itself).
+    pub fn start_with_cert(cert: &super::imap_server::ServerCert) -> Smtp {
+        let port = super::free_port();
+        let mut s = Smtp::with_cert(port, true, cert, &cert.cert_pem);
         s.start_again();
         s
     }
 
     /// A server for `port` that is not started yet (`start_again` starts it).
     pub fn on_port(port: u16, tls: bool) -> Smtp {
+        let (ca, cert_pem, key_pem) = super::dovecot::certificates();
+        let cert = super::imap_server::ServerCert { cert_pem, key_pem };
+        Smtp::with_cert(port, tls, &cert, &ca)
+    }
+
+    fn with_cert(port: u16, tls: bool, cert: &super::imap_server::ServerCert, ca: &str) -> Smtp {
         let dir = tempfile::tempdir().unwrap();
-        let (ca, cert, key) = super::dovecot::certificates();
         let ca_file = dir.path().join("ca.pem");
         std::fs::write(&ca_file, ca).unwrap();
-        std::fs::write(dir.path().join("cert.pem"), cert).unwrap();
-        std::fs::write(dir.path().join("key.pem"), key).unwrap();
+        super::imap_server::write_cert(dir.path(), cert);
         Smtp {
             dir,
             port,
