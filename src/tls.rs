@@ -525,7 +525,10 @@ fn verifier(trust: &Trust<'_>) -> Result<Verifier, String> {
                 ));
             }
             let mut roots = rustls::RootCertStore::empty();
-            let (_added, _) = roots.add_parsable_certificates(certs.iter().cloned());
+            // Only CAs in date sign for others (webpki checks neither of an anchor): an expired or
+            // end-entity certificate in the file is trusted as itself alone, by the listed path.
+            let (_added, _) =
+                roots.add_parsable_certificates(certs.iter().filter(|c| may_sign(c)).cloned());
             // A file of certificates webpki cannot take as CAs still works for the certificates in it.
             let chain: Arc<dyn ServerCertVerifier> = if roots.is_empty() {
                 Arc::new(NoChain)
@@ -555,6 +558,21 @@ fn verifier(trust: &Trust<'_>) -> Result<Verifier, String> {
         chain,
         provider,
     })
+}
+
+/// Whether `cert` may anchor a chain: it does not say CA:FALSE, and it is within its dates.
+fn may_sign(cert: &CertificateDer<'_>) -> bool {
+    use x509_parser::prelude::{FromDer, X509Certificate};
+    let Ok((_, parsed)) = X509Certificate::from_der(cert.as_ref()) else {
+        return false;
+    };
+    // An old v1 CA has no basicConstraints at all: taken as a CA, as webpki would.
+    let ca = match parsed.basic_constraints() {
+        Ok(Some(b)) => b.value.ca,
+        Ok(None) => true,
+        Err(_) => false,
+    };
+    ca && parsed.validity().is_valid()
 }
 
 /// A chain verifier with no CA: refuses every certificate as of an unknown issuer.

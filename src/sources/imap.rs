@@ -40,16 +40,16 @@ use crate::store::{SourceHealth, SourceKind, Store};
 
 /// The first pause before reconnecting; it doubles (with jitter) up to `RECONNECT_MAX`.
 const RECONNECT_MIN: Duration = Duration::from_secs(1);
-/// The longest pause before reconnecting.
-const RECONNECT_MAX: Duration = Duration::from_secs(300);
+/// The longest pause before reconnecting, before a jitter of up to as much again (so at most 5 min).
+const RECONNECT_MAX: Duration = Duration::from_secs(150);
 /// A session that caught up and lasted this long resets the backoff.
 const HEALTHY_SESSION: Duration = Duration::from_secs(60);
 /// A mail on which this many sessions in a row ended is passed over.
 const POISON_AFTER: u32 = 3;
 /// The first pause after the server refused the login; it doubles up to `LOGIN_RETRY_MAX`.
 const LOGIN_RETRY_MIN: Duration = Duration::from_secs(5 * 60);
-/// The longest pause after a refused login.
-const LOGIN_RETRY_MAX: Duration = Duration::from_secs(60 * 60);
+/// The longest pause after a refused login, before a jitter of up to as much again (so at most 1 h).
+const LOGIN_RETRY_MAX: Duration = Duration::from_secs(30 * 60);
 /// Mails looked at (size, From, structure) with one FETCH.
 const LOOK_BATCH: usize = 100;
 
@@ -366,15 +366,22 @@ pub struct ImapSource {
     processed_problem: Option<String>,
     /// Mails expunged by commands read past the client's parser, not yet taken off the mailbox size.
     expunged: u32,
+    /// Sessions that ended while looking at a batch, by (UIDVALIDITY, its first UID).
+    look_failures: std::collections::HashMap<(u32, u32), u32>,
 }
 
-/// What a look at a mail (size, From, structure) found, before fetching it whole.
+/// What a look at a mail (size, From, structure) found, before fetching it whole; all `None` for a mail
+/// the look gave nothing for.
+#[derive(Default)]
 struct Look {
     size: Option<u32>,
     sender: Option<mail::Sender>,
     /// `None` when the structure was not asked for or not given.
     may_hold_notice: Option<bool>,
     message_id: Option<String>,
+    /// Marked `\Deleted`: on its way out (often a mail copied to the processed folder whose EXPUNGE
+    /// had to wait), not taken again.
+    deleted: bool,
 }
 
 /// What one catch-up pass passed over without fetching, for its summary line.
@@ -387,7 +394,7 @@ struct Passed {
     example_sender: Option<String>,
     no_notice: usize,
     too_large: usize,
-    gone: usize,
+    deleted: usize,
     left: usize,
 }
 
@@ -395,7 +402,7 @@ impl Passed {
     /// "12 mails looked at, 2 taken; passed over without fetching them: …", or `None` when there is
     /// nothing to say beyond the taken mails' own lines.
     fn summary(&self) -> Option<String> {
-        let skipped = self.not_allowed + self.no_notice + self.gone;
+        let skipped = self.not_allowed + self.no_notice + self.deleted;
         if skipped == 0 && self.left == 0 {
             return None;
         }
@@ -420,8 +427,8 @@ impl Passed {
                 self.no_notice
             ));
         }
-        if self.gone > 0 {
-            parts.push(format!("{} gone before they could be read", self.gone));
+        if self.deleted > 0 {
+            parts.push(format!("{} marked \\Deleted", self.deleted));
         }
         let mut s = format!(
             "{} new mail(s) looked at, {} taken",
@@ -472,6 +479,7 @@ impl ImapSource {
             bodystructure_works: true,
             processed_problem: None,
             expunged: 0,
+            look_failures: std::collections::HashMap::new(),
         }
     }
 
@@ -862,9 +870,26 @@ impl ImapSource {
         let layout = self.layout(&mut session, caps.has_str("NAMESPACE")).await?;
         let configured = self.cfg.mailbox.clone();
         let mailbox = layout.server_name(&configured);
-        let target = self
+        self.expunged = 0;
+        let mut target = self
             .processed_folder(&mut session, &layout, &configured)
             .await?;
+        // Two spellings of one folder (`INBOX/` and `INBOX`, `MAST/notices` and `MAST.notices`): moving a
+        // mail into its own mailbox would take it again and again.
+        if target.as_deref().is_some_and(|t| {
+            t == mailbox || (t.eq_ignore_ascii_case("INBOX") && mailbox == "INBOX")
+        }) {
+            let problem = format!(
+                "imap.processed_mailbox {:?} is the same folder as imap.mailbox {configured:?} on this \
+                 server ({mailbox:?}): taken mail is marked \\Seen and stays; name another folder",
+                self.cfg.processed_mailbox.as_deref().unwrap_or_default()
+            );
+            if self.processed_problem.as_deref() != Some(problem.as_str()) {
+                tracing::warn!("IMAP {}: {problem}", self.account);
+                self.processed_problem = Some(problem);
+            }
+            target = None;
+        }
         self.health.detail = Some(match (&target, &self.processed_problem) {
             (Some(t), _) => format!("{}/{mailbox}, taken mail moved to {t}", self.account),
             (None, Some(problem)) => format!("{}/{mailbox}; {problem}", self.account),
@@ -1061,6 +1086,16 @@ impl ImapSource {
                 .filter_map(|f| f.uid)
                 .filter(|u| *u > last_uid)
                 .collect();
+            // Mail delivered between the two commands is not the server's fault: SEARCH is asked again.
+            if !uids.is_empty() && self.search_works {
+                let again: HashSet<u32> =
+                    timed(t, "UID SEARCH", session.uid_search(format!("UID {from}:*"))).await?;
+                if again.iter().any(|u| *u > last_uid) {
+                    uids.sort_unstable();
+                    uids.dedup();
+                    return Ok(uids);
+                }
+            }
             if !uids.is_empty() && self.search_works {
                 tracing::warn!(
                     "IMAP {}: UID SEARCH found no mail above UID {last_uid}, but UID FETCH found {}; the \
@@ -1088,9 +1123,9 @@ impl ImapSource {
             .collect::<Vec<_>>()
             .join(",");
         let query = if self.bodystructure_works {
-            "(UID RFC822.SIZE BODYSTRUCTURE BODY.PEEK[HEADER.FIELDS (FROM MESSAGE-ID)])"
+            "(UID FLAGS RFC822.SIZE BODYSTRUCTURE BODY.PEEK[HEADER.FIELDS (FROM MESSAGE-ID)])"
         } else {
-            "(UID RFC822.SIZE BODY.PEEK[HEADER.FIELDS (FROM MESSAGE-ID)])"
+            "(UID FLAGS RFC822.SIZE BODY.PEEK[HEADER.FIELDS (FROM MESSAGE-ID)])"
         };
         let allowed = self.cfg.allowed_senders.clone();
         let limit = self.cfg.timeout + Duration::from_millis(20 * uids.len() as u64);
@@ -1111,6 +1146,9 @@ impl ImapSource {
                         sender: header.map(|h| mail::header_sender(h, &allowed)),
                         may_hold_notice: f.bodystructure().map(mail::may_hold_notice),
                         message_id: header.and_then(mail::message_id),
+                        deleted: f
+                            .flags()
+                            .any(|fl| matches!(fl, async_imap::types::Flag::Deleted)),
                     },
                 );
             }
@@ -1144,66 +1182,82 @@ impl ImapSource {
         let limit = self.cfg.max_message_size.as_u64();
         let mut passed = Passed::default();
         for batch in uids.chunks(LOOK_BATCH) {
-            let mut looks = self.look(session, batch).await?;
+            // A look that ended three sessions in a row is given up: each mail of the batch is then
+            // fetched whole (and counted as a poison mail on its own).
+            let key = (uidvalidity, batch[0]);
+            let tries = self.look_failures.get(&key).copied().unwrap_or(0);
+            let mut looks = if tries >= POISON_AFTER {
+                tracing::warn!(
+                    "IMAP {mailbox}: looking at UIDs {}..{} ended {tries} sessions; fetching them whole",
+                    batch[0],
+                    batch[batch.len() - 1]
+                );
+                std::collections::HashMap::new()
+            } else {
+                self.look_failures.insert(key, tries + 1);
+                let looks = self.look(session, batch).await?;
+                self.look_failures.remove(&key);
+                looks
+            };
             for &uid in batch {
                 passed.looked += 1;
-                let taken = match looks.remove(&uid) {
-                    None => {
-                        tracing::debug!("IMAP {mailbox} UID {uid}: gone before it could be read");
-                        passed.gone += 1;
-                        false
-                    }
-                    Some(look) => {
-                        let id = look.message_id.as_deref().unwrap_or("(no Message-ID)");
-                        let from = match &look.sender {
-                            Some(mail::Sender::Allowed { from }) => Some(from.clone()),
-                            Some(mail::Sender::NotAllowed { from }) => {
-                                tracing::debug!(
-                                    "IMAP {mailbox} UID {uid} <{id}>: from {from}, not allowed; not fetched"
-                                );
-                                passed.not_allowed += 1;
-                                if look.may_hold_notice != Some(false) {
-                                    passed.not_allowed_with_parts += 1;
-                                    passed.example_sender.get_or_insert_with(|| from.clone());
-                                }
-                                None
+                // A mail the look gave nothing for is not taken to be gone: async-imap hides a refused
+                // FETCH, so it is fetched whole, and `take` tells gone from refused.
+                let look = looks.remove(&uid).unwrap_or_default();
+                let taken = if look.deleted {
+                    tracing::debug!("IMAP {mailbox} UID {uid}: marked \\Deleted; not taken");
+                    passed.deleted += 1;
+                    false
+                } else {
+                    let id = look.message_id.as_deref().unwrap_or("(no Message-ID)");
+                    let from = match &look.sender {
+                        Some(mail::Sender::Allowed { from }) => Some(from.clone()),
+                        Some(mail::Sender::NotAllowed { from }) => {
+                            tracing::debug!(
+                                "IMAP {mailbox} UID {uid} <{id}>: from {from}, not allowed; not fetched"
+                            );
+                            passed.not_allowed += 1;
+                            if look.may_hold_notice != Some(false) {
+                                passed.not_allowed_with_parts += 1;
+                                passed.example_sender.get_or_insert_with(|| from.clone());
                             }
-                            // No header given: the whole mail decides.
-                            None => Some(String::new()),
-                        };
-                        match from {
-                            None => false,
-                            Some(from) if look.may_hold_notice == Some(false) => {
-                                tracing::debug!(
-                                    "IMAP {mailbox} UID {uid} <{id}>: from {from}, no part that could be \
+                            None
+                        }
+                        // No header given: the whole mail decides.
+                        None => Some(String::new()),
+                    };
+                    match from {
+                        None => false,
+                        Some(from) if look.may_hold_notice == Some(false) => {
+                            tracing::debug!(
+                                "IMAP {mailbox} UID {uid} <{id}>: from {from}, no part that could be \
                                      a notice; not fetched"
+                            );
+                            passed.no_notice += 1;
+                            false
+                        }
+                        Some(_) => match look.size {
+                            Some(size) if u64::from(size) > limit => {
+                                tracing::warn!(
+                                    "IMAP {mailbox} UID {uid} <{id}>: {size} bytes is more than \
+                                         imap.max_message_size ({limit}); left where it is"
                                 );
-                                passed.no_notice += 1;
+                                passed.too_large += 1;
+                                passed.left += 1;
                                 false
                             }
-                            Some(_) => match look.size {
-                                Some(size) if u64::from(size) > limit => {
-                                    tracing::warn!(
-                                        "IMAP {mailbox} UID {uid} <{id}>: {size} bytes is more than \
-                                         imap.max_message_size ({limit}); left where it is"
-                                    );
-                                    passed.too_large += 1;
+                            size => {
+                                let taken = self
+                                    .take_candidate(session, uidvalidity, uid, size, moves)
+                                    .await?;
+                                if taken {
+                                    passed.taken += 1;
+                                } else {
                                     passed.left += 1;
-                                    false
                                 }
-                                size => {
-                                    let taken = self
-                                        .take_candidate(session, uidvalidity, uid, size, moves)
-                                        .await?;
-                                    if taken {
-                                        passed.taken += 1;
-                                    } else {
-                                        passed.left += 1;
-                                    }
-                                    taken
-                                }
-                            },
-                        }
+                                taken
+                            }
+                        },
                     }
                 };
                 self.store
@@ -1390,16 +1444,25 @@ impl ImapSource {
         uid: u32,
         what: &str,
     ) -> Result<bool, ImapError> {
-        let still = fetch_one(
+        // Read past async-imap, which hides a tagged NO to FETCH: a refusal is not "gone".
+        let still = match raw_uids(
             session,
             self.cfg.timeout,
             "UID FETCH (UID)",
-            uid,
-            "(UID)",
-            |f| f.uid,
+            &format!("UID FETCH {uid} (UID)"),
         )
-        .await?;
-        if still.is_some() {
+        .await
+        {
+            Ok(uids) => uids.contains(&uid),
+            Err(ImapError::Refused(why)) => {
+                return Err(ImapError::Protocol(format!(
+                    "the server did not give {what} of UID {uid}, and refused to say whether it is still \
+                     there: {why}"
+                )));
+            }
+            Err(e) => return Err(e),
+        };
+        if still {
             Err(ImapError::Protocol(format!(
                 "the server did not give {what} of UID {uid}, which is still there"
             )))
@@ -1425,7 +1488,7 @@ impl ImapSource {
         timed(t, "UID COPY", session.uid_copy(uid_s, target)).await?;
         add_flag(session, t, uid_s, "\\Deleted").await?;
         if moves.uidplus {
-            timed(t, "UID EXPUNGE", async {
+            let expunged = timed(t, "UID EXPUNGE", async {
                 session
                     .uid_expunge(uid_s)
                     .await?
@@ -1433,10 +1496,24 @@ impl ImapSource {
                     .await
             })
             .await?;
+            // Given back as the command's answer, not on the unsolicited channel.
+            self.expunged += expunged.len() as u32;
             tracing::debug!("IMAP UID {uid_s}: copied to {target} and expunged (UID EXPUNGE)");
             return Ok(());
         }
-        let deleted: HashSet<u32> = timed(t, "UID SEARCH", session.uid_search("DELETED")).await?;
+        // Read past async-imap, which hides a tagged NO to SEARCH: a refusal must not read as "none".
+        let deleted = match raw_uids(session, t, "UID SEARCH", "UID SEARCH DELETED").await {
+            Ok(deleted) => deleted,
+            Err(ImapError::Refused(why)) => {
+                tracing::warn!(
+                    "IMAP UID {uid_s}: copied to {target}; the server refused to say which mails are \
+                     marked \\Deleted ({why}), so it stays here marked \\Deleted (EXPUNGE could remove \
+                     others' too)"
+                );
+                return Ok(());
+            }
+            Err(e) => return Err(e),
+        };
         if deleted.iter().any(|u| u.to_string() != uid_s) {
             tracing::warn!(
                 "IMAP UID {uid_s}: copied to {target}, but other mails are marked \\Deleted and the server \
@@ -1481,20 +1558,20 @@ async fn fetch_one<T>(
     .await
 }
 
-/// Adds `flag` to the mail `uid`.
+/// Adds `flag` to the mail `uid`. Past async-imap, which hides a tagged NO to STORE: a refusal comes
+/// back as `Refused`, for `settle` to log.
 async fn add_flag(
     session: &mut Session<Stream>,
     limit: Duration,
     uid: &str,
     flag: &str,
 ) -> Result<(), ImapError> {
-    timed(limit, "UID STORE", async {
-        session
-            .uid_store(uid, format!("+FLAGS.SILENT ({flag})"))
-            .await?
-            .try_collect::<Vec<_>>()
-            .await
-    })
+    raw_command(
+        session,
+        limit,
+        "UID STORE",
+        &format!("UID STORE {uid} +FLAGS.SILENT ({flag})"),
+    )
     .await
     .map(drop)
 }
@@ -1611,6 +1688,41 @@ async fn raw_command(
     }
 }
 
+/// A `UID SEARCH` or `UID FETCH … (UID)` read with `raw_command`: the UIDs of its `* SEARCH` and
+/// `* n FETCH (… UID u …)` lines, or the server's refusal.
+async fn raw_uids(
+    session: &mut Session<Stream>,
+    limit: Duration,
+    what: &'static str,
+    command: &str,
+) -> Result<Vec<u32>, ImapError> {
+    let lines = raw_command(session, limit, what, command).await?;
+    Ok(lines.iter().flat_map(|l| uids_in(l)).collect())
+}
+
+/// The UIDs an untagged `SEARCH` or `FETCH` line names.
+fn uids_in(line: &str) -> Vec<u32> {
+    let upper = line.to_ascii_uppercase();
+    if let Some(rest) = upper.strip_prefix("* SEARCH") {
+        return rest
+            .split_whitespace()
+            .filter_map(|n| n.parse().ok())
+            .collect();
+    }
+    match upper.find(" FETCH (") {
+        Some(at) => {
+            let items: Vec<&str> = upper[at + 8..].split_whitespace().collect();
+            items
+                .windows(2)
+                .find(|w| w[0] == "UID")
+                .and_then(|w| w[1].trim_end_matches(')').parse().ok())
+                .into_iter()
+                .collect()
+        }
+        None => Vec::new(),
+    }
+}
+
 /// The server's NAMESPACE line, if it gives one.
 async fn namespace(
     session: &mut Session<Stream>,
@@ -1656,6 +1768,18 @@ fn new_backoff(min: Duration, max: Duration) -> impl Iterator<Item = Duration> {
 mod tests {
     use super::*;
     use async_imap::Authenticator;
+
+    #[test]
+    fn uids_are_read_from_raw_search_and_fetch_lines() {
+        assert_eq!(uids_in("* SEARCH 3 7 12"), vec![3, 7, 12]);
+        assert_eq!(uids_in("* SEARCH"), Vec::<u32>::new());
+        assert_eq!(uids_in("* 4 FETCH (UID 17)"), vec![17]);
+        assert_eq!(uids_in("* 4 FETCH (FLAGS (\\Seen) UID 18)"), vec![18]);
+        assert_eq!(uids_in("* 4 fetch (uid 19 FLAGS ())"), vec![19]);
+        // A flag update without its UID, and other lines, name none.
+        assert_eq!(uids_in("* 4 FETCH (FLAGS (\\Seen))"), Vec::<u32>::new());
+        assert_eq!(uids_in("* 5 EXISTS"), Vec::<u32>::new());
+    }
 
     #[test]
     fn xoauth2_answers_once_then_empty() {

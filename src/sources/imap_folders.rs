@@ -221,6 +221,13 @@ pub fn utf7_encode(name: &str) -> String {
 /// What a server's refusal said, without the client library's wrapping: async-imap gives NO and BAD as
 /// `code: Some(..), info: Some("text")`.
 pub fn server_words(refusal: &str) -> String {
+    // SELECT's refusals come as `outcome: Outcome { code: None, information: Some("text") }`.
+    let outcome = refusal.strip_prefix("outcome: Outcome { ").map(|r| {
+        r.strip_suffix(" }")
+            .unwrap_or(r)
+            .replace("information: ", "info: ")
+    });
+    let refusal = outcome.as_deref().unwrap_or(refusal);
     let text = match refusal.find("info: Some(\"") {
         Some(at) => {
             let body = &refusal[at + 12..];
@@ -342,6 +349,13 @@ mod tests {
             "[ALREADYEXISTS] Mailbox exists"
         );
         assert_eq!(server_words("code: None, info: None"), "(no text)");
+        // SELECT's form.
+        assert_eq!(
+            server_words(
+                "outcome: Outcome { code: None, information: Some(\"Mailbox doesn't exist: Foo\") }"
+            ),
+            "Mailbox doesn't exist: Foo"
+        );
         assert_eq!(server_words("Invalid mailbox name"), "Invalid mailbox name");
         assert_eq!(
             server_words("code: None, info: Some(\"say \\\"no\\\"\")"),

@@ -489,7 +489,11 @@ impl Collector {
     fn inflate(&mut self, reader: impl Read) -> Inflated {
         let cap = self.limits.max_uncompressed.min(self.budget);
         let mut out = Vec::new();
-        match reader.take(cap.saturating_add(1)).read_to_end(&mut out) {
+        let read = reader.take(cap.saturating_add(1)).read_to_end(&mut out);
+        // Whatever was unpacked counts, taken or not: parts over the limit or corrupt cannot make a
+        // mail unpack more than its budget in all.
+        self.budget = self.budget.saturating_sub(out.len() as u64);
+        match read {
             Err(e) => Inflated::Failed(e.to_string()),
             Ok(n) if n as u64 > cap => {
                 if cap == self.limits.max_uncompressed {
@@ -498,10 +502,7 @@ impl Collector {
                     Inflated::OverBudget
                 }
             }
-            Ok(n) => {
-                self.budget -= n as u64;
-                Inflated::Bytes(out)
-            }
+            Ok(_) => Inflated::Bytes(out),
         }
     }
 
@@ -567,9 +568,17 @@ impl Collector {
                 return;
             }
         };
+        // Entries that share their bytes (a zip bomb's trick) are refused whole.
+        if !matches!(archive.has_overlapping_files(), Ok(false)) {
+            self.found.push(format!(
+                "{shown}: entries that overlap each other (a zip bomb's shape), not read"
+            ));
+            return;
+        }
         let found_before = self.found.len();
         let mut names = Vec::new();
         let mut taken = 0;
+        let mut tried = 0;
         for i in 0..archive.len() {
             let (entry_name, is_dir, is_symlink, encrypted, method) = match archive.by_index_data(i)
             {
@@ -611,7 +620,7 @@ impl Collector {
                 }
                 continue;
             }
-            if taken == MAX_ZIP_ENTRIES {
+            if tried == MAX_ZIP_ENTRIES {
                 self.found.push(format!(
                     "{shown}: more than {MAX_ZIP_ENTRIES} .json files; those after the \
                      {MAX_ZIP_ENTRIES}th are not read"
@@ -638,6 +647,7 @@ impl Collector {
                 ));
                 continue;
             }
+            tried += 1;
             let inflated = match archive.by_index(i) {
                 Ok(file) => self.inflate(file),
                 Err(e) => Inflated::Failed(e.to_string()),
@@ -963,6 +973,36 @@ mod tests {
     }
 
     #[test]
+    fn bombs_that_fail_still_use_up_the_mails_budget() {
+        // Twenty bombs in one mail: the first unpacks to the limit and is refused; it used the mail's
+        // budget, so the other nineteen are not unpacked again (they would be 20x the limit).
+        let bomb = gzip_zeros(8 * 1024 * 1024);
+        let parts: Vec<String> = (0..20)
+            .map(|i| binary_part("application/gzip", &format!("b{i}.json.gz"), &bomb))
+            .collect();
+        let refs: Vec<&str> = parts.iter().map(String::as_str).collect();
+        let raw = mail("a@b.example", "", &multipart(&refs));
+        let mut collector = Collector {
+            limits: limits(1024 * 1024),
+            budget: 1024 * 1024,
+            attachments: Vec::new(),
+            found: Vec::new(),
+        };
+        let message = MessageParser::default().parse(&raw[..]).unwrap();
+        collector.collect(&message, 0);
+        assert_eq!(collector.budget, 0);
+        assert_eq!(collector.found.len(), 20, "{:?}", collector.found);
+        assert!(collector.found[0].contains("more than 1 MiB uncompressed (ingest"));
+        assert!(
+            collector.found[1..]
+                .iter()
+                .all(|f| f.contains("more than 1 MiB uncompressed in all")),
+            "{:?}",
+            collector.found
+        );
+    }
+
+    #[test]
     fn the_limit_holds_for_all_compressed_notices_of_a_mail_together() {
         let mut big = NOTICE.as_bytes().to_vec();
         big.resize(600 * 1024, b' ');
@@ -1081,10 +1121,11 @@ mod tests {
     fn a_zip_entry_over_the_limit_and_nested_archives_are_named() {
         let zeros = vec![0u8; 2 * 1024 * 1024];
         let inner = zip_of(&[("inner.json", NOTICE.as_bytes())]);
+        // ok.json first: what big.json unpacks uses up the mail's budget, taken or not.
         let z = zip_of(&[
+            ("ok.json", NOTICE.as_bytes()),
             ("big.json", &zeros),
             ("inner.zip", &inner),
-            ("ok.json", NOTICE.as_bytes()),
             ("event.json.bz2", b"BZh9"),
         ]);
         let raw = mail(
@@ -1096,9 +1137,10 @@ mod tests {
         assert_eq!(attachments.len(), 1);
         assert_eq!(attachments[0].name, "ok.json");
         assert_eq!(skipped.len(), 3, "{skipped:?}");
-        assert_eq!(
-            skipped[0],
-            "n.zip: big.json: more than 1 MiB uncompressed (ingest.max_notice_size)"
+        assert!(
+            skipped[0].starts_with("n.zip: big.json: ")
+                && skipped[0].contains("more than 1 MiB uncompressed"),
+            "{skipped:?}"
         );
         assert!(
             skipped[1].starts_with("n.zip: inner.zip: a zip archive inside"),
