@@ -391,9 +391,6 @@ fn certificates_people_make(start: &dyn Fn(ServerCert) -> Box<dyn ImapServer>) {
         if i == 0 {
             // Pinned by the fingerprint openssl prints, without ca_file.
             let pin = format!("tls_fingerprint = \"{}\"", made.fingerprint);
-            let empty = dir.path().join("no-such-ca.pem");
-            let config_ca = &made.ca_file;
-            let _ = (empty, config_ca);
             let n = 600;
             s.deliver("INBOX", &mails::notice_mail(&notice_of(n, 1)));
             let ws = Workspace::with_config(

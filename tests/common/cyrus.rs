@@ -254,7 +254,7 @@ impl Cyrus {
         let imapd_conf = base.join("imapd.conf");
         std::fs::write(&imapd_conf, config).unwrap();
 
-        let (port, tls_port) = (free_port(), free_port());
+        let (port, tls_port) = (super::free_port(), super::free_port());
         let conf_arg = imapd_conf.display();
         let b = |n: &str| bin(n).display().to_string();
         let cyrus_conf = format!(
@@ -354,10 +354,6 @@ impl Cyrus {
     }
 }
 
-fn free_port() -> u16 {
-    super::free_port()
-}
-
 impl ImapServer for Cyrus {
     fn name(&self) -> &'static str {
         "Cyrus"
@@ -383,24 +379,8 @@ impl ImapServer for Cyrus {
         PASSWORD
     }
 
-    fn deliver(&self, mailbox: &str, mail: &[u8]) {
-        let mut c = self.client();
-        c.append(mailbox, mail);
-        c.logout();
-    }
-
-    fn uids(&self, mailbox: &str, criteria: &str) -> Vec<u32> {
-        let mut c = self.client();
-        if c.command(&format!("SELECT \"{mailbox}\"")).is_err() {
-            return Vec::new();
-        }
-        let lines = c.ok(&format!("UID SEARCH {criteria}"));
-        c.logout();
-        lines
-            .iter()
-            .filter_map(|l| l.strip_prefix("* SEARCH"))
-            .flat_map(|rest| rest.split_whitespace().map(|n| n.parse::<u32>().unwrap()))
-            .collect()
+    fn client(&self) -> Imap {
+        Cyrus::client(self)
     }
 
     /// Personal folders are under `INBOX.`, with `.` as the separator (`altnamespace: no`,

@@ -39,10 +39,6 @@ pub struct Dovecot {
     child: Option<Child>,
 }
 
-fn free_port() -> u16 {
-    super::free_port()
-}
-
 fn current_user() -> (u32, u32, String) {
     let uid = nix::unistd::getuid();
     let gid = nix::unistd::getgid();
@@ -191,7 +187,7 @@ impl Dovecot {
         } else {
             (name.clone(), name)
         };
-        let (port, tls_port) = (free_port(), free_port());
+        let (port, tls_port) = (super::free_port(), super::free_port());
         let introspection = introspection_endpoint();
         std::fs::write(
             root.join("oauth2.conf"),
@@ -351,17 +347,9 @@ service auth {{
     /// The UIDs in `mailbox` (with `criteria`, e.g. "ALL" or "UNSEEN").
     pub fn uids(&self, mailbox: &str, criteria: &str) -> Vec<u32> {
         let mut c = self.client();
-        if c.command(&format!("SELECT \"{mailbox}\"")).is_err() {
-            // Not there (yet).
-            return Vec::new();
-        }
-        let lines = c.ok(&format!("UID SEARCH {criteria}"));
+        let uids = c.uids("SELECT", mailbox, criteria);
         c.logout();
-        lines
-            .iter()
-            .filter_map(|l| l.strip_prefix("* SEARCH"))
-            .flat_map(|rest| rest.split_whitespace().map(|n| n.parse::<u32>().unwrap()))
-            .collect()
+        uids
     }
 }
 
@@ -402,12 +390,8 @@ impl ImapServer for Dovecot {
         PASSWORD
     }
 
-    fn deliver(&self, mailbox: &str, mail: &[u8]) {
-        Dovecot::deliver(self, mailbox, mail)
-    }
-
-    fn uids(&self, mailbox: &str, criteria: &str) -> Vec<u32> {
-        Dovecot::uids(self, mailbox, criteria)
+    fn client(&self) -> Imap {
+        Dovecot::client(self)
     }
 
     /// Maildir++: the separator is `.`, folders sit beside INBOX ("MAST/processed" is "MAST.processed").
@@ -536,6 +520,22 @@ impl Imap {
         self.writer.write_all(&command).unwrap();
         self.finish(&tag)
             .unwrap_or_else(|e| panic!("MULTIAPPEND to {mailbox}: {e}"));
+    }
+
+    /// Opens `mailbox` with `open` (SELECT, or EXAMINE to leave it as it is) and returns the UIDs
+    /// `UID SEARCH criteria` gives, in order; none when the mailbox is not there (yet).
+    pub fn uids(&mut self, open: &str, mailbox: &str, criteria: &str) -> Vec<u32> {
+        if self.command(&format!("{open} \"{mailbox}\"")).is_err() {
+            return Vec::new();
+        }
+        let mut uids: Vec<u32> = self
+            .ok(&format!("UID SEARCH {criteria}"))
+            .iter()
+            .filter_map(|l| l.strip_prefix("* SEARCH"))
+            .flat_map(|rest| rest.split_whitespace().map(|n| n.parse::<u32>().unwrap()))
+            .collect();
+        uids.sort_unstable();
+        uids
     }
 
     pub fn logout(&mut self) {

@@ -4,6 +4,8 @@
 
 use std::path::{Path, PathBuf};
 
+use super::dovecot::Imap;
+
 /// A certificate and key for a server, as PEM.
 #[derive(Clone, Debug)]
 pub struct ServerCert {
@@ -25,11 +27,22 @@ pub trait ImapServer {
     /// The test user's login name and password.
     fn user(&self) -> &str;
     fn password(&self) -> &str;
+    /// A client logged in as the test user.
+    fn client(&self) -> Imap;
     /// Delivers `mail` into `mailbox` (the server's own name for it) with APPEND.
-    fn deliver(&self, mailbox: &str, mail: &[u8]);
-    /// The UIDs in `mailbox` (the server's own name) matching `criteria` ("ALL", "UNSEEN"); empty when
-    /// the mailbox does not exist.
-    fn uids(&self, mailbox: &str, criteria: &str) -> Vec<u32>;
+    fn deliver(&self, mailbox: &str, mail: &[u8]) {
+        let mut c = self.client();
+        c.append(mailbox, mail);
+        c.logout();
+    }
+    /// The UIDs in `mailbox` (the server's own name) matching `criteria` ("ALL", "UNSEEN"), in order;
+    /// empty when the mailbox does not exist.
+    fn uids(&self, mailbox: &str, criteria: &str) -> Vec<u32> {
+        let mut c = self.client();
+        let uids = c.uids("SELECT", mailbox, criteria);
+        c.logout();
+        uids
+    }
     /// The server's own name for a folder a user writes as `path` with `/` (e.g. "MAST/processed" is
     /// "MAST.processed" on Dovecot's Maildir, "INBOX.MAST.processed" on Debian's Cyrus).
     fn mailbox_name(&self, path: &str) -> String;
