@@ -12,11 +12,16 @@ it fsyncs every file and its folder before publishing, which the others do not d
 Also: peak RSS of mastsub downloading one 2 GiB product, and the bytes fetched twice when mastsub is
 killed with -9 halfway through it and restarted (from nginx's access log).
 
+Far server: 200 small products (64 KiB) from a server that answers every request after 50 ms, as one
+far from MAST does (`FarServer`: HTTP/1.1 with keep-alive, the same product URL); with 4 at a time the
+physical floor is 200 x 50 ms / 4 = 2.5 s, and every tool is compared with it.
+
 Usage: bench/download.py BINARY WORKDIR [REPEAT]
 Environment: BENCH_ONLY=small (or large) runs that set alone, with curl and aria2c, and skips the 2 GiB
-product; BENCH_ONLY=latency measures only the inbox-to-first-request time.
+product; BENCH_ONLY=far runs only the far-server set; BENCH_ONLY=latency measures only the
+inbox-to-first-request time.
 """
-import json, os, shutil, signal, sqlite3, statistics, subprocess, sys, time
+import http.server, json, os, shutil, signal, sqlite3, statistics, subprocess, sys, threading, time
 
 BIN, WORK = os.path.abspath(sys.argv[1]), os.path.abspath(sys.argv[2])
 FLOOR = os.path.join(os.path.dirname(BIN), "examples", "download_floor")
@@ -47,6 +52,59 @@ def fits_file(path, size):
             remaining -= n
 
 
+FAR_DELAY = 0.05
+FAR_NAMES = [f"jw{n:05d}_far_cal.fits" for n in range(200)]
+
+
+class FarHandler(http.server.BaseHTTPRequestHandler):
+    """Answers `retrieve_product?product_name=X` from DATA after FAR_DELAY, keeping connections open."""
+    protocol_version = "HTTP/1.1"
+    bodies = {}
+    requests = []
+    connections = []
+
+    def setup(self):
+        FarHandler.connections.append(1)
+        super().setup()
+
+    def do_GET(self):
+        time.sleep(FAR_DELAY)
+        name = self.path.split("product_name=", 1)[-1]
+        body = self.bodies.get(name)
+        FarHandler.requests.append(self.command)
+        if body is None:
+            self.send_response(404)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
+        self.send_response(200)
+        self.send_header("Content-Type", "application/octet-stream")
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("ETag", f'"{name}"')
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_HEAD(self):
+        FarHandler.requests.append(self.command)
+        time.sleep(FAR_DELAY)
+        self.send_response(405)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, *args):
+        pass
+
+
+def start_far():
+    for n in FAR_NAMES:
+        with open(os.path.join(DATA, n), "rb") as f:
+            FarHandler.bodies[n] = f.read()
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), FarHandler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server, f"http://127.0.0.1:{server.server_address[1]}"
+
+
 def make_sets():
     os.makedirs(DATA, exist_ok=True)
     sets = {
@@ -57,6 +115,8 @@ def make_sets():
         fits_file(os.path.join(DATA, name), 128 * 1024 * 1024)
     for name in sets["400 x 256 KiB"]:
         fits_file(os.path.join(DATA, name), 256 * 1024)
+    for name in FAR_NAMES:
+        fits_file(os.path.join(DATA, name), 64 * 1024)
     fits_file(os.path.join(DATA, "jw99999_huge_cal.fits"), 2 * 1024 * 1024 * 1024)
     return sets
 
@@ -170,7 +230,7 @@ def mastsub_run(base, names, kill_after=None):
     while done_count(db) < len(names):
         if proc.poll() is not None:
             sys.exit("mastsub run exited early")
-        time.sleep(0.02)
+        time.sleep(0.005)
     elapsed = time.perf_counter() - start
     proc.terminate()
     _, _, usage = os.wait4(proc.pid, 0)
@@ -288,10 +348,37 @@ def check_same(tool, names):
             sys.exit(f"{tool}: {n} differs from what was served")
 
 
+def far_table(tools):
+    """The far-server set: every tool against the 2.5 s floor, and how many requests each made."""
+    server, base = start_far()
+    floor = len(FAR_NAMES) * FAR_DELAY / 4
+    print()
+    print(f"Far server ({len(FAR_NAMES)} x 64 KiB, every request answered after {FAR_DELAY * 1000:.0f} ms, "
+          f"4 at a time; floor {floor:.2f} s):")
+    print()
+    print(f"| tool | seconds (median of {REPEAT}) | x the floor | requests per product | connections |")
+    print("|---|---:|---:|---:|---:|")
+    try:
+        runs = {tool: [] for tool, _, _ in tools}
+        asked = {tool: (0, 0) for tool, _, _ in tools}
+        for _ in range(REPEAT):
+            for tool, key, fn in tools:
+                FarHandler.requests, FarHandler.connections = [], []
+                runs[tool].append(fn(base, FAR_NAMES)[0])
+                asked[tool] = (len(FarHandler.requests), len(FarHandler.connections))
+                check_same(key, FAR_NAMES)
+        for tool, rs in runs.items():
+            t = statistics.median(rs)
+            requests, connections = asked[tool]
+            print(f"| {tool} | {t:.2f} | {t / floor:.3f}x | {requests / len(FAR_NAMES):.2f} | {connections} |")
+    finally:
+        server.shutdown()
+
+
 def main():
     sets = make_sets()
     only = os.environ.get("BENCH_ONLY")
-    if only == "latency":
+    if only in ("latency", "far"):
         sets = {}
     elif only:
         sets = {k: v for k, v in sets.items() if only in k or only in ("small", "large") and
@@ -320,6 +407,8 @@ def main():
             for tool, (t, rss) in results.items():
                 ratio = "-" if tool == "mastsub" else f"{t / m:.2f}x"
                 print(f"| {set_name} | {tool} | {t:.2f} | {total / t / 1e6:.0f} | {rss:.0f} | {ratio} |")
+        if only in (None, "far"):
+            far_table([t for t in tools if t[1] in ("mastsub", "curl", "aria2c")])
         if only and only != "latency":
             return
         lat = inbox_latency(base)

@@ -306,6 +306,78 @@ fn kill_9_five_times_during_downloads_then_a_normal_run_completes_everything_onc
 }
 
 #[test]
+fn kill_9_inside_publication_batches_never_leaves_a_wrong_file_or_a_done_job_without_its_file() {
+    let mast = MastStandIn::start();
+    // Many tiny products and eight workers: they end faster than one batch is made durable, so the
+    // publisher works in batches, and kills land inside them (in the fsyncs, between the renames, before
+    // the batch's transaction).
+    let total = 400u64;
+    let (notice, files) = serve_products(&mast, 1, total, 2);
+    let served: std::collections::HashMap<String, Vec<u8>> = files.iter().cloned().collect();
+    let ws = Workspace::with_base(&mast.base_url, "");
+    let path = ws.write_notice("n.json", &notice);
+    ws.cmd().arg("ingest").arg(&path).assert().success();
+    let env = [("MASTSUB_DOWNLOAD__WORKERS", "8")];
+    let mut landed = 0;
+    for round in 0..12u64 {
+        let before = ws.jobs_in("done");
+        if before == total as i64 {
+            break;
+        }
+        let mut d = Daemon::start_with_env(&ws, &env);
+        // Once this run has published something, a little later each round.
+        wait_until(Duration::from_secs(30), || ws.jobs_in("done") > before);
+        std::thread::sleep(Duration::from_millis(round * 3 % 20));
+        d.kill9();
+        let done = ws.jobs_in("done");
+        if done < total as i64 {
+            landed += 1;
+        }
+        let log = d.log();
+        let batches: Vec<&str> = log
+            .lines()
+            .filter_map(|l| l.split("published ").nth(1))
+            .filter_map(|l| l.split(' ').next())
+            .collect();
+        eprintln!("kill {round}: {before} then {done} done; batch sizes {batches:?}");
+        // What is at a final name is the product, whole; what is recorded done is at its final name.
+        for path in ws.tree("mastDownload") {
+            if path.ends_with(".part") {
+                continue;
+            }
+            let body = served
+                .get(&path)
+                .unwrap_or_else(|| panic!("after kill {round}: {path} is not a product"));
+            assert!(
+                std::fs::read(ws.path("mastDownload").join(&path)).unwrap() == *body,
+                "after kill {round}: {path} is published but differs from what was served"
+            );
+        }
+        for path in ws.query_column_i64("SELECT id FROM downloads WHERE state = 'done'") {
+            let local: String = ws.query_string(&format!(
+                "SELECT local_path FROM downloads WHERE id = {path}"
+            ));
+            assert!(
+                ws.path("mastDownload").join(&local).is_file(),
+                "after kill {round}: job {path} is recorded done but {local} is not in place"
+            );
+        }
+    }
+    assert!(
+        landed >= 2,
+        "only {landed} kill(s) landed before the end: the test showed nothing"
+    );
+    let d = Daemon::start(&ws);
+    wait_done(&ws, &d, total as i64, Duration::from_secs(60));
+    assert_identical(&ws, &files);
+    assert_eq!(
+        ws.query_i64("SELECT count(*) FROM downloads"),
+        total as i64,
+        "a job was duplicated"
+    );
+}
+
+#[test]
 fn sigterm_during_downloads_keeps_part_files_and_the_next_run_resumes_them() {
     let mast = MastStandIn::start();
     // About 2 s per product at this pace: progress is recorded (every second) well before the end.

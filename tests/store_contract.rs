@@ -67,6 +67,24 @@ async fn ingest(store: &Arc<dyn Store>, tag: &str, records: &[Value]) -> IngestO
 }
 
 /// Record `n` as another type and version of the same product.
+/// One end and one claim through `end_and_claim`: whether the end was recorded, and the job claimed.
+async fn finish_and_claim(
+    store: &Arc<dyn Store>,
+    id: i64,
+    owner: &str,
+    finish: &Finish,
+    now: i64,
+    lease_until: i64,
+) -> (bool, Option<mastsub::store::Job>) {
+    let (recorded, mut jobs) = store
+        .end_and_claim(owner, &[(id, finish.clone())], 1, now, lease_until)
+        .await
+        .unwrap();
+    assert_eq!(recorded.len(), 1);
+    assert!(jobs.len() <= 1, "one claim asked, {} given", jobs.len());
+    (recorded[0], jobs.pop())
+}
+
 fn same_product(n: u64, id: u64, event_type: &str, archived: &str) -> Value {
     let mut r = record(n, event_type);
     r["event_id"] = json!(format!("00000000-0000-4000-8000-{id:012}"));
@@ -290,10 +308,8 @@ fn ending_a_job_and_claiming_the_next_checks_the_lease_and_keeps_products_apart(
             bytes: 10,
             verified: "JSON: parses".into(),
         };
-        let (ended, next) = store
-            .finish_and_claim(first.id, "intruder", &done, now, i64::MAX)
-            .await
-            .unwrap();
+        let (ended, next) =
+            finish_and_claim(&store, first.id, "intruder", &done, now, i64::MAX).await;
         assert!(!ended, "a worker without the lease ended the job");
         let next = next.expect("the intruder still claims what is free");
         assert!(next.filename.starts_with("jw00002"), "{}", next.filename);
@@ -306,10 +322,7 @@ fn ending_a_job_and_claiming_the_next_checks_the_lease_and_keeps_products_apart(
             verify_failures: 0,
             not_found_since: None,
         };
-        let (ended, next) = store
-            .finish_and_claim(first.id, "w1", &retry, now, i64::MAX)
-            .await
-            .unwrap();
+        let (ended, next) = finish_and_claim(&store, first.id, "w1", &retry, now, i64::MAX).await;
         assert!(ended);
         let newer = next.expect("the queued newer version of product 1");
         assert_eq!(newer.event_type, "Reprocessed");
@@ -320,27 +333,23 @@ fn ending_a_job_and_claiming_the_next_checks_the_lease_and_keeps_products_apart(
             state: DownloadState::NeedsAuth,
             error: "HTTP 401".into(),
         };
-        let (ended, next) = store
-            .finish_and_claim(newer.id, "w1", &give_up, now, i64::MAX)
-            .await
-            .unwrap();
+        let (ended, next) = finish_and_claim(&store, newer.id, "w1", &give_up, now, i64::MAX).await;
         assert!(ended);
         assert!(next.is_none(), "{next:?}");
         // Done, with the retry due: it comes back.
-        let (ended, next) = store
-            .finish_and_claim(
-                store
-                    .claim("w2", i64::MAX, now)
-                    .await
-                    .unwrap()
-                    .map_or(-1, |j| j.id),
-                "w2",
-                &done,
-                now + 120_000,
-                i64::MAX,
-            )
-            .await
-            .unwrap();
+        let (ended, next) = finish_and_claim(
+            &store,
+            store
+                .claim("w2", i64::MAX, now)
+                .await
+                .unwrap()
+                .map_or(-1, |j| j.id),
+            "w2",
+            &done,
+            now + 120_000,
+            i64::MAX,
+        )
+        .await;
         assert!(!ended, "nothing was free for w2 to claim and end");
         assert_eq!(next.map(|j| j.id), Some(first.id));
         store.close().await;
@@ -350,6 +359,103 @@ fn ending_a_job_and_claiming_the_next_checks_the_lease_and_keeps_products_apart(
             "SELECT count(*) FROM downloads WHERE state = 'needs_auth' AND last_error = 'HTTP 401'"
         ),
         1
+    );
+}
+
+#[rstest]
+#[case::sqlite(Backend::Sqlite)]
+fn a_batch_records_every_end_and_claims_only_distinct_paths(#[case] backend: Backend) {
+    let ws = Workspace::new();
+    runtime().block_on(async {
+        let store = open(&backend, &ws).await;
+        let first_versions: Vec<Value> = (1..=5)
+            .map(|n| same_product(n, n, "New", "2026-01-01T00:00:00"))
+            .collect();
+        ingest(&store, "a", &first_versions).await;
+        let now = mastsub::store::now_ms() + 1_000;
+        // Ten claims asked at once: the five there are.
+        let (recorded, claimed) = store
+            .end_and_claim("w1", &[], 10, now, i64::MAX)
+            .await
+            .unwrap();
+        assert!(recorded.is_empty());
+        assert_eq!(claimed.len(), 5, "{claimed:?}");
+        let mut ids: Vec<i64> = claimed.iter().map(|j| j.id).collect();
+        ids.sort();
+        ids.dedup();
+        assert_eq!(ids.len(), 5, "a job claimed twice");
+        // A newer version of product 1 queues behind the running first one.
+        ingest(
+            &store,
+            "b",
+            &[same_product(1, 6, "Reprocessed", "2026-02-01T00:00:00")],
+        )
+        .await;
+        let product_1 = claimed
+            .iter()
+            .find(|j| j.filename.starts_with("jw00001"))
+            .unwrap();
+        let others: Vec<i64> = claimed
+            .iter()
+            .filter(|j| j.id != product_1.id)
+            .map(|j| j.id)
+            .collect();
+        let done = Finish::Done {
+            bytes: 10,
+            verified: "JSON: parses".into(),
+        };
+        let (recorded, _) = store
+            .end_and_claim("intruder", &[(others[0], done.clone())], 0, now, i64::MAX)
+            .await
+            .unwrap();
+        assert_eq!(
+            recorded,
+            vec![false],
+            "an owner without the lease ended a job"
+        );
+        // Three ends in one call, the first a retry due at once: both versions of product 1 are then due
+        // on one path, and the claims of the same call take one of them, never both.
+        let retry = Finish::Retry {
+            at: now,
+            error: "HTTP 503".into(),
+            refund: false,
+            verify_failures: 0,
+            not_found_since: None,
+        };
+        let ends = vec![
+            (product_1.id, retry),
+            (others[0], done.clone()),
+            (others[1], done.clone()),
+        ];
+        let (recorded, next) = store
+            .end_and_claim("w1", &ends, 3, now, i64::MAX)
+            .await
+            .unwrap();
+        assert_eq!(recorded, vec![true, true, true]);
+        assert_eq!(
+            next.len(),
+            1,
+            "two jobs of one path claimed together: {next:?}"
+        );
+        assert_eq!(next[0].local_path, product_1.local_path);
+        // Ending a job twice records it once.
+        let (recorded, none) = store
+            .end_and_claim("w1", &[(others[0], done)], 1, now, i64::MAX)
+            .await
+            .unwrap();
+        assert_eq!(recorded, vec![false]);
+        assert!(none.is_empty(), "{none:?}");
+        store.close().await;
+    });
+    assert_eq!(
+        ws.query_i64("SELECT count(*) FROM downloads WHERE state = 'done'"),
+        2
+    );
+    assert_eq!(
+        ws.query_i64(
+            "SELECT count(*) FROM downloads WHERE state = 'running' AND lease_owner = 'w1'"
+        ),
+        3
     );
 }
 
@@ -394,10 +500,7 @@ fn two_jobs_of_one_local_path_never_run_at_once(#[case] backend: Backend) {
             bytes: 10,
             verified: "JSON: parses".into(),
         };
-        let (ended, next) = store
-            .finish_and_claim(first.id, "w1", &done, now, i64::MAX)
-            .await
-            .unwrap();
+        let (ended, next) = finish_and_claim(&store, first.id, "w1", &done, now, i64::MAX).await;
         assert!(ended);
         let second = next.expect("the path is free once the first has ended");
         assert_ne!(second.id, first.id);

@@ -17,7 +17,8 @@
 //! `Accept-Encoding: identity`, and an answer in another encoding or an HTML page for a non-HTML product is
 //! refused before a byte is written. Attempts are bounded: a low-speed limit, a maximum size, and a disk
 //! filled by the attempt itself ends the job. Files and folders are reached only through `SafeDir`, never
-//! through a symbolic link. Only then is the file fsynced, renamed into place, and its folder fsynced.
+//! through a symbolic link. The verified `.part` file is then handed to the publisher (`super::publish`),
+//! which makes it durable, renames it into place and fsyncs its folder, with others in one batch.
 
 use crate::store::now_ms;
 use std::collections::VecDeque;
@@ -109,6 +110,23 @@ pub struct Fetched {
     pub fetched: u64,
     /// What the content was proven by.
     pub verified: Verified,
+    /// The verified `.part` file, to be published (`super::publish`).
+    pub staged: Staged,
+}
+
+/// A verified `.part` file, whole and checked but not yet durable: the publisher makes a batch of them
+/// durable at once, then renames them into place.
+#[derive(Debug)]
+pub struct Staged {
+    pub dir: Arc<SafeDir>,
+    /// The `.part` file's name in `dir`.
+    pub part: String,
+    /// The product's file name in `dir`.
+    pub name: String,
+    /// Keep the file in place under this name first (`download.keep_previous`).
+    pub keep_as: Option<String>,
+    /// The `.part` file, open, for its fsync.
+    pub file: std::fs::File,
 }
 
 /// The validator of the bytes in a `.part` file.
@@ -193,7 +211,7 @@ fn split(local_path: &str) -> (&Path, String) {
 
 /// A place that cannot be used: a link or a wrong kind of file is the operator's to fix (the job fails
 /// with the reason); anything else is an I/O error like any other.
-fn place_error(e: PlaceError) -> FetchError {
+pub(super) fn place_error(e: PlaceError) -> FetchError {
     match e {
         PlaceError::Io { op, path, source } => FetchError::local(op, path, source),
         other => FetchError::Refused(other.to_string()),
@@ -504,14 +522,15 @@ impl Transfer {
                 Answer::AlreadyWhole { total } => {
                     let out =
                         disk::PartWriter::new(dir.clone(), part.clone(), true, None, &job.filename);
-                    let verified = self
-                        .verify_and_publish(job, out, &dir, &name, Some(total), true)
+                    let (verified, staged) = self
+                        .verify_and_stage(job, out, &dir, &name, Some(total), true)
                         .await?;
                     return Ok(Fetched {
                         bytes: total,
                         resumed_from: total,
                         fetched: 0,
                         verified,
+                        staged,
                     });
                 }
                 Answer::Body {
@@ -669,14 +688,15 @@ impl Transfer {
             }
             return Err(e);
         }
-        let verified = self
-            .verify_and_publish(job, out, &dir, &name, total, framed)
+        let (verified, staged) = self
+            .verify_and_stage(job, out, &dir, &name, total, framed)
             .await?;
         Ok(Fetched {
             bytes: written,
             resumed_from: start,
             fetched: written - start,
             verified,
+            staged,
         })
     }
 
@@ -737,9 +757,9 @@ impl Transfer {
         tokio::spawn(async move { store.progress(id, &owner, until, &progress).await })
     }
 
-    /// Writes what is still buffered, verifies the whole `.part` file, then fsyncs it, renames it into
-    /// place and fsyncs its folder, in one blocking call.
-    async fn verify_and_publish(
+    /// Writes what is still buffered and verifies the whole `.part` file, in one blocking call; the
+    /// publisher makes it durable and renames it into place.
+    async fn verify_and_stage(
         &self,
         job: &Job,
         out: disk::PartWriter,
@@ -747,7 +767,7 @@ impl Transfer {
         name: &str,
         size: Option<u64>,
         framed: bool,
-    ) -> Result<Verified, FetchError> {
+    ) -> Result<(Verified, Staged), FetchError> {
         let keep_as = if self.keep_previous {
             self.store
                 .version_on_disk(&job.product, job.id)
@@ -756,15 +776,24 @@ impl Transfer {
         } else {
             None
         };
-        let publish = disk::Publish {
+        let check = disk::Check {
             dir: dir.clone(),
             name: name.to_string(),
             size,
             framed,
             accept_unsized: self.limits.accept_unsized,
-            keep_as,
         };
-        blocking(move || publish.run(out)).await
+        let (verified, file) = blocking(move || check.run(out)).await?;
+        Ok((
+            verified,
+            Staged {
+                dir: dir.clone(),
+                part: part_name(name),
+                name: name.to_string(),
+                keep_as,
+                file,
+            },
+        ))
     }
 }
 
@@ -959,8 +988,8 @@ pub(crate) mod disk {
         Ok(carry)
     }
 
-    /// What publishing a finished `.part` file needs.
-    pub struct Publish {
+    /// What checking a finished `.part` file needs.
+    pub struct Check {
         pub dir: Arc<SafeDir>,
         /// The product's file name.
         pub name: String,
@@ -970,15 +999,13 @@ pub(crate) mod disk {
         pub framed: bool,
         /// `download.accept_unsized_bodies`.
         pub accept_unsized: bool,
-        /// Keep the file in place under this name first (`download.keep_previous`).
-        pub keep_as: Option<String>,
     }
 
-    impl Publish {
-        /// Blocking: verifies, fsyncs, keeps the previous version if asked, renames into place, fsyncs the
-        /// folder. A file that fails is removed (fetched from zero next time), except one cut short with no
-        /// length, whose bytes may yet be continued.
-        pub fn run(self, out: PartWriter) -> Result<Verified, FetchError> {
+    impl Check {
+        /// Blocking: writes what is buffered and verifies the whole file; gives back the open file. A file
+        /// that fails is removed (fetched from zero next time), except one cut short with no length, whose
+        /// bytes may yet be continued.
+        pub fn run(self, out: PartWriter) -> Result<(Verified, std::fs::File), FetchError> {
             let part = out.part.clone();
             let (mut file, verifier) = match out.write_all_now() {
                 Ok(written) => written,
@@ -989,44 +1016,16 @@ pub(crate) mod disk {
                     return Err(e);
                 }
             };
-            let result = self.check(&mut file, verifier);
-            let verified = match result {
-                Ok(v) => v,
+            match self.check(&mut file, verifier) {
+                Ok(v) => Ok((v, file)),
                 Err(e) => {
                     drop(file);
                     if !matches!(e, FetchError::Cut { .. }) {
                         let _ = self.dir.remove(&part);
                     }
-                    return Err(e);
-                }
-            };
-            let path = self.dir.path().join(&part);
-            file.sync_all()
-                .map_err(|e| FetchError::local("fsync", &path, e))?;
-            drop(file);
-            if let Some(kept) = &self.keep_as
-                && self
-                    .dir
-                    .file_size(&self.name)
-                    .map_err(place_error)?
-                    .is_some()
-            {
-                match self.dir.rename_no_replace(&self.name, kept) {
-                    Ok(()) => {}
-                    // That version is kept already: the file in place is another copy of it.
-                    Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
-                    Err(e) => {
-                        return Err(FetchError::local(
-                            "keep the previous version of",
-                            self.dir.path().join(&self.name),
-                            e,
-                        ));
-                    }
+                    Err(e)
                 }
             }
-            self.dir.rename(&part, &self.name).map_err(place_error)?;
-            self.dir.fsync().map_err(place_error)?;
-            Ok(verified)
         }
 
         fn check(

@@ -19,6 +19,7 @@
 pub mod error;
 pub mod fetch;
 pub mod policy;
+pub mod publish;
 
 use crate::store::now_ms;
 use std::sync::Arc;
@@ -157,6 +158,8 @@ pub fn http_client(config: &DownloadConfig) -> reqwest::Result<reqwest::Client> 
 struct Pool {
     transfer: Transfer,
     config: DownloadConfig,
+    /// Where workers hand their ends over and claim their next jobs.
+    publication: publish::Publication,
 }
 
 /// Runs the pool until `shutdown`; `wake` is notified when jobs are queued.
@@ -176,6 +179,13 @@ pub async fn run(
         }
     };
     let base = url::Url::parse(&config.mast.base_url)?;
+    let owner = owner_name();
+    let publication = publish::Publication::start(publish::Context {
+        store: store.clone(),
+        owner: owner.clone(),
+        config: config.download.clone(),
+        lease: LEASE,
+    });
     let pool = Arc::new(Pool {
         transfer: Transfer {
             client: http_client(&config.download)?,
@@ -184,12 +194,13 @@ pub async fn run(
             root: config.storage.downloads.clone(),
             keep_previous: config.download.keep_previous,
             store: store.clone(),
-            owner: owner_name(),
+            owner,
             lease: LEASE,
             vitals: vitals.clone(),
             limits: fetch::Limits::from_config(&config.download),
         },
         config: config.download.clone(),
+        publication,
     });
     let horizon = policy::due_horizon(&config.download);
     let orphans = pool.sweep(&store, horizon).await?;
@@ -249,29 +260,29 @@ pub async fn run(
                 tracing::error!("cannot look for orphaned download jobs: {e}");
             }
         }
-        // Fill free worker slots with due jobs.
-        while workers.len() < pool.config.workers {
-            let lease_until = now_ms() + LEASE.as_millis() as i64;
+        // Fill free worker slots with due jobs, claimed together.
+        let free = pool.config.workers.saturating_sub(workers.len());
+        if free > 0 {
+            let now = now_ms();
+            let lease_until = now + LEASE.as_millis() as i64;
             match store
-                .claim(&pool.transfer.owner, lease_until, now_ms())
+                .end_and_claim(&pool.transfer.owner, &[], free, now, lease_until)
                 .await
             {
-                Ok(Some(job)) => {
-                    let (pool, cancel) = (pool.clone(), stop_work.clone());
-                    // A worker goes on with the jobs it claims as it ends each one, and leaves its slot
-                    // when there is none.
-                    workers.spawn(async move {
-                        let mut next = Some(job);
-                        while let Some(job) = next {
-                            next = pool.clone().work(job, cancel.clone()).await;
-                        }
-                    });
+                Ok((_, jobs)) => {
+                    for job in jobs {
+                        let (pool, cancel) = (pool.clone(), stop_work.clone());
+                        // A worker goes on with the jobs it claims as it ends each one, and leaves its
+                        // slot when there is none.
+                        workers.spawn(async move {
+                            let mut next = Some(job);
+                            while let Some(job) = next {
+                                next = pool.clone().work(job, cancel.clone()).await;
+                            }
+                        });
+                    }
                 }
-                Ok(None) => break,
-                Err(e) => {
-                    tracing::error!("cannot claim a download job: {e}");
-                    break;
-                }
+                Err(e) => tracing::error!("cannot claim a download job: {e}"),
             }
         }
         if last_summary.elapsed() >= SUMMARY_EVERY {
@@ -333,6 +344,16 @@ pub async fn run(
         );
         workers.abort_all();
         while workers.join_next().await.is_some() {}
+    }
+    // What was handed over is published and recorded before the leases are given back.
+    if tokio::time::timeout(drain, pool.publication.flush())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            "finished downloads were not published within {}s; they are published on the next run",
+            drain.as_secs_f64()
+        );
     }
     // Whatever did not give its job back (aborted), the pool gives back now: no lease outlives it.
     match store.release_leases(&pool.transfer.owner, now_ms()).await {
@@ -448,35 +469,8 @@ impl Pool {
                 Err(lost)
             }
         };
-        let now = now_ms();
-        let finish = match &result {
-            Ok(f) => {
-                let secs = started.elapsed().as_secs_f64();
-                tracing::info!(
-                    "done {}: {} bytes in {:.1}s, {:.1} MB/s, attempt {}{}; verified: {}",
-                    job.about(),
-                    f.bytes,
-                    secs,
-                    f.fetched as f64 / secs.max(1e-3) / 1e6,
-                    job.attempt,
-                    if f.resumed_from > 0 {
-                        format!(", resumed at byte {}", f.resumed_from)
-                    } else {
-                        String::new()
-                    },
-                    f.verified.by
-                );
-                if !f.verified.format_known {
-                    tracing::info!(
-                        "{}: mastsub has no verifier for this format; only its size was checked",
-                        job.about()
-                    );
-                }
-                Finish::Done {
-                    bytes: f.bytes as i64,
-                    verified: f.verified.by.clone(),
-                }
-            }
+        let outcome = match result {
+            Ok(fetched) => publish::Outcome::Fetched(Box::new(fetched)),
             Err(FetchError::LeaseLost) => {
                 tracing::warn!(
                     "{}: another worker took this job over (lease lost); leaving it",
@@ -485,41 +479,26 @@ impl Pool {
                 return None;
             }
             Err(e) => {
-                let finish = policy::decide(&self.config, &job, e, now);
-                log_failure(&job, e, &finish, now);
-                finish
+                let now = now_ms();
+                let finish = policy::decide(&self.config, &job, &e, now);
+                log_failure(&job, &e, &finish, now);
+                publish::Outcome::Ended(finish)
             }
         };
-        // The worker takes its next job as it records this one's end, unless the pool is stopping.
-        let (recorded, next) = if cancel.is_cancelled() {
-            (t.store.finish(job.id, &t.owner, &finish, now).await, None)
-        } else {
-            let lease_until = now_ms() + LEASE.as_millis() as i64;
-            match t
-                .store
-                .finish_and_claim(job.id, &t.owner, &finish, now, lease_until)
-                .await
-            {
-                Ok((recorded, next)) => (Ok(recorded), next),
-                Err(e) => (Err(e), None),
-            }
-        };
-        match recorded {
-            Ok(true) => {}
-            Ok(false) => tracing::warn!(
-                "{}: the job's lease was lost before it could be recorded",
-                job.about()
-            ),
-            Err(e) => tracing::error!(
-                "{}: cannot record the attempt's end: {e}; its lease will expire",
-                job.about()
-            ),
+        // The end goes to the publisher, and the worker on to its next job without waiting for it.
+        self.publication.hand(publish::Hand {
+            job,
+            outcome,
+            started,
+        });
+        if cancel.is_cancelled() {
+            return None;
         }
-        next
+        self.publication.claim().await
     }
 }
 
-fn log_failure(job: &Job, error: &FetchError, finish: &Finish, now: i64) {
+pub(crate) fn log_failure(job: &Job, error: &FetchError, finish: &Finish, now: i64) {
     let what = job.about();
     match finish {
         Finish::Retry { .. } if matches!(error, FetchError::Interrupted) => {

@@ -547,18 +547,31 @@ pub trait Store: Send + Sync + 'static {
         now: i64,
     ) -> Result<bool, StoreError>;
 
-    /// `finish`, then `claim` for the same owner: the worker that ends a job takes the next one. Returns
-    /// whether the end was recorded (as `finish`) and the job claimed, if any.
-    async fn finish_and_claim(
+    /// Ends several attempts of `owner` and claims up to `claims` due jobs for it, in one transaction
+    /// where the store has them: the publisher records a whole batch of ends, and the claims of the
+    /// workers waiting at that moment, with one commit. Returns, for each end in order, whether it was
+    /// recorded (as `finish`), and the jobs claimed (as `claim`, each on a path no other running job
+    /// holds, and never the same job twice).
+    async fn end_and_claim(
         &self,
-        id: i64,
         owner: &str,
-        finish: &Finish,
+        ends: &[(i64, Finish)],
+        claims: usize,
         now: i64,
         lease_until: i64,
-    ) -> Result<(bool, Option<Job>), StoreError> {
-        let finished = self.finish(id, owner, finish, now).await?;
-        Ok((finished, self.claim(owner, lease_until, now).await?))
+    ) -> Result<(Vec<bool>, Vec<Job>), StoreError> {
+        let mut recorded = Vec::with_capacity(ends.len());
+        for (id, finish) in ends {
+            recorded.push(self.finish(*id, owner, finish, now).await?);
+        }
+        let mut jobs = Vec::new();
+        while jobs.len() < claims {
+            match self.claim(owner, lease_until, now).await? {
+                Some(job) => jobs.push(job),
+                None => break,
+            }
+        }
+        Ok((recorded, jobs))
     }
 
     /// Puts `running` jobs back to `queued` when `orphaned(lease owner, lease expiry)` says so (a process

@@ -8,7 +8,6 @@ use super::now_ms;
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
-use std::sync::LazyLock;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -373,29 +372,19 @@ const FAILURES_SINCE: &str = concat!(
 
 /// The due job with the earliest attempt time whose local path has no job running (two jobs never write one
 /// path at once: versions of one product share it, and so do same-named products in `download --flat`),
-/// claimed for an owner until a lease time; the three parameters are named by the caller, so that the
-/// claim can also follow a `FINISH_*` statement in one query.
-fn claim_sql(owner: &str, lease_until: &str, now: &str) -> String {
-    format!(
-        "UPDATE downloads SET
-            state = 'running', lease_owner = {owner}, lease_expires_at = {lease_until},
-            attempts = attempts + 1, started_at = coalesce(started_at, {now}), updated_at = {now}
-        WHERE id = (
-            SELECT d.id FROM downloads AS d
-            WHERE d.state = 'queued' AND d.next_attempt_at <= {now}
-              AND NOT EXISTS (SELECT 1 FROM downloads AS r WHERE r.local_path = d.local_path AND r.state = 'running')
-            ORDER BY d.next_attempt_at, d.id
-            LIMIT 1)
-        RETURNING id, product, mission, filename, program, event_type, version, url, local_path, attempts,
-                  bytes_expected, bytes_done, etag, last_modified, verify_failures, not_found_since"
-    )
-}
-
-/// A claim on its own: owner ?1, lease ?2, now ?3.
-static CLAIM: LazyLock<String> = LazyLock::new(|| claim_sql("?1", "?2", "?3"));
-
-/// A claim after a `FINISH_*` statement in the same query: the owner is its ?2, the lease ?9, now ?10.
-static CLAIM_AFTER_FINISH: LazyLock<String> = LazyLock::new(|| claim_sql("?2", "?9", "?10"));
+/// claimed for an owner (?1) until a lease time (?2), at a time (?3).
+const CLAIM: &str = "
+    UPDATE downloads SET
+        state = 'running', lease_owner = ?1, lease_expires_at = ?2,
+        attempts = attempts + 1, started_at = coalesce(started_at, ?3), updated_at = ?3
+    WHERE id = (
+        SELECT d.id FROM downloads AS d
+        WHERE d.state = 'queued' AND d.next_attempt_at <= ?3
+          AND NOT EXISTS (SELECT 1 FROM downloads AS r WHERE r.local_path = d.local_path AND r.state = 'running')
+        ORDER BY d.next_attempt_at, d.id
+        LIMIT 1)
+    RETURNING id, product, mission, filename, program, event_type, version, url, local_path, attempts,
+              bytes_expected, bytes_done, etag, last_modified, verify_failures, not_found_since";
 
 const PROGRESS: &str = "
     UPDATE downloads SET
@@ -425,6 +414,44 @@ const FINISH_GIVE_UP: &str = "
         state = ?3, last_error = ?4, lease_owner = NULL, lease_expires_at = NULL, finished_at = ?5,
         updated_at = ?5
     WHERE id = ?1 AND lease_owner = ?2 AND state = 'running'";
+
+/// The statement that ends an attempt of `owner` at job `id`.
+fn finish_query<'q>(
+    id: i64,
+    owner: &'q str,
+    finish: &'q Finish,
+    now: i64,
+) -> sqlx::query::Query<'q, Sqlite, sqlx::sqlite::SqliteArguments<'q>> {
+    match finish {
+        Finish::Done { bytes, verified } => sqlx::query(FINISH_DONE)
+            .bind(id)
+            .bind(owner)
+            .bind(bytes)
+            .bind(now)
+            .bind(verified),
+        Finish::Retry {
+            at,
+            error,
+            refund,
+            verify_failures,
+            not_found_since,
+        } => sqlx::query(FINISH_RETRY)
+            .bind(id)
+            .bind(owner)
+            .bind(at)
+            .bind(error)
+            .bind(i64::from(*refund))
+            .bind(verify_failures)
+            .bind(not_found_since)
+            .bind(now),
+        Finish::GiveUp { state, error } => sqlx::query(FINISH_GIVE_UP)
+            .bind(id)
+            .bind(owner)
+            .bind(state.as_str())
+            .bind(error)
+            .bind(now),
+    }
+}
 
 const RUNNING_LEASES: &str = "
     SELECT id, coalesce(lease_owner, ''), coalesce(lease_expires_at, 0) FROM downloads WHERE state = 'running'";
@@ -805,72 +832,44 @@ impl Store for SqliteStore {
         Ok(snap)
     }
 
-    async fn finish_and_claim(
+    async fn end_and_claim(
         &self,
-        id: i64,
         owner: &str,
-        finish: &Finish,
+        ends: &[(i64, Finish)],
+        claims: usize,
         now: i64,
         lease_until: i64,
-    ) -> Result<(bool, Option<Job>), StoreError> {
+    ) -> Result<(Vec<bool>, Vec<Job>), StoreError> {
         let err = self.query_err();
-        // Both statements in one round trip to the database thread (each commits on its own): the end of
-        // a job and the claim of the next were the two writes per file that the workers queued for.
-        let finish_sql = match finish {
-            Finish::Done { .. } => FINISH_DONE,
-            Finish::Retry { .. } => FINISH_RETRY,
-            Finish::GiveUp { .. } => FINISH_GIVE_UP,
-        };
-        let sql = format!(
-            "{finish_sql} RETURNING 1 AS finished; {};",
-            *CLAIM_AFTER_FINISH
-        );
-        let query = sqlx::query(&sql).bind(id).bind(owner);
-        let query = match finish {
-            Finish::Done { bytes, verified } => query
-                .bind(bytes)
-                .bind(now)
-                .bind(verified)
-                .bind(None::<i64>)
-                .bind(None::<i64>)
-                .bind(None::<i64>),
-            Finish::Retry {
-                at,
-                error,
-                refund,
-                verify_failures,
-                not_found_since,
-            } => query
-                .bind(at)
-                .bind(error)
-                .bind(i64::from(*refund))
-                .bind(verify_failures)
-                .bind(not_found_since)
-                .bind(now),
-            Finish::GiveUp { state, error } => query
-                .bind(state.as_str())
-                .bind(error)
-                .bind(now)
-                .bind(None::<i64>)
-                .bind(None::<i64>)
-                .bind(None::<i64>),
-        };
-        let rows = query
-            .bind(lease_until) // ?9
-            .bind(now) // ?10
-            .fetch_all(&self.writer)
-            .await
-            .map_err(&err)?;
-        let mut finished = false;
-        let mut next = None;
-        for row in &rows {
-            if row.try_get::<i64, _>("finished").is_ok() {
-                finished = true;
-            } else {
-                next = Some(self.job(row)?);
-            }
+        // One transaction, one commit, for a whole batch of ends and the claims waiting with it: per file,
+        // the commits were most of the bookkeeping on small products.
+        use sqlx::Connection;
+        let mut conn = self.writer.acquire().await.map_err(&err)?;
+        let mut tx = conn.begin_with("BEGIN IMMEDIATE").await.map_err(&err)?;
+        let mut recorded = Vec::with_capacity(ends.len());
+        for (id, finish) in ends {
+            let done = finish_query(*id, owner, finish, now)
+                .execute(&mut *tx)
+                .await
+                .map_err(&err)?;
+            recorded.push(done.rows_affected() == 1);
         }
-        Ok((finished, next))
+        let mut jobs = Vec::new();
+        while jobs.len() < claims {
+            let Some(row) = sqlx::query(CLAIM)
+                .bind(owner)
+                .bind(lease_until)
+                .bind(now)
+                .fetch_optional(&mut *tx)
+                .await
+                .map_err(&err)?
+            else {
+                break;
+            };
+            jobs.push(self.job(&row)?);
+        }
+        tx.commit().await.map_err(&err)?;
+        Ok((recorded, jobs))
     }
 
     async fn list_downloads(
@@ -892,7 +891,7 @@ impl Store for SqliteStore {
         now: i64,
     ) -> Result<Option<Job>, StoreError> {
         let err = self.query_err();
-        let Some(row) = sqlx::query(&CLAIM)
+        let Some(row) = sqlx::query(CLAIM)
             .bind(owner)
             .bind(lease_until)
             .bind(now)
@@ -950,36 +949,7 @@ impl Store for SqliteStore {
         finish: &Finish,
         now: i64,
     ) -> Result<bool, StoreError> {
-        let query = match finish {
-            Finish::Done { bytes, verified } => sqlx::query(FINISH_DONE)
-                .bind(id)
-                .bind(owner)
-                .bind(bytes)
-                .bind(now)
-                .bind(verified),
-            Finish::Retry {
-                at,
-                error,
-                refund,
-                verify_failures,
-                not_found_since,
-            } => sqlx::query(FINISH_RETRY)
-                .bind(id)
-                .bind(owner)
-                .bind(at)
-                .bind(error)
-                .bind(i64::from(*refund))
-                .bind(verify_failures)
-                .bind(not_found_since)
-                .bind(now),
-            Finish::GiveUp { state, error } => sqlx::query(FINISH_GIVE_UP)
-                .bind(id)
-                .bind(owner)
-                .bind(state.as_str())
-                .bind(error)
-                .bind(now),
-        };
-        let done = query
+        let done = finish_query(id, owner, finish, now)
             .execute(&self.writer)
             .await
             .map_err(self.query_err())?;
