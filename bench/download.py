@@ -210,23 +210,23 @@ def done_count(db):
     return n
 
 
-def mastsub_run(base, names, kill_after=None):
+def mastsub_run(base, names, kill_after=None, binary=BIN, tool="mastsub"):
     """Ingests a notice for `names`, runs the daemon until all are done; returns (seconds, peak RSS MiB)."""
-    d = fresh("mastsub")
+    d = fresh(tool)
     with open(os.path.join(d, "mastsub.toml"), "w") as f:
         f.write(f'[mast]\nbase_url = "{base}"\n[download]\nworkers = 4\n[log]\nlevel = "warn"\n')
     with open(os.path.join(d, "notice.json"), "w") as f:
         json.dump(notice(names), f)
-    subprocess.run([BIN, "--config", "mastsub.toml", "ingest", "notice.json"], cwd=d, check=True,
+    subprocess.run([binary, "--config", "mastsub.toml", "ingest", "notice.json"], cwd=d, check=True,
                    stdout=subprocess.DEVNULL)
     db = os.path.join(d, "mastsub.db")
     if kill_after is not None:
-        proc = subprocess.Popen([BIN, "--config", "mastsub.toml", "run"], cwd=d, stderr=subprocess.DEVNULL)
+        proc = subprocess.Popen([binary, "--config", "mastsub.toml", "run"], cwd=d, stderr=subprocess.DEVNULL)
         time.sleep(kill_after)
         proc.send_signal(signal.SIGKILL)
         proc.wait()
     start = time.perf_counter()
-    proc = subprocess.Popen([BIN, "--config", "mastsub.toml", "run"], cwd=d, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen([binary, "--config", "mastsub.toml", "run"], cwd=d, stderr=subprocess.DEVNULL)
     while done_count(db) < len(names):
         if proc.poll() is not None:
             sys.exit("mastsub run exited early")
@@ -342,7 +342,7 @@ def check_same(tool, names):
     """Every file the tool wrote is the one served, byte for byte."""
     import filecmp
     for n in names:
-        got = (os.path.join(WORK, "out", tool, "mastDownload", "jwst", "bench", n) if tool == "mastsub"
+        got = (os.path.join(WORK, "out", tool, "mastDownload", "jwst", "bench", n) if tool.startswith("mastsub")
                else os.path.join(WORK, "out", tool, n))
         if not filecmp.cmp(got, os.path.join(DATA, n), shallow=False):
             sys.exit(f"{tool}: {n} differs from what was served")
@@ -387,6 +387,12 @@ def main():
     try:
         tools = [("mastsub", "mastsub", mastsub_run), ("curl --parallel-max 4", "curl", curl_run),
                  ("aria2c -j4", "aria2c", aria2c_run)]
+        before = os.environ.get("BENCH_BEFORE")
+        if before:
+            # Another build of mastsub (say, the last commit's), for before-and-after rows in one run.
+            tools.insert(1, ("mastsub, build before the change", "mastsub_before",
+                             lambda base, names: mastsub_run(base, names, binary=os.path.abspath(before),
+                                                             tool="mastsub_before")))
         if have_astroquery() and not only:
             tools.append(("astroquery _download_file (sequential)", "astroquery", astroquery_run))
         tools += [("curl --parallel-max 4, then sync", "curlsync", curl_sync_run),
@@ -408,7 +414,7 @@ def main():
                 ratio = "-" if tool == "mastsub" else f"{t / m:.2f}x"
                 print(f"| {set_name} | {tool} | {t:.2f} | {total / t / 1e6:.0f} | {rss:.0f} | {ratio} |")
         if only in (None, "far"):
-            far_table([t for t in tools if t[1] in ("mastsub", "curl", "aria2c")])
+            far_table([t for t in tools if t[1] in ("mastsub", "mastsub_before", "curl", "aria2c")])
         if only and only != "latency":
             return
         lat = inbox_latency(base)

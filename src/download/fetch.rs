@@ -490,12 +490,20 @@ impl Transfer {
         }
     }
 
-    /// One attempt at `job`; on failure the `.part` file keeps what is worth keeping.
+    /// One attempt at `job`; on failure the `.part` file keeps what is worth keeping. `small` is told as
+    /// soon as the body is known to be small (held whole in memory) or already whole on disk: the
+    /// attempt will end within moments.
     pub async fn fetch(
         &self,
         job: &Job,
         cancel: &CancellationToken,
+        small: Option<tokio::sync::oneshot::Sender<()>>,
     ) -> Result<Fetched, FetchError> {
+        let tell_small = |small: Option<tokio::sync::oneshot::Sender<()>>| {
+            if let Some(s) = small {
+                let _ = s.send(());
+            }
+        };
         let (rel_dir, name) = split(&job.local_path);
         let part = part_name(&name);
         let stored = Validator {
@@ -520,6 +528,7 @@ impl Transfer {
         let (mut response, start, total, framed, validator) =
             match self.open(job, offset, &dir, &part, &stored).await? {
                 Answer::AlreadyWhole { total } => {
+                    tell_small(small);
                     let out =
                         disk::PartWriter::new(dir.clone(), part.clone(), true, None, &job.filename);
                     let (verified, staged) = self
@@ -564,7 +573,9 @@ impl Transfer {
             &job.filename,
         );
         let mut pending = None;
-        if !out.holds_whole_body() {
+        if out.holds_whole_body() {
+            tell_small(small);
+        } else {
             pending = Some(self.report_in_background(job, start, total, &validator));
             if stored.if_range().is_some() && stored != validator {
                 settle(&mut pending).await?;

@@ -458,15 +458,34 @@ impl Pool {
         };
         // The attempt runs as its own task, so that a panic (a bug) ends this job as failed instead of
         // leaving it `running` to be retried into the same panic forever.
+        // A small product costs less than a claim: as soon as the attempt knows its body is small, the
+        // worker asks for its next job, so that the claim is ready when this one ends. (A large or slow
+        // product waits for its end, so no job sits claimed behind it.)
+        let (small, mut small_rx) = tokio::sync::oneshot::channel();
         let mut attempt = tokio::spawn({
             let (pool, job, cancel) = (self.clone(), job.clone(), cancel.clone());
-            async move { pool.transfer.fetch(&job, &cancel).await }
+            async move { pool.transfer.fetch(&job, &cancel, Some(small)).await }
         });
-        let result = tokio::select! {
-            r = &mut attempt => r.unwrap_or_else(|e| Err(FetchError::Internal(e.to_string()))),
-            lost = renew => {
-                attempt.abort();
-                Err(lost)
+        let mut ahead = None;
+        let mut signalled = false;
+        let result = {
+            tokio::pin!(renew);
+            loop {
+                tokio::select! {
+                    r = &mut attempt => {
+                        break r.unwrap_or_else(|e| Err(FetchError::Internal(e.to_string())))
+                    }
+                    lost = &mut renew => {
+                        attempt.abort();
+                        break Err(lost);
+                    }
+                    said = &mut small_rx, if !signalled => {
+                        signalled = true;
+                        if said.is_ok() && !cancel.is_cancelled() {
+                            ahead = Some(self.publication.claim_later());
+                        }
+                    }
+                }
             }
         };
         let outcome = match result {
@@ -476,7 +495,11 @@ impl Pool {
                     "{}: another worker took this job over (lease lost); leaving it",
                     job.about()
                 );
-                return None;
+                // A job claimed ahead is this worker's to run.
+                return match ahead {
+                    Some(claimed) => claimed.await.ok().flatten(),
+                    None => None,
+                };
             }
             Err(e) => {
                 let now = now_ms();
@@ -491,10 +514,14 @@ impl Pool {
             outcome,
             started,
         });
+        // On shutdown a job claimed ahead stays with the pool's lease, which the pool gives back.
         if cancel.is_cancelled() {
             return None;
         }
-        self.publication.claim().await
+        match ahead {
+            Some(claimed) => claimed.await.ok().flatten(),
+            None => self.publication.claim().await,
+        }
     }
 }
 

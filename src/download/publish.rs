@@ -121,9 +121,15 @@ impl Publication {
 
     /// Claims the next due job for a worker, with whatever else the recorder writes at the moment.
     pub async fn claim(&self) -> Option<Job> {
+        self.claim_later().await.ok().flatten()
+    }
+
+    /// Asks for the next due job now, to be taken later: the claim goes with the recorder's next
+    /// turn while the worker finishes its current job.
+    pub fn claim_later(&self) -> oneshot::Receiver<Option<Job>> {
         let (tx, rx) = oneshot::channel();
-        self.recorder.send(ToRecorder::Claim(tx)).ok()?;
-        rx.await.ok().flatten()
+        let _ = self.recorder.send(ToRecorder::Claim(tx));
+        rx
     }
 
     /// Waits until everything handed over before is published and recorded.

@@ -453,6 +453,19 @@ fn finish_query<'q>(
     }
 }
 
+/// `FINISH_DONE` for many jobs of owner ?1 at time ?3, from ?4: a JSON array of `[id, bytes, verified]`.
+/// (?2, the lease of the claims beside it in `end_and_claim`'s script, is not used.)
+const FINISH_DONE_MANY: &str = "
+    UPDATE downloads SET
+        state = 'done', bytes_done = j.bytes, bytes_expected = j.bytes, lease_owner = NULL,
+        lease_expires_at = NULL, last_error = NULL, verify_failures = 0, not_found_since = NULL,
+        finished_at = ?3, updated_at = ?3, verified = j.verified
+    FROM (SELECT json_extract(value, '$[0]') AS id, json_extract(value, '$[1]') AS bytes,
+                 json_extract(value, '$[2]') AS verified
+          FROM json_each(?4)) AS j
+    WHERE downloads.id = j.id AND downloads.lease_owner = ?1 AND downloads.state = 'running'
+    RETURNING downloads.id AS ended";
+
 const RUNNING_LEASES: &str = "
     SELECT id, coalesce(lease_owner, ''), coalesce(lease_expires_at, 0) FROM downloads WHERE state = 'running'";
 
@@ -841,35 +854,69 @@ impl Store for SqliteStore {
         lease_until: i64,
     ) -> Result<(Vec<bool>, Vec<Job>), StoreError> {
         let err = self.query_err();
-        // One transaction, one commit, for a whole batch of ends and the claims waiting with it: per file,
-        // the commits were most of the bookkeeping on small products.
-        use sqlx::Connection;
+        if ends.is_empty() && claims == 0 {
+            return Ok((Vec::new(), Vec::new()));
+        }
+        // One transaction, one commit and one round trip to the database thread for a whole batch of
+        // `done` ends and the claims waiting with it, as one script: each round trip and each commit cost
+        // more than the statements themselves on small products, and a worker's claim waited for all of
+        // them. The ends go as one JSON parameter (numbered parameters that a statement leaves unused
+        // would shift sqlx's binding of the next statement's). Other ends (retries, failures) are rare:
+        // each is its own statement first.
         let mut conn = self.writer.acquire().await.map_err(&err)?;
-        let mut tx = conn.begin_with("BEGIN IMMEDIATE").await.map_err(&err)?;
-        let mut recorded = Vec::with_capacity(ends.len());
+        let mut ended = HashSet::new();
+        let mut done = Vec::new();
         for (id, finish) in ends {
-            let done = finish_query(*id, owner, finish, now)
-                .execute(&mut *tx)
-                .await
-                .map_err(&err)?;
-            recorded.push(done.rows_affected() == 1);
+            match finish {
+                Finish::Done { bytes, verified } => done.push(json!([id, bytes, verified])),
+                other => {
+                    let result = finish_query(*id, owner, other, now)
+                        .execute(&mut *conn)
+                        .await
+                        .map_err(&err)?;
+                    if result.rows_affected() == 1 {
+                        ended.insert(*id);
+                    }
+                }
+            }
         }
+        let mut sql = String::from("BEGIN IMMEDIATE;\n");
+        if !done.is_empty() {
+            sql.push_str(FINISH_DONE_MANY);
+            sql.push_str(";\n");
+        }
+        for _ in 0..claims {
+            sql.push_str(CLAIM);
+            sql.push_str(";\n");
+        }
+        sql.push_str("COMMIT;");
+        // A handful of shapes (with or without ends, 0 to `workers` claims): the prepared scripts are kept.
+        let query = sqlx::query(&sql)
+            .bind(owner)
+            .bind(lease_until)
+            .bind(now)
+            .bind(serde_json::Value::Array(done).to_string());
+        let rows = match query.fetch_all(&mut *conn).await {
+            Ok(rows) => rows,
+            Err(e) => {
+                // A statement failed inside the transaction: it must not stay open on the writer.
+                let _ = sqlx::query("ROLLBACK").execute(&mut *conn).await;
+                return Err(err(e));
+            }
+        };
         let mut jobs = Vec::new();
-        while jobs.len() < claims {
-            let Some(row) = sqlx::query(CLAIM)
-                .bind(owner)
-                .bind(lease_until)
-                .bind(now)
-                .fetch_optional(&mut *tx)
-                .await
-                .map_err(&err)?
-            else {
-                break;
-            };
-            jobs.push(self.job(&row)?);
+        for row in &rows {
+            match row.try_get::<i64, _>("ended") {
+                Ok(id) => {
+                    ended.insert(id);
+                }
+                Err(_) => jobs.push(self.job(row)?),
+            }
         }
-        tx.commit().await.map_err(&err)?;
-        Ok((recorded, jobs))
+        Ok((
+            ends.iter().map(|(id, _)| ended.contains(id)).collect(),
+            jobs,
+        ))
     }
 
     async fn list_downloads(
