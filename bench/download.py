@@ -23,6 +23,28 @@ inbox-to-first-request time.
 """
 import http.server, json, os, shutil, signal, sqlite3, statistics, subprocess, sys, threading, time
 
+def peak_rss_mib(pid):
+    """The peak RSS of a live process (VmHWM). A child's ru_maxrss starts from this script's own RSS when it
+    is forked, so for a small tool it reports this script, not the tool."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def measured(argv):
+    """argv under GNU time, which reports the tool's own peak RSS (time itself is too small to hide it);
+    returns the command and the file the figure lands in."""
+    out = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"bench-rss-{os.getpid()}")
+    return ["/usr/bin/time", "-f", "%M", "-o", out] + list(argv), out
+
+
+def read_rss(out):
+    with open(out) as f:
+        return int(f.read().split()[-1]) / 1024
+
+
 BIN, WORK = os.path.abspath(sys.argv[1]), os.path.abspath(sys.argv[2])
 FLOOR = os.path.join(os.path.dirname(BIN), "examples", "download_floor")
 REPEAT = int(sys.argv[3]) if len(sys.argv) > 3 else 3
@@ -59,6 +81,9 @@ FAR_NAMES = [f"jw{n:05d}_far_cal.fits" for n in range(200)]
 class FarHandler(http.server.BaseHTTPRequestHandler):
     """Answers `retrieve_product?product_name=X` from DATA after FAR_DELAY, keeping connections open."""
     protocol_version = "HTTP/1.1"
+    # Headers and body go out as separate writes: with Nagle's algorithm on, each answer would wait for
+    # the client's delayed ACK (40 ms) and the server, not the tools, would set the pace.
+    disable_nagle_algorithm = True
     bodies = {}
     requests = []
     connections = []
@@ -179,13 +204,14 @@ def fresh(tool):
 
 
 def timed(argv, cwd=None):
+    wrapped, rss = measured(argv)
     start = time.perf_counter()
-    p = subprocess.Popen(argv, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(p.pid, 0)
+    p = subprocess.Popen(wrapped, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _, status, _ = os.wait4(p.pid, 0)
     elapsed = time.perf_counter() - start
     if os.waitstatus_to_exitcode(status) != 0:
         sys.exit(f"{argv[0]} failed: {p.stderr.read().decode()[-2000:]}")
-    return elapsed, usage.ru_maxrss / 1024
+    return elapsed, read_rss(rss)
 
 
 def notice(names):
@@ -232,9 +258,10 @@ def mastsub_run(base, names, kill_after=None, binary=BIN, tool="mastsub"):
             sys.exit("mastsub run exited early")
         time.sleep(0.005)
     elapsed = time.perf_counter() - start
+    rss = peak_rss_mib(proc.pid)
     proc.terminate()
-    _, _, usage = os.wait4(proc.pid, 0)
-    return elapsed, usage.ru_maxrss / 1024
+    os.wait4(proc.pid, 0)
+    return elapsed, rss
 
 
 def inbox_latency(base, rounds=7):

@@ -14,6 +14,28 @@ Runs each case REPEAT times and reports the median. Usage: bench/ingest.py BINAR
 """
 import json, os, shutil, statistics, subprocess, sys, time, uuid
 
+def peak_rss_mib(pid):
+    """The peak RSS of a live process (VmHWM). A child's ru_maxrss starts from this script's own RSS when it
+    is forked, so for a small tool it reports this script, not the tool."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def measured(argv):
+    """argv under GNU time, which reports the tool's own peak RSS (time itself is too small to hide it);
+    returns the command and the file the figure lands in."""
+    out = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"bench-rss-{os.getpid()}")
+    return ["/usr/bin/time", "-f", "%M", "-o", out] + list(argv), out
+
+
+def read_rss(out):
+    with open(out) as f:
+        return int(f.read().split()[-1]) / 1024
+
+
 BIN, WORK = os.path.abspath(sys.argv[1]), os.path.abspath(sys.argv[2])
 REPEAT = int(sys.argv[3]) if len(sys.argv) > 3 else 3
 
@@ -39,14 +61,15 @@ def write_notice(path, first, count):
 
 def run_measured(argv, cwd):
     """Runs argv, returns (seconds, peak RSS in MiB) of the child."""
+    wrapped, rss = measured(argv)
     start = time.perf_counter()
-    p = subprocess.Popen(argv, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(p.pid, 0)
+    p = subprocess.Popen(wrapped, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _, status, _ = os.wait4(p.pid, 0)
     elapsed = time.perf_counter() - start
     err = p.stderr.read().decode()
     if os.waitstatus_to_exitcode(status) != 0:
         sys.exit(f"{argv[0]} failed: {err}")
-    return elapsed, usage.ru_maxrss / 1024
+    return elapsed, read_rss(rss)
 
 
 def fresh(case):
@@ -81,9 +104,10 @@ def mastsub_inbox(files):
     while len(os.listdir(processed)) < len(files):
         time.sleep(0.005)
     elapsed = time.perf_counter() - start
+    rss = peak_rss_mib(proc.pid)
     proc.terminate()
-    _, _, usage = os.wait4(proc.pid, 0)
-    return elapsed, usage.ru_maxrss / 1024
+    os.wait4(proc.pid, 0)
+    return elapsed, rss
 
 
 BASELINE = r'''

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs mastsub's benchmarks and prints Markdown tables for bench/RESULTS.md.
 # Usage: bench/run.sh [REPEAT]   (from anywhere; builds the release binary first)
-# Sets up what it compares against: nginx, curl and aria2c from Debian's packages (apt-get, as root or
+# BENCH_BEFORE=<another mastsub binary> adds its rows beside the current build's (before and after).
+# Sets up what it compares against: nginx, curl, aria2c and GNU time from Debian's packages (apt-get, as root or
 # with sudo) and the astroquery release from pip, in a virtualenv under bench/work. Needs about 4 GiB
 # free under bench/work.
 set -euo pipefail
@@ -13,6 +14,8 @@ missing=()
 for tool in nginx:nginx curl:curl aria2c:aria2; do
     command -v "${tool%%:*}" >/dev/null || [ -x "/usr/sbin/${tool%%:*}" ] || missing+=("${tool##*:}")
 done
+# GNU time reports each tool's own peak RSS.
+[ -x /usr/bin/time ] || missing+=(time)
 if ((${#missing[@]})); then
     sudo=""
     [ "$(id -u)" -eq 0 ] || sudo="sudo"
