@@ -491,8 +491,8 @@ impl Transfer {
     }
 
     /// One attempt at `job`; on failure the `.part` file keeps what is worth keeping. `small` is told as
-    /// soon as the body is known to be small (held whole in memory) or already whole on disk: the
-    /// attempt will end within moments.
+    /// soon as only moments of work are left: a small body has arrived whole in memory, or the file was
+    /// already whole on disk. (Never earlier: a body that looks small can still take minutes.)
     pub async fn fetch(
         &self,
         job: &Job,
@@ -573,9 +573,7 @@ impl Transfer {
             &job.filename,
         );
         let mut pending = None;
-        if out.holds_whole_body() {
-            tell_small(small);
-        } else {
+        if !out.holds_whole_body() {
             pending = Some(self.report_in_background(job, start, total, &validator));
             if stored.if_range().is_some() && stored != validator {
                 settle(&mut pending).await?;
@@ -670,6 +668,10 @@ impl Transfer {
             (Ok(()), Some(cut)) => Err(cut),
             (other, _) => other,
         };
+        if ended.is_ok() && out.holds_whole_body() {
+            // The whole body arrived, quickly, in memory: only its write and check are left.
+            tell_small(small);
+        }
         if let Err(e) = ended {
             let e = self.own_disk_filled(job, e, written - start, total, space_at_start);
             if matches!(

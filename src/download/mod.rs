@@ -1,7 +1,8 @@
 //! The download engine: a pool of workers that claim jobs from the store and fetch products.
 //!
-//! `fetch.rs` does one attempt (verified resume, verify, publish), `policy.rs` decides what a failed
-//! attempt means for the job, `error.rs` names the failures. This module runs the pool: up to
+//! `fetch.rs` does one attempt (verified resume, verify), `publish.rs` publishes finished attempts and
+//! records their ends in batches (group commit), `policy.rs` decides what a failed attempt means for the
+//! job, `error.rs` names the failures. This module runs the pool: up to
 //! `download.workers` jobs at once, each claimed under a lease that is renewed while it runs; a newly queued
 //! job starts at once (ingest wakes the pool), a job whose next attempt time has come is picked up, and a
 //! sweep every few seconds is the fallback. Jobs of a process that died (same host, pid gone) or whose
@@ -332,6 +333,7 @@ pub async fn run(
         .drain_timeout
         .saturating_sub(Duration::from_secs(1))
         .max(Duration::from_millis(500));
+    let draining = Instant::now();
     if tokio::time::timeout(drain, async {
         while workers.join_next().await.is_some() {}
     })
@@ -345,14 +347,19 @@ pub async fn run(
         workers.abort_all();
         while workers.join_next().await.is_some() {}
     }
-    // What was handed over is published and recorded before the leases are given back.
-    if tokio::time::timeout(drain, pool.publication.flush())
+    // What was handed over is published and recorded before the leases are given back, in what is
+    // left of the same time (and half a second at least).
+    let left = drain
+        .saturating_sub(draining.elapsed())
+        .max(Duration::from_millis(500));
+    if tokio::time::timeout(left, pool.publication.flush())
         .await
         .is_err()
     {
         tracing::warn!(
-            "finished downloads were not published within {}s; they are published on the next run",
-            drain.as_secs_f64()
+            "finished downloads were not published within {:.1}s; their .part files are published or \
+             fetched again on the next run",
+            left.as_secs_f64()
         );
     }
     // Whatever did not give its job back (aborted), the pool gives back now: no lease outlives it.
@@ -458,9 +465,10 @@ impl Pool {
         };
         // The attempt runs as its own task, so that a panic (a bug) ends this job as failed instead of
         // leaving it `running` to be retried into the same panic forever.
-        // A small product costs less than a claim: as soon as the attempt knows its body is small, the
-        // worker asks for its next job, so that the claim is ready when this one ends. (A large or slow
-        // product waits for its end, so no job sits claimed behind it.)
+        // A small product costs less than a claim: once the attempt has its small body whole, the worker
+        // asks for its next job, so that the claim is ready when the write and check are done. (Any
+        // other product asks at its end, so no job sits claimed behind a transfer: `status` never shows
+        // more jobs running than workers, but for those moments.)
         let (small, mut small_rx) = tokio::sync::oneshot::channel();
         let mut attempt = tokio::spawn({
             let (pool, job, cancel) = (self.clone(), job.clone(), cancel.clone());

@@ -1,0 +1,5 @@
+//! `sqlx::migrate!` embeds `migrations/` at compile time; without this, cargo does not know to rebuild
+//! when a migration is added or changed, and a build can ship without it.
+fn main() {
+    println!("cargo:rerun-if-changed=migrations");
+}
