@@ -95,6 +95,45 @@ fn a_gzip_happy_server_still_sends_the_bytes_as_stored_and_they_verify() {
     assert_eq!(served, expected);
 }
 
+#[test]
+fn many_small_products_cost_one_get_each_on_connections_kept_open() {
+    let data = tempfile::tempdir().unwrap();
+    let Some(nginx) = Nginx::start(data.path(), "") else {
+        return;
+    };
+    let records: Vec<serde_json::Value> = (1..=40).map(|n| record(n, "New")).collect();
+    let bodies: Vec<Vec<u8>> = records
+        .iter()
+        .map(|r| fits_product(r["filename"].as_str().unwrap(), 3, 1))
+        .collect();
+    let paths = publish(data.path(), &records, &bodies);
+    let ws = Workspace::with_base(&nginx.base_url, "");
+    let d = Daemon::start_watching(&ws);
+    ws.drop_notice("n.json", &serde_json::to_vec(&records).unwrap());
+    wait_done(&ws, &d, 40, Duration::from_secs(30));
+    for (path, body) in paths.iter().zip(&bodies) {
+        assert_eq!(
+            std::fs::read(ws.path("mastDownload").join(path)).unwrap(),
+            *body,
+            "{path}"
+        );
+    }
+    // Far from MAST every request is a round trip: no HEAD first, no second request per product, and the
+    // workers' connections are kept open from one product to the next (4 workers by default).
+    let requests = nginx.connections_and_methods();
+    assert_eq!(requests.len(), 40, "one request per product: {requests:?}");
+    assert!(
+        requests.iter().all(|(_, method)| method == "GET"),
+        "{requests:?}"
+    );
+    let connections: std::collections::HashSet<u64> = requests.iter().map(|(c, _)| *c).collect();
+    assert!(
+        connections.len() <= 4,
+        "{} connections for 40 products with 4 workers: {requests:?}",
+        connections.len()
+    );
+}
+
 /// A product served slowly, a daemon killed with -9 once part of it is on disk; `change` is done to the
 /// served file before the restart. Returns the bytes the product must end as, nginx (whose folder it
 /// serves goes with it), the workspace and the product's path in it.

@@ -497,13 +497,8 @@ impl Transfer {
         &self,
         job: &Job,
         cancel: &CancellationToken,
-        small: Option<tokio::sync::oneshot::Sender<()>>,
+        small: tokio::sync::oneshot::Sender<()>,
     ) -> Result<Fetched, FetchError> {
-        let tell_small = |small: Option<tokio::sync::oneshot::Sender<()>>| {
-            if let Some(s) = small {
-                let _ = s.send(());
-            }
-        };
         let (rel_dir, name) = split(&job.local_path);
         let part = part_name(&name);
         let stored = Validator {
@@ -528,7 +523,7 @@ impl Transfer {
         let (mut response, start, total, framed, validator) =
             match self.open(job, offset, &dir, &part, &stored).await? {
                 Answer::AlreadyWhole { total } => {
-                    tell_small(small);
+                    let _ = small.send(());
                     let out =
                         disk::PartWriter::new(dir.clone(), part.clone(), true, None, &job.filename);
                     let (verified, staged) = self
@@ -670,7 +665,7 @@ impl Transfer {
         };
         if ended.is_ok() && out.holds_whole_body() {
             // The whole body arrived, quickly, in memory: only its write and check are left.
-            tell_small(small);
+            let _ = small.send(());
         }
         if let Err(e) = ended {
             let e = self.own_disk_filled(job, e, written - start, total, space_at_start);

@@ -463,16 +463,16 @@ impl Pool {
                 }
             }
         };
-        // The attempt runs as its own task, so that a panic (a bug) ends this job as failed instead of
-        // leaving it `running` to be retried into the same panic forever.
         // A small product costs less than a claim: once the attempt has its small body whole, the worker
         // asks for its next job, so that the claim is ready when the write and check are done. (Any
         // other product asks at its end, so no job sits claimed behind a transfer: `status` never shows
         // more jobs running than workers, but for those moments.)
         let (small, mut small_rx) = tokio::sync::oneshot::channel();
+        // The attempt runs as its own task, so that a panic (a bug) ends this job as failed instead of
+        // leaving it `running` to be retried into the same panic forever.
         let mut attempt = tokio::spawn({
             let (pool, job, cancel) = (self.clone(), job.clone(), cancel.clone());
-            async move { pool.transfer.fetch(&job, &cancel, Some(small)).await }
+            async move { pool.transfer.fetch(&job, &cancel, small).await }
         });
         let mut ahead = None;
         let mut signalled = false;

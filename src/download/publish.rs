@@ -161,70 +161,60 @@ async fn publish(
                 None
             };
         }
-        let mut files = Vec::new();
+        // Failed attempts are ends already; fetched files become ends once published.
         let mut ends = Vec::with_capacity(hands.len());
-        for hand in hands {
-            let Hand {
-                job,
-                outcome,
-                started,
-            } = hand;
+        let mut files = Vec::new();
+        let mut fetched = Vec::new();
+        for Hand {
+            job,
+            outcome,
+            started,
+        } in hands
+        {
             match outcome {
-                Outcome::Fetched(fetched) => {
+                Outcome::Ended(finish) => ends.push(End {
+                    job,
+                    finish,
+                    done: None,
+                }),
+                Outcome::Fetched(f) => {
                     let Fetched {
                         bytes,
                         resumed_from,
-                        fetched,
+                        fetched: got,
                         verified,
                         staged,
-                    } = *fetched;
+                    } = *f;
                     files.push(staged);
-                    ends.push((
-                        job,
-                        None,
-                        Some(Summary {
-                            bytes,
-                            resumed_from,
-                            fetched,
-                            verified,
-                            started,
-                        }),
-                    ));
+                    let summary = Summary {
+                        bytes,
+                        resumed_from,
+                        fetched: got,
+                        verified,
+                        started,
+                    };
+                    fetched.push((job, summary));
                 }
-                Outcome::Ended(finish) => ends.push((job, Some(finish), None)),
             }
         }
-        let count = files.len();
-        let began = Instant::now();
-        let mut published = if count == 0 {
-            Vec::new()
-        } else {
-            tokio::task::spawn_blocking(move || publish_all(files))
+        if !files.is_empty() {
+            let count = files.len();
+            let began = Instant::now();
+            let published = tokio::task::spawn_blocking(move || publish_all(files))
                 .await
                 .unwrap_or_else(|e| {
                     (0..count)
                         .map(|_| Err(FetchError::Internal(format!("publication failed: {e}"))))
                         .collect()
-                })
-        }
-        .into_iter();
-        if count > 0 {
+                });
             tracing::debug!(
                 "published {count} file(s) in {:.1} ms",
                 began.elapsed().as_secs_f64() * 1e3
             );
-        }
-        let now = now_ms();
-        let ends = ends
-            .into_iter()
-            .map(|(job, finish, done)| match (finish, done) {
-                (Some(finish), _) => End {
-                    job,
-                    finish,
-                    done: None,
-                },
-                (None, Some(summary)) => match published.next() {
-                    Some(Ok(())) => End {
+            let now = now_ms();
+            for ((job, summary), result) in fetched.into_iter().zip(published) {
+                ends.push(match result {
+                    Ok(()) => End {
                         finish: Finish::Done {
                             bytes: summary.bytes as i64,
                             verified: summary.verified.by.clone(),
@@ -232,7 +222,7 @@ async fn publish(
                         job,
                         done: Some(summary),
                     },
-                    Some(Err(e)) => {
+                    Err(e) => {
                         let finish = policy::decide(&context.config, &job, &e, now);
                         log_failure(&job, &e, &finish, now);
                         End {
@@ -241,11 +231,9 @@ async fn publish(
                             done: None,
                         }
                     }
-                    None => unreachable!("one publication result per file"),
-                },
-                (None, None) => unreachable!("a hand is a file or an end"),
-            })
-            .collect::<Vec<_>>();
+                });
+            }
+        }
         if !ends.is_empty() {
             let _ = recorder.send(ToRecorder::Ends(ends));
         }
@@ -412,30 +400,21 @@ fn make_durable(files: &[Staged]) -> Vec<Result<(), FetchError>> {
     if files.len() < 2 || !syncfs_reports_errors() {
         return in_parallel(files, fsync);
     }
-    let mut results: Vec<Option<Result<(), FetchError>>> = files.iter().map(|_| None).collect();
-    // One syncfs per file system; a failed one falls back to fsyncs, which name the files it struck.
-    let devices: Vec<Option<u64>> = files
+    // One syncfs per file system; where it fails (or the file system cannot be told), fsyncs, which name
+    // the files an error struck.
+    let mut synced: std::collections::HashMap<u64, bool> = std::collections::HashMap::new();
+    files
         .iter()
         .map(|s| {
             use std::os::unix::fs::MetadataExt;
-            s.file.metadata().ok().map(|m| m.dev())
+            let device = s.file.metadata().ok().map(|m| m.dev());
+            let whole = device.is_some_and(|d| {
+                *synced
+                    .entry(d)
+                    .or_insert_with(|| nix::unistd::syncfs(&s.file).is_ok())
+            });
+            if whole { Ok(()) } else { fsync(s) }
         })
-        .collect();
-    for i in 0..files.len() {
-        if results[i].is_some() {
-            continue;
-        }
-        let members: Vec<usize> = (i..files.len())
-            .filter(|&j| results[j].is_none() && devices[j].is_some() && devices[j] == devices[i])
-            .collect();
-        let whole = devices[i].is_some() && nix::unistd::syncfs(&files[i].file).is_ok();
-        for j in if members.is_empty() { vec![i] } else { members } {
-            results[j] = Some(if whole { Ok(()) } else { fsync(&files[j]) });
-        }
-    }
-    results
-        .into_iter()
-        .map(|r| r.unwrap_or_else(|| Err(FetchError::Internal("a file was not synced".into()))))
         .collect()
 }
 

@@ -862,25 +862,41 @@ impl Store for SqliteStore {
         // more than the statements themselves on small products, and a worker's claim waited for all of
         // them. The ends go as one JSON parameter (numbered parameters that a statement leaves unused
         // would shift sqlx's binding of the next statement's). Other ends (retries, failures) are rare:
-        // each is its own statement first.
+        // each is its own statement, in the same transaction, before the script.
         let mut conn = self.writer.acquire().await.map_err(&err)?;
-        let mut ended = HashSet::new();
         let mut done = Vec::new();
+        let mut others = Vec::new();
         for (id, finish) in ends {
             match finish {
                 Finish::Done { bytes, verified } => done.push(json!([id, bytes, verified])),
-                other => {
-                    let result = finish_query(*id, owner, other, now)
-                        .execute(&mut *conn)
-                        .await
-                        .map_err(&err)?;
-                    if result.rows_affected() == 1 {
-                        ended.insert(*id);
+                other => others.push((*id, other)),
+            }
+        }
+        let mut ended = HashSet::new();
+        let mut sql = String::new();
+        if others.is_empty() {
+            sql.push_str("BEGIN IMMEDIATE;\n");
+        } else {
+            sqlx::query("BEGIN IMMEDIATE")
+                .execute(&mut *conn)
+                .await
+                .map_err(&err)?;
+            for (id, finish) in others {
+                match finish_query(id, owner, finish, now)
+                    .execute(&mut *conn)
+                    .await
+                {
+                    Ok(r) if r.rows_affected() == 1 => {
+                        ended.insert(id);
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        let _ = sqlx::query("ROLLBACK").execute(&mut *conn).await;
+                        return Err(err(e));
                     }
                 }
             }
         }
-        let mut sql = String::from("BEGIN IMMEDIATE;\n");
         if !done.is_empty() {
             sql.push_str(FINISH_DONE_MANY);
             sql.push_str(";\n");

@@ -42,13 +42,14 @@ impl Nginx {
         let conf = format!(
             "daemon off;\nmaster_process off;\npid {d}/nginx.pid;\nerror_log {d}/error.log;\n\
              events {{ worker_connections 64; }}\n\
-             http {{\n  log_format bytes '$request_uri $status $body_bytes_sent';\n  \
+             http {{\n  log_format bytes '$connection $request_method $request_uri $status $body_bytes_sent';\n  \
              access_log {d}/access.log bytes;\n  client_body_temp_path {d}/tmp;\n  \
              proxy_temp_path {d}/tmp;\n  fastcgi_temp_path {d}/tmp;\n  uwsgi_temp_path {d}/tmp;\n  \
              scgi_temp_path {d}/tmp;\n  types {{ application/fits fits; application/json json; }}\n  \
              server {{\n    listen 127.0.0.1:{port};\n    {extra}\n    \
              location = /search/jwst/api/v0.1/retrieve_product {{ rewrite ^ /files/$arg_product_name last; }}\n    \
-             location /files/ {{ alias {}/; }}\n  }}\n}}\n",
+             location /files/ {{ alias {}/; }}\n    \
+             location = /ready {{ access_log off; return 204; }}\n  }}\n}}\n",
             data.display()
         );
         let path = dir.path().join("nginx.conf");
@@ -59,9 +60,10 @@ impl Nginx {
             .stderr(Stdio::null())
             .spawn()
             .expect("nginx starts");
-        let up = wait_until(Duration::from_secs(10), || {
-            std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
-        });
+        // Up means nginx answers HTTP on the port. A bare connect is not enough: a connect to a free
+        // loopback port can meet itself (the kernel may pick that very port as the source), so a
+        // readiness check by connect alone passes for an nginx that never bound it.
+        let up = wait_until(Duration::from_secs(10), || answers_http(port));
         assert!(
             up,
             "nginx did not start: {}",
@@ -72,6 +74,18 @@ impl Nginx {
             base_url: format!("http://127.0.0.1:{port}"),
             child,
         })
+    }
+
+    /// Every request so far: (nginx's serial number of the connection it came on, method), in order.
+    pub fn connections_and_methods(&self) -> Vec<(u64, String)> {
+        std::fs::read_to_string(self.dir.path().join("access.log"))
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| {
+                let mut f = l.split(' ');
+                Some((f.next()?.parse().ok()?, f.next()?.to_string()))
+            })
+            .collect()
     }
 
     /// Every request so far: (status, body bytes sent), in order.
@@ -87,6 +101,19 @@ impl Nginx {
             })
             .collect()
     }
+}
+
+/// Whether nginx answers on `127.0.0.1:port` (at `/ready`, which it leaves out of its access log).
+fn answers_http(port: u16) -> bool {
+    use std::io::{Read, Write};
+    let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
+        return false;
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+    let mut head = [0u8; 5];
+    s.write_all(b"GET /ready HTTP/1.0\r\n\r\n").is_ok()
+        && s.read_exact(&mut head).is_ok()
+        && &head == b"HTTP/"
 }
 
 impl Drop for Nginx {
