@@ -217,11 +217,35 @@ def done_count(db):
     return n
 
 
-def mastsub_run(base, names, kill_after=None, binary=BIN, tool="mastsub"):
-    """Ingests a notice for `names`, runs the daemon until all are done; returns (seconds, peak RSS MiB)."""
+def free_port():
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def scrape(port, stop, paths=("/metrics", "/")):
+    """Fetches the daemon's /metrics and status page every half second until `stop`, as a Prometheus
+    server and an open browser tab would (a scrape every 15 s is usual: this is thirty times that)."""
+    import urllib.request
+    while not stop.is_set():
+        for path in paths:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5).read()
+            except OSError:
+                pass
+        stop.wait(0.5)
+
+
+def mastsub_run(base, names, kill_after=None, binary=BIN, tool="mastsub", http=False):
+    """Ingests a notice for `names`, runs the daemon until all are done; returns (seconds, peak RSS MiB).
+    With `http`, the daemon serves [http] and is scraped every half second meanwhile."""
     d = fresh(tool)
+    port = free_port()
     with open(os.path.join(d, "mastsub.toml"), "w") as f:
         f.write(f'[mast]\nbase_url = "{base}"\n[download]\nworkers = 4\n[log]\nlevel = "warn"\n')
+        if http:
+            f.write(f'[http]\nenabled = true\nlisten = "127.0.0.1:{port}"\n')
     with open(os.path.join(d, "notice.json"), "w") as f:
         json.dump(notice(names), f)
     subprocess.run([binary, "--config", "mastsub.toml", "ingest", "notice.json"], cwd=d, check=True,
@@ -234,11 +258,18 @@ def mastsub_run(base, names, kill_after=None, binary=BIN, tool="mastsub"):
         proc.wait()
     start = time.perf_counter()
     proc = subprocess.Popen([binary, "--config", "mastsub.toml", "run"], cwd=d, stderr=subprocess.DEVNULL)
+    stop = threading.Event()
+    scraper = threading.Thread(target=scrape, args=(port, stop)) if http else None
+    if scraper:
+        scraper.start()
     while done_count(db) < len(names):
         if proc.poll() is not None:
             sys.exit("mastsub run exited early")
         time.sleep(0.005)
     elapsed = time.perf_counter() - start
+    stop.set()
+    if scraper:
+        scraper.join()
     rss = peak_rss_mib(proc.pid)
     proc.terminate()
     os.wait4(proc.pid, 0)
@@ -395,6 +426,9 @@ def main():
     try:
         tools = [("mastsub", "mastsub", mastsub_run), ("curl --parallel-max 4", "curl", curl_run),
                  ("aria2c -j4", "aria2c", aria2c_run)]
+        # The same build with the HTTP endpoint on and scraped: what metrics and the page cost.
+        tools.insert(1, ("mastsub, [http] on, /metrics and / fetched every 0.5 s", "mastsub_http",
+                         lambda base, names: mastsub_run(base, names, tool="mastsub_http", http=True)))
         before = os.environ.get("BENCH_BEFORE")
         if before:
             # Another build of mastsub (say, the last commit's), for before-and-after rows in one run.

@@ -40,6 +40,10 @@ echo "## Ingest"
 echo
 python3 bench/ingest.py target/release/mastsub "$work" "$repeat"
 echo
+echo "## HTTP endpoint"
+echo
+python3 bench/http.py target/release/mastsub "$work"
+echo
 echo "## Downloads"
 echo
 "$work/venv/bin/python" bench/download.py target/release/mastsub "$work" "$repeat"

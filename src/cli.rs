@@ -108,7 +108,7 @@ pub fn main(cli: Cli) -> ExitCode {
     };
     let result = runtime.block_on(async move {
         match cli.command {
-            Command::Run => run(config).await,
+            Command::Run => run(config, cli.config).await,
             Command::Ingest { files } => ingest(config, files).await,
             Command::Status { json } => show_status(config, json).await,
             Command::List { state, json } => list(config, state, json).await,
@@ -131,7 +131,7 @@ pub fn main(cli: Cli) -> ExitCode {
     }
 }
 
-async fn run(config: Config) -> anyhow::Result<ExitCode> {
+async fn run(config: Config, file: Option<PathBuf>) -> anyhow::Result<ExitCode> {
     let shutdown = CancellationToken::new();
     let signals = shutdown.clone();
     tokio::spawn(async move {
@@ -139,14 +139,28 @@ async fn run(config: Config) -> anyhow::Result<ExitCode> {
         tracing::info!("stop requested");
         signals.cancel();
     });
-    // SIGHUP: read the secrets again (token and password files), without a restart.
-    let (reload_tx, reload) = tokio::sync::watch::channel(0u64);
+    // SIGHUP: read the configuration again: the secrets (token and password files) and
+    // `download.max_rate` take effect without a restart.
+    let (reload_tx, reload) = tokio::sync::watch::channel(Arc::new(config.clone()));
     match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
         Ok(mut hup) => {
             tokio::spawn(async move {
                 while hup.recv().await.is_some() {
-                    tracing::info!("SIGHUP: reading the secrets again");
-                    reload_tx.send_modify(|n| *n += 1);
+                    match Config::load(file.as_deref()) {
+                        Ok(c) => {
+                            tracing::info!(
+                                "SIGHUP: configuration and secrets read again (download.max_rate and \
+                                 the secrets take effect now, other keys at the next start)"
+                            );
+                            reload_tx.send_replace(Arc::new(c));
+                        }
+                        Err(e) => {
+                            tracing::error!(
+                                "SIGHUP: {e}; keeping the configuration in use, reading the secrets again"
+                            );
+                            reload_tx.send_modify(|_| {});
+                        }
+                    }
                 }
             });
         }

@@ -93,9 +93,18 @@ pub struct Config {
     pub imap: ImapConfig,
     /// E-mail summaries.
     pub email: EmailConfig,
+    /// The HTTP endpoint: metrics, the status page, `/api/status`.
+    pub http: HttpConfig,
+    /// Commands run when products land and when a notice's downloads have ended.
+    pub hooks: HooksConfig,
     /// Logging.
     pub log: LogConfig,
 }
+
+/// What SIGHUP hands the loops: the configuration read again (or the one before, if the file no longer
+/// loads). The download pool takes its token and `download.max_rate` from it, the IMAP source its
+/// secrets; other keys take effect at the next start.
+pub type Reload = tokio::sync::watch::Receiver<std::sync::Arc<Config>>;
 
 /// `[storage]`
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -232,6 +241,12 @@ pub struct DownloadConfig {
     /// Publish a body sent with no length (no Content-Length, not chunked) even when its format cannot
     /// prove the file whole (FITS with NEXTEND, gzip, JSON, PNG and JPEG can); off: such a body is refused.
     pub accept_unsized_bodies: bool,
+    /// All workers together receive at most this (rclone's `--bwlimit`, aria2's
+    /// `--max-overall-download-limit`); unset: no cap. Re-read on SIGHUP.
+    pub max_rate: Option<Rate>,
+    /// No body is written while it would leave the download file system with less than this free:
+    /// such a job waits (never fails) until room appears.
+    pub min_free_space: ByteSize,
 }
 
 /// Bytes per second, written like `"50MB/s"` or `"1KiB/s"` (SI and binary units; `/s` may be left out).
@@ -295,6 +310,8 @@ impl Default for DownloadConfig {
             min_rate_window: Duration::from_secs(60),
             max_product_size: ByteSize::gib(200),
             accept_unsized_bodies: false,
+            max_rate: None,
+            min_free_space: ByteSize::gib(1),
         }
     }
 }
@@ -514,6 +531,58 @@ impl Default for LogConfig {
     }
 }
 
+/// `[http]`
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HttpConfig {
+    /// Serve nothing unless true.
+    pub enabled: bool,
+    /// The address and port to bind (only this one).
+    pub listen: std::net::SocketAddr,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        HttpConfig {
+            enabled: false,
+            listen: std::net::SocketAddr::from(([127, 0, 0, 1], 9187)),
+        }
+    }
+}
+
+/// `[hooks]`
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HooksConfig {
+    /// Run through `sh -c` once per published product version.
+    pub on_product: Option<String>,
+    /// Run through `sh -c` once when every download of a notice has ended.
+    pub on_notice: Option<String>,
+    /// A run still going after this is ended, with its whole process group, as a failed attempt.
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+    /// Attempts of a run (a non-zero exit is tried again) before it is recorded as failed.
+    pub max_attempts: u32,
+    /// The first delay before a failed run is tried again; it doubles with each attempt.
+    #[serde(with = "humantime_serde")]
+    pub retry_initial: Duration,
+    /// Runs at once.
+    pub concurrency: usize,
+}
+
+impl Default for HooksConfig {
+    fn default() -> Self {
+        HooksConfig {
+            on_product: None,
+            on_notice: None,
+            timeout: Duration::from_secs(3600),
+            max_attempts: 5,
+            retry_initial: Duration::from_secs(30),
+            concurrency: 2,
+        }
+    }
+}
+
 /// Keys whose environment value is a comma-separated list.
 const LIST_KEYS: [&str; 6] = [
     "imap.allowed_senders",
@@ -630,6 +699,31 @@ impl Config {
                  the low-speed limit off)"
                     .into(),
             );
+        }
+        if self.download.max_rate.is_some_and(|r| r.0 == 0) {
+            problems.push(
+                "download.max_rate = \"0B/s\" would stop every download: remove the key for no cap"
+                    .into(),
+            );
+        }
+        if self.hooks.max_attempts == 0 {
+            problems.push("hooks.max_attempts = 0: at least one attempt is needed".into());
+        }
+        if self.hooks.concurrency == 0 {
+            problems.push("hooks.concurrency = 0: at least one hook must be able to run".into());
+        }
+        if self.hooks.timeout < Duration::from_secs(1) {
+            problems.push("hooks.timeout must be at least 1s".into());
+        }
+        for (key, command) in [
+            ("on_product", &self.hooks.on_product),
+            ("on_notice", &self.hooks.on_notice),
+        ] {
+            if command.as_deref().is_some_and(|c| c.trim().is_empty()) {
+                problems.push(format!(
+                    "hooks.{key} is empty: remove the key, or give a command for sh -c"
+                ));
+            }
         }
         if self.download.max_product_size.as_u64() == 0 {
             problems.push("download.max_product_size must be larger than 0".into());
@@ -969,6 +1063,9 @@ mod tests {
             "tls_fingerprint",
             "processed_mailbox",
             "username",
+            "max_rate",
+            "on_product",
+            "on_notice",
         ] {
             assert!(
                 text.contains(&format!("# {key} = ")),

@@ -37,7 +37,7 @@ pub const IDENTITY_EVERY: Duration = Duration::from_secs(2);
 /// repair), after stopping its loops.
 pub async fn run(
     config: Config,
-    reload: tokio::sync::watch::Receiver<u64>,
+    reload: crate::config::Reload,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     tracing::info!(
@@ -54,6 +54,14 @@ pub async fn run(
         e => e.into(),
     })?;
     let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&config.storage.database).await?);
+    store.queue_product_hooks(config.hooks.on_product.is_some());
+    if config.hooks.on_notice.is_none()
+        && let Err(e) = store
+            .notice_hooks_since(false, crate::store::now_ms())
+            .await
+    {
+        tracing::warn!("cannot record that hooks.on_notice is not set: {e}");
+    }
     let wake = Arc::new(Notify::new());
     let ingestor = Arc::new(Ingestor::new(store.clone(), &config).waking(wake.clone()));
     let config = Arc::new(config);
@@ -87,6 +95,24 @@ pub async fn run(
                     (Loop::Imap, Ok(()))
                 })
             }
+            Loop::Hooks => {
+                let (cfg, root, store) = (
+                    config.hooks.clone(),
+                    config.storage.downloads.clone(),
+                    store.clone(),
+                );
+                tasks.spawn(async move {
+                    crate::hooks::run(cfg, root, store, vitals, token).await;
+                    (Loop::Hooks, Ok(()))
+                })
+            }
+            Loop::Http => {
+                let (cfg, store) = (config.clone(), store.clone());
+                tasks.spawn(async move {
+                    crate::http::run(cfg, store, vitals, reload, token).await;
+                    (Loop::Http, Ok(()))
+                })
+            }
             Loop::Downloads => {
                 let (cfg, store, wake) = (config.clone(), store.clone(), wake.clone());
                 tasks.spawn(async move {
@@ -110,6 +136,12 @@ pub async fn run(
     }
     if config.email.enabled {
         wanted.push(Loop::Mailer);
+    }
+    if config.http.enabled {
+        wanted.push(Loop::Http);
+    }
+    if config.hooks.on_product.is_some() || config.hooks.on_notice.is_some() {
+        wanted.push(Loop::Hooks);
     }
     for which in wanted {
         let (id, which) = start(&mut tasks, which);
@@ -213,5 +245,7 @@ enum Loop {
     Inbox,
     Imap,
     Mailer,
+    Http,
+    Hooks,
     Downloads,
 }

@@ -13,6 +13,8 @@ pub mod daemon;
 pub mod download;
 pub mod filters;
 pub mod fsutil;
+pub mod hooks;
+pub mod http;
 pub mod ingest;
 pub mod logging;
 pub mod mailer;

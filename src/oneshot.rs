@@ -207,7 +207,7 @@ pub async fn run(mut config: Config, args: Args) -> anyhow::Result<ExitCode> {
     );
     // The engine, until every job of ours has ended (or Ctrl-C).
     let stop = CancellationToken::new();
-    let (_reload_tx, reload) = tokio::sync::watch::channel(0u64);
+    let (_reload_tx, reload) = tokio::sync::watch::channel(Arc::new(config.clone()));
     let pool = tokio::spawn({
         let (config, store, stop) = (config.clone(), store.clone(), stop.clone());
         async move {
@@ -519,6 +519,8 @@ struct Progress {
     states: HashMap<i64, DownloadState>,
     /// Jobs whose start was printed (a fast one can end between two looks).
     started: HashSet<i64>,
+    /// Whether the wait for room on the disk (`download.min_free_space`) has been told since it began.
+    told_waiting: bool,
 }
 
 enum Mode {
@@ -556,6 +558,7 @@ impl Progress {
             mode,
             states: HashMap::new(),
             started: HashSet::new(),
+            told_waiting: false,
         }
     }
 
@@ -627,9 +630,35 @@ impl Progress {
                 }
             }
         }
+        // A wait for room is no failure and may last: said once when it begins, so that nobody stares at
+        // bars that do not move without knowing why.
+        let waiting: Vec<&DownloadRow> = rows
+            .iter()
+            .filter(|r| r.state == DownloadState::Queued && r.waiting_reason.is_some())
+            .collect();
+        if let Some(w) = waiting.first().filter(|_| !self.told_waiting) {
+            let line = format!(
+                "waiting  {} download(s) for room on the disk: {}",
+                waiting.len(),
+                w.waiting_reason.as_deref().unwrap_or("")
+            );
+            match &self.mode {
+                Mode::Quiet => {}
+                Mode::Lines => eprintln!("{line}"),
+                Mode::Bars { multi, .. } => {
+                    let _ = multi.println(&line);
+                }
+            }
+        }
+        self.told_waiting = !waiting.is_empty();
         if let Mode::Bars { total, .. } = &self.mode {
             total.set_length(rows.len() as u64);
             total.set_position(rows.iter().filter(|r| ended(r.state)).count() as u64);
+            total.set_message(if waiting.is_empty() {
+                String::new()
+            } else {
+                format!("({} waiting for room on the disk)", waiting.len())
+            });
         }
     }
 

@@ -27,12 +27,59 @@ pub struct Vitals {
     pub downloads_beat: AtomicI64,
     /// The inbox watcher's last turn, ms since the epoch (0: not running).
     pub inbox_beat: AtomicI64,
+    /// Bytes of the products published since the daemon started.
+    pub published: AtomicU64,
+    /// Attempts recorded since the daemon started, by how they ended.
+    pub attempts: Attempts,
+    /// Told when the recorder has recorded ends: a hook run may have been queued, or a notice's last
+    /// download ended.
+    pub hooks_wake: tokio::sync::Notify,
+    /// The running transfers as they go, by job id: for the status page's rates.
+    pub live: std::sync::Mutex<std::collections::BTreeMap<i64, Live>>,
+}
+
+/// Attempts by how they ended (`mastsub_download_attempts_total{outcome}`).
+#[derive(Debug, Default)]
+pub struct Attempts {
+    /// Published.
+    pub done: AtomicU64,
+    /// Queued again (network trouble, a wait for room, a shutdown).
+    pub retry: AtomicU64,
+    /// Given up.
+    pub failed: AtomicU64,
+    /// Waiting for a MAST token.
+    pub needs_auth: AtomicU64,
+}
+
+/// One transfer as it goes.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Live {
+    /// Bytes of the file so far (resumed bytes included).
+    pub bytes: u64,
+    /// Its size, if announced.
+    pub total: Option<u64>,
+    /// Bytes per second over the last second or so.
+    pub rate: f64,
 }
 
 impl Vitals {
     /// Records a turn of the download pool.
     pub fn downloads_alive(&self) {
         self.downloads_beat.store(now_ms(), Ordering::Relaxed);
+    }
+
+    /// A transfer's progress, for the status page.
+    pub fn transfer_at(&self, job: i64, live: Live) {
+        if let Ok(mut m) = self.live.lock() {
+            m.insert(job, live);
+        }
+    }
+
+    /// A transfer has ended.
+    pub fn transfer_ended(&self, job: i64) {
+        if let Ok(mut m) = self.live.lock() {
+            m.remove(&job);
+        }
     }
 
     /// Records a turn of the inbox watcher.

@@ -79,6 +79,14 @@ pub fn render_text(database: &str, s: &StatusSnapshot) -> String {
         )
     );
     let _ = writeln!(out, "  bytes done: {}", human_bytes(s.bytes_done));
+    if s.waiting > 0 {
+        let _ = writeln!(
+            out,
+            "  waiting:    {} download(s) for room on the disk: {}",
+            s.waiting,
+            s.waiting_reason.as_deref().unwrap_or("")
+        );
+    }
     out.push_str("  by event type:  queued running done failed needs_auth\n");
     for (t, states) in &s.by_event_type {
         let n = |st| states.get(&st).copied().unwrap_or(0);
@@ -117,6 +125,30 @@ pub fn render_text(database: &str, s: &StatusSnapshot) -> String {
             let _ = writeln!(out, "    last error ({}): {e}", ago(h.last_error_at));
         }
     }
+    let h = &s.hooks;
+    if h.pending + h.running + h.done + h.failed > 0 {
+        let _ = writeln!(
+            out,
+            "  hooks:      {} pending, {} running, {} done, {} failed ({} failed attempt(s) in all)",
+            h.pending, h.running, h.done, h.failed, h.failed_attempts
+        );
+        for f in &h.recent_failures {
+            let _ = writeln!(
+                out,
+                "    {} run #{} {} for {} (attempt {}): {}",
+                f.kind,
+                f.id,
+                if f.state == "failed" {
+                    "failed"
+                } else {
+                    "retrying"
+                },
+                f.about,
+                f.attempts,
+                f.error
+            );
+        }
+    }
     if s.recent_failures.is_empty() {
         out.push_str("  recent failures: none\n");
     } else {
@@ -153,10 +185,10 @@ pub fn counts_line(s: &StatusSnapshot, rate: f64) -> String {
 }
 
 /// A daemon that has not written its figures for this long is not running (it writes every 5 s).
-const DAEMON_SILENT_AFTER_MS: i64 = 30_000;
+pub const DAEMON_SILENT_AFTER_MS: i64 = 30_000;
 
 /// "3s", "5m", "2h", "4d": how long ago, roughly.
-fn human_age(ms: i64) -> String {
+pub fn human_age(ms: i64) -> String {
     let s = (ms.max(0) / 1000) as u64;
     match s {
         0..60 => format!("{s}s"),

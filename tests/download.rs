@@ -4,7 +4,7 @@
 
 mod common;
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use common::mast::{
     Faults, MastStandIn, assert_identical, fits_product, serve_products, serve_sample, wait_done,
@@ -418,35 +418,91 @@ fn sigterm_during_downloads_keeps_part_files_and_the_next_run_resumes_them() {
 }
 
 #[test]
-fn a_full_disk_leaves_no_corrupt_file_and_the_jobs_resume_once_space_returns() {
+fn a_disk_without_room_makes_jobs_wait_with_their_reason_writing_nothing_and_they_start_when_room_appears()
+ {
     let mast = MastStandIn::start();
-    // Three products of about 580 KB on a 1 MiB disk: at most one fits.
+    // Three products of about 580 KB on a 1 MiB disk that must keep 512 KiB free: none fits.
     let (notice, files) = serve_products(&mast, 1, 3, 200);
     let ws = Workspace::with_base(&mast.base_url, "");
     let Some(disk) = SmallDisk::mount(&ws.path("mastDownload"), "1m") else {
-        eprintln!(
-            "SKIPPED: cannot mount a tmpfs here (not root?); the full-disk behaviour was not checked"
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "cannot mount a tmpfs in CI (not root?)"
         );
+        eprintln!("SKIPPED: cannot mount a tmpfs here (not root?); the disk guard was not checked");
         return;
     };
-    let mut d = Daemon::start_watching(&ws);
+    let mut d = Daemon::start_with_env(&ws, &[("MASTSUB_DOWNLOAD__MIN_FREE_SPACE", "512KiB")]);
+    d.wait_for_log("watching inbox", Duration::from_secs(20));
     ws.drop_notice("n.json", &notice);
     assert!(
-        wait_until(Duration::from_secs(20), || d.log().contains("disk trouble")),
-        "no disk trouble reported; log:\n{}",
+        wait_until(Duration::from_secs(20), || {
+            ws.status()["waiting"].as_u64().unwrap_or(0) >= 1
+        }),
+        "no job waits for room; log:\n{}",
         d.log()
     );
+    d.wait_for_log("waiting for room", Duration::from_secs(5));
+    // While they wait: no byte written, no job failed, every queued one says why (or has not been
+    // asked yet), and the daemon asks MAST only a few times, not once per queued job per second.
+    std::thread::sleep(Duration::from_secs(3));
     assert!(d.is_running());
-    // Whatever was published is whole; nothing half-written carries a final name.
-    for (path, body) in &files {
-        if let Ok(got) = std::fs::read(ws.path("mastDownload").join(path)) {
-            assert!(got == *body, "{path}: a corrupt file was published");
-        }
+    assert_eq!(
+        ws.tree("mastDownload"),
+        Vec::<String>::new(),
+        "a body was written"
+    );
+    assert_eq!(
+        ws.jobs_in("failed"),
+        0,
+        "a wait for room must never fail a job"
+    );
+    let list: serde_json::Value =
+        serde_json::from_slice(&ws.cmd().args(["list", "--json"]).output().unwrap().stdout)
+            .unwrap();
+    let reasons: Vec<&str> = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|j| j["waiting_reason"].as_str())
+        .collect();
+    assert!(
+        !reasons.is_empty(),
+        "no waiting_reason in list --json: {list}"
+    );
+    for r in &reasons {
+        assert!(
+            r.contains("waiting for room")
+                && r.contains("download.min_free_space")
+                && r.contains("512.0 KiB"),
+            "{r}"
+        );
     }
-    assert_eq!(ws.jobs_in("failed"), 0, "disk trouble must not fail jobs");
+    let text = ws.cmd().arg("status").output().unwrap().stdout;
+    let text = String::from_utf8_lossy(&text);
+    assert!(text.contains("for room on the disk"), "{text}");
+    let asked = mast.seen().len();
+    assert!(
+        asked <= 6,
+        "MAST was asked {asked} times while the disk was full"
+    );
+
+    // Room appears: they start by themselves, well before their next look.
     disk.grow("16m");
+    let grown = Instant::now();
     wait_done(&ws, &d, 3, Duration::from_secs(30));
+    assert!(
+        grown.elapsed() < Duration::from_secs(10),
+        "took {:?} to notice the room",
+        grown.elapsed()
+    );
     assert_identical(&ws, &files);
+    assert_eq!(ws.status()["waiting"], 0);
+    assert_eq!(
+        ws.query_i64("SELECT count(*) FROM downloads WHERE waiting_reason IS NOT NULL"),
+        0,
+        "a reason outlived its wait"
+    );
     d.kill9();
 }
 

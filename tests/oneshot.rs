@@ -598,3 +598,84 @@ fn local_path_is_printed_as_astroquery_prints_it() {
         assert!(ws.path(name).exists());
     }
 }
+
+#[test]
+fn a_download_waiting_for_room_says_why_once_and_finishes_when_room_appears() {
+    let mast = MastStandIn::start();
+    let files = serve_sample(&mast);
+    let ws = Workspace::with_base(&mast.base_url, "");
+    let d = ws.path("D");
+    let Some(disk) = common::SmallDisk::mount(&d, "1m") else {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "cannot mount a tmpfs in CI (not root?)"
+        );
+        eprintln!("SKIPPED: cannot mount a tmpfs here (not root?)");
+        return;
+    };
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_mastsub"))
+        .arg("--config")
+        .arg(&ws.config)
+        .arg("download")
+        .arg(common::sample_notice())
+        .arg("--dir")
+        .arg(&d)
+        .env("MASTSUB_DOWNLOAD__MIN_FREE_SPACE", "1MiB")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let sink = lines.clone();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for l in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            sink.lock().unwrap().push(l);
+        }
+    });
+    let waiting = || {
+        lines
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|l| l.starts_with("waiting"))
+            .cloned()
+            .collect::<Vec<_>>()
+    };
+    assert!(
+        common::wait_until(Duration::from_secs(20), || !waiting().is_empty()),
+        "no word of the wait: {:?}",
+        lines.lock().unwrap()
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    let said = waiting();
+    assert_eq!(said.len(), 1, "said more than once: {said:?}");
+    assert!(said[0].contains("download.min_free_space"), "{said:?}");
+    assert!(child.try_wait().unwrap().is_none(), "it gave up");
+    disk.grow("64m");
+    let status = {
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(s) = child.try_wait().unwrap() {
+                break s;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "still waiting after room appeared"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    assert!(status.success(), "{:?}", lines.lock().unwrap());
+    for (path, body) in &files {
+        assert_eq!(
+            std::fs::read(d.join("mastDownload").join(path)).unwrap(),
+            *body,
+            "{path}"
+        );
+    }
+}

@@ -321,6 +321,7 @@ fn ending_a_job_and_claiming_the_next_checks_the_lease_and_keeps_products_apart(
             refund: false,
             verify_failures: 0,
             not_found_since: None,
+            waiting: None,
         };
         let (ended, next) = finish_and_claim(&store, first.id, "w1", &retry, now, i64::MAX).await;
         assert!(ended);
@@ -421,6 +422,7 @@ fn a_batch_records_every_end_and_claims_only_distinct_paths(#[case] backend: Bac
             refund: false,
             verify_failures: 0,
             not_found_since: None,
+            waiting: None,
         };
         let ends = vec![
             (product_1.id, retry),
@@ -457,6 +459,118 @@ fn a_batch_records_every_end_and_claims_only_distinct_paths(#[case] backend: Bac
         ),
         3
     );
+}
+
+#[rstest]
+#[case::sqlite(Backend::Sqlite)]
+fn hook_runs_are_queued_with_the_ends_that_publish_and_claimed_once_each(#[case] backend: Backend) {
+    let ws = Workspace::new();
+    runtime().block_on(async {
+        let store = open(&backend, &ws).await;
+        let mut records: Vec<Value> = (1..=3)
+            .map(|n| same_product(n, n, "New", "2026-01-01T00:00:00.5"))
+            .collect();
+        // Recorded only: a product the notice skips.
+        let mut skipped = same_product(4, 4, "Public", "2026-01-01T00:00:00");
+        skipped["event_type"] = json!("Mystery");
+        records.push(skipped);
+        ingest(&store, "a", &records).await;
+        let since = store.notice_hooks_since(true, 0).await.unwrap().unwrap();
+        assert_eq!(
+            store.notice_hooks_since(true, 99).await.unwrap(),
+            Some(since),
+            "set once"
+        );
+        assert_eq!(store.notice_hooks_since(false, 99).await.unwrap(), None);
+        assert_eq!(
+            store.notice_hooks_since(true, 7).await.unwrap(),
+            Some(7),
+            "set anew after a break"
+        );
+        let since = store.notice_hooks_since(true, 0).await.unwrap().unwrap();
+        let now = mastsub::store::now_ms() + 1_000;
+        let (_, claimed) = store
+            .end_and_claim("w1", &[], 3, now, i64::MAX)
+            .await
+            .unwrap();
+        assert_eq!(claimed.len(), 3);
+        assert_eq!(
+            store.queue_notice_hooks(since, now).await.unwrap(),
+            0,
+            "a notice with downloads running has not ended"
+        );
+        let done = Finish::Done {
+            bytes: 10,
+            verified: "FITS".into(),
+        };
+        // Hooks off: a done end queues nothing.
+        store
+            .end_and_claim("w1", &[(claimed[0].id, done.clone())], 0, now, i64::MAX)
+            .await
+            .unwrap();
+        assert!(store.claim_hook_runs(10, now).await.unwrap().is_empty());
+        // Hooks on: one run per end recorded, none for an end refused (not this owner's lease).
+        store.queue_product_hooks(true);
+        let (recorded, _) = store
+            .end_and_claim(
+                "intruder",
+                &[(claimed[1].id, done.clone())],
+                0,
+                now,
+                i64::MAX,
+            )
+            .await
+            .unwrap();
+        assert_eq!(recorded, vec![false]);
+        let failed = Finish::GiveUp {
+            state: DownloadState::Failed,
+            error: "HTTP 404".into(),
+        };
+        let (recorded, _) = store
+            .end_and_claim(
+                "w1",
+                &[(claimed[1].id, done.clone()), (claimed[2].id, failed)],
+                0,
+                now,
+                i64::MAX,
+            )
+            .await
+            .unwrap();
+        assert_eq!(recorded, vec![true, true]);
+        let runs = store.claim_hook_runs(10, now).await.unwrap();
+        assert_eq!(runs.len(), 1, "{runs:?}");
+        let env: std::collections::HashMap<_, _> = runs[0].env.iter().cloned().collect();
+        assert_eq!(env["MASTSUB_PATH"], claimed[1].local_path);
+        assert_eq!(
+            env["MASTSUB_ARCHIVED_DATE"], "2026-01-01T00:00:00.5",
+            "as the notice wrote it"
+        );
+        assert_eq!(env["MASTSUB_NOTICE"], "a.json");
+        assert_eq!(env["MASTSUB_PROGRAM"], "5105");
+        assert!(
+            store.claim_hook_runs(10, now).await.unwrap().is_empty(),
+            "claimed twice"
+        );
+        // Every download of the notice has ended: its run, once, with the counts.
+        assert_eq!(store.queue_notice_hooks(since, now).await.unwrap(), 1);
+        assert_eq!(store.queue_notice_hooks(since, now).await.unwrap(), 0);
+        let runs = store.claim_hook_runs(10, now).await.unwrap();
+        let env: std::collections::HashMap<_, _> = runs[0].env.iter().cloned().collect();
+        assert_eq!(
+            (
+                env["MASTSUB_DONE"].as_str(),
+                env["MASTSUB_FAILED"].as_str(),
+                env["MASTSUB_SKIPPED"].as_str()
+            ),
+            ("2", "1", "1")
+        );
+        // A daemon killed while it ran: pending again, the attempt not counted.
+        assert_eq!(store.requeue_hook_runs(now, true).await.unwrap(), 2);
+        let again = store.claim_hook_runs(10, now).await.unwrap();
+        assert_eq!(again.len(), 2);
+        assert!(again.iter().all(|r| r.attempt == 1), "{again:?}");
+        store.close().await;
+    });
 }
 
 #[rstest]

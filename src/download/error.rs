@@ -76,6 +76,25 @@ pub enum FetchError {
         #[source]
         source: std::io::Error,
     },
+    /// No room for the product: writing it would leave the download file system with less than
+    /// `download.min_free_space` free. Not a failure: the job waits.
+    #[error(
+        "waiting for room: {filename} needs {}, {} has {} free for it, and download.min_free_space keeps \
+         {} free; make room (or lower download.min_free_space) and it starts by itself",
+        human(*needed), root.display(), human(*free), human(*min_free)
+    )]
+    NoRoom {
+        /// The product.
+        filename: String,
+        /// Bytes still to write.
+        needed: u64,
+        /// Bytes free for it (what the file system has, less what running downloads will still write).
+        free: u64,
+        /// `download.min_free_space`.
+        min_free: u64,
+        /// `storage.downloads`.
+        root: PathBuf,
+    },
     /// Another I/O error on a local file.
     #[error("cannot {op} {}: {source}", path.display())]
     Io {
@@ -139,4 +158,9 @@ impl From<reqwest::Error> for FetchError {
         }
         FetchError::Transport(text)
     }
+}
+
+/// A size for a sentence: "1.5 GiB".
+fn human(bytes: u64) -> String {
+    bytesize::ByteSize(bytes).display().iec().to_string()
 }

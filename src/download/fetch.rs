@@ -97,6 +97,10 @@ pub struct Transfer {
     pub vitals: Arc<crate::service::Vitals>,
     /// Bounds on each attempt.
     pub limits: Limits,
+    /// `download.max_rate`, shared by every worker.
+    pub throttle: Arc<super::throttle::Throttle>,
+    /// `download.min_free_space`, and the room promised to running attempts.
+    pub room: Arc<super::room::Room>,
 }
 
 /// A finished attempt.
@@ -231,6 +235,43 @@ enum Answer {
     },
     /// 416 for a `.part` file that is already whole.
     AlreadyWhole { total: u64 },
+}
+
+/// A transfer on the status page while it goes (taken off when dropped).
+struct LiveTransfer<'a> {
+    vitals: &'a crate::service::Vitals,
+    job: i64,
+    total: Option<u64>,
+}
+
+impl<'a> LiveTransfer<'a> {
+    fn new(
+        vitals: &'a crate::service::Vitals,
+        job: i64,
+        bytes: u64,
+        total: Option<u64>,
+    ) -> LiveTransfer<'a> {
+        let live = LiveTransfer { vitals, job, total };
+        live.at(bytes, 0.0);
+        live
+    }
+
+    fn at(&self, bytes: u64, rate: f64) {
+        self.vitals.transfer_at(
+            self.job,
+            crate::service::Live {
+                bytes,
+                total: self.total,
+                rate,
+            },
+        );
+    }
+}
+
+impl Drop for LiveTransfer<'_> {
+    fn drop(&mut self) {
+        self.vitals.transfer_ended(self.job);
+    }
 }
 
 /// The transfer rate over the last `window`, sampled every second: the low-speed limit.
@@ -553,6 +594,25 @@ impl Transfer {
                 job.filename
             )));
         }
+        // Room for what is still to come (a body with no size: the floor alone), before a byte is
+        // written; a refusal is a wait, not a failure.
+        let needed = total.map_or(0, |t| t.saturating_sub(start));
+        let mut reservation = match space_at_start {
+            Some((free, _)) if self.room.min_free() > 0 || needed > 0 => {
+                Some(self.room.admit(free, needed).map_err(|refused| {
+                    // No more claims until room appears (or the wait is over).
+                    self.room.block(free, super::policy::ROOM_WAIT);
+                    FetchError::NoRoom {
+                        filename: job.filename.clone(),
+                        needed,
+                        free: refused.free,
+                        min_free: self.room.min_free(),
+                        root: self.root.clone(),
+                    }
+                })?)
+            }
+            _ => None,
+        };
         // The validator and size go on record before the first byte can land in the `.part` file, so
         // that a crash at any moment can resume. When the bytes in the `.part` file are of the version the
         // store already names (or the store names none, so a crash restarts from zero anyway), that write
@@ -578,6 +638,8 @@ impl Transfer {
         let mut written = start;
         let began = Instant::now();
         let mut last_report = began;
+        let mut reported = written;
+        let live = LiveTransfer::new(&self.vitals, job.id, written, total);
         let watch_rate = self.limits.min_rate > 0;
         let mut rate = RateWatch::new(&self.limits, began, written);
         let mut tick = tokio::time::interval_at(
@@ -619,6 +681,14 @@ impl Transfer {
                     self.vitals
                         .received
                         .fetch_add(bytes.len() as u64, Ordering::Relaxed);
+                    if let Some(r) = reservation.as_mut() {
+                        r.wrote(bytes.len() as u64);
+                    }
+                    // The shared cap: the next read waits while the workers together are ahead of it.
+                    tokio::select! {
+                        _ = cancel.cancelled() => break Err(FetchError::Interrupted),
+                        _ = self.throttle.take(bytes.len()) => {}
+                    }
                     if out.holds_whole_body() && began.elapsed() >= HOLD_AT_MOST {
                         // A slow body: from now on it goes to disk as it comes, after its validator.
                         if let Err(e) = self.report(job, start, total, &validator).await {
@@ -640,6 +710,11 @@ impl Transfer {
                         if let Err(e) = self.report(job, written, total, &validator).await {
                             break Err(e);
                         }
+                        live.at(
+                            written,
+                            (written - reported) as f64 / last_report.elapsed().as_secs_f64(),
+                        );
+                        reported = written;
                         last_report = Instant::now();
                     }
                 }
@@ -653,6 +728,7 @@ impl Transfer {
                 }
             }
         };
+        drop(live);
         let recorded = settle(&mut pending).await;
         let cut_short = total.filter(|t| written < *t).map(|t| FetchError::Cut {
             got: written,

@@ -21,6 +21,8 @@ pub mod error;
 pub mod fetch;
 pub mod policy;
 pub mod publish;
+pub mod room;
+pub mod throttle;
 
 use crate::store::now_ms;
 use std::sync::Arc;
@@ -46,6 +48,8 @@ const LEASE_CLOCK_MARGIN: Duration = Duration::from_secs(60);
 const SWEEP: Duration = Duration::from_secs(5);
 /// The daemon's figures for `status` this often.
 const STATE_EVERY: Duration = Duration::from_secs(5);
+/// While the disk has no room, free space is looked at this often.
+const ROOM_LOOK: Duration = Duration::from_secs(1);
 /// A summary line this often while there is work.
 const SUMMARY_EVERY: Duration = Duration::from_secs(60);
 
@@ -169,7 +173,7 @@ pub async fn run(
     store: Arc<dyn Store>,
     wake: Arc<Notify>,
     vitals: Arc<Vitals>,
-    mut reload: tokio::sync::watch::Receiver<u64>,
+    mut reload: crate::config::Reload,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let token = match load_token(config) {
@@ -186,6 +190,7 @@ pub async fn run(
         owner: owner.clone(),
         config: config.download.clone(),
         lease: LEASE,
+        vitals: vitals.clone(),
     });
     let pool = Arc::new(Pool {
         transfer: Transfer {
@@ -199,6 +204,10 @@ pub async fn run(
             lease: LEASE,
             vitals: vitals.clone(),
             limits: fetch::Limits::from_config(&config.download),
+            throttle: Arc::new(throttle::Throttle::new(
+                config.download.max_rate.map(|r| r.0),
+            )),
+            room: room::Room::new(config.download.min_free_space.as_u64()),
         },
         config: config.download.clone(),
         publication,
@@ -217,7 +226,7 @@ pub async fn run(
         }
     }
     tracing::info!(
-        "downloading with {} worker(s) into {} from {}{}",
+        "downloading with {} worker(s) into {} from {}{}{}, keeping {} free",
         pool.config.workers,
         pool.transfer.root.display(),
         config.mast.base_url,
@@ -225,7 +234,12 @@ pub async fn run(
             " (with a MAST token)"
         } else {
             ""
-        }
+        },
+        config
+            .download
+            .max_rate
+            .map_or(String::new(), |r| format!(", at most {r} in all")),
+        config.download.min_free_space.display().iec()
     );
 
     let stop_work = CancellationToken::new();
@@ -261,8 +275,27 @@ pub async fn run(
                 tracing::error!("cannot look for orphaned download jobs: {e}");
             }
         }
+        // A full disk: nothing is claimed until room appears or the wait is over.
+        let room = &pool.transfer.room;
+        if room.is_blocked() {
+            let free = nix::sys::statvfs::statvfs(&pool.transfer.root)
+                .ok()
+                .map(|s| s.blocks_available() * s.fragment_size());
+            if room.check(free) == Some(room::Unblocked::RoomAppeared) {
+                match store.due_now_waiting(now_ms()).await {
+                    Ok(n) => tracing::info!(
+                        "room appeared on the download file system: {n} download(s) waiting for it ask again"
+                    ),
+                    Err(e) => tracing::error!("cannot queue the downloads waiting for room: {e}"),
+                }
+            }
+        }
         // Fill free worker slots with due jobs, claimed together.
-        let free = pool.config.workers.saturating_sub(workers.len());
+        let free = if room.is_blocked() {
+            0
+        } else {
+            pool.config.workers.saturating_sub(workers.len())
+        };
         if free > 0 {
             let now = now_ms();
             let lease_until = now + LEASE.as_millis() as i64;
@@ -303,8 +336,9 @@ pub async fn run(
         // busy, or with due jobs that cannot be claimed (their product is running), only a worker's end
         // can change anything: asking the store when the next job is due would spin on a past time.
         // The next due time is a stored wall-clock time: never a nap longer than the sweep's.
-        let mut nap = SWEEP;
+        let mut nap = if room.is_blocked() { ROOM_LOOK } else { SWEEP };
         if workers.len() < pool.config.workers
+            && !room.is_blocked()
             && let Ok(Some(at)) = store.next_due().await
         {
             let now = now_ms();
@@ -315,7 +349,11 @@ pub async fn run(
         tokio::select! {
             _ = shutdown.cancelled() => break,
             _ = wake.notified() => {}
-            Ok(()) = reload.changed() => pool.reload_token(config, &store).await,
+            Ok(()) = reload.changed() => {
+                let config = reload.borrow_and_update().clone();
+                pool.reload_token(&config, &store).await;
+                pool.set_rate(&config);
+            }
             Some(_) = workers.join_next(), if !workers.is_empty() => {}
             _ = tokio::time::sleep(nap) => {}
         }
@@ -395,6 +433,18 @@ impl Pool {
             );
         }
         Ok(orphans)
+    }
+
+    /// SIGHUP: `download.max_rate` read again.
+    fn set_rate(&self, config: &Config) {
+        let rate = config.download.max_rate.map(|r| r.0);
+        if rate != self.transfer.throttle.rate() {
+            self.transfer.throttle.set_rate(rate);
+            match config.download.max_rate {
+                Some(r) => tracing::info!("download.max_rate is now {r}, for all workers together"),
+                None => tracing::info!("download.max_rate removed: downloads are no longer capped"),
+            }
+        }
     }
 
     fn has_token(&self) -> bool {
@@ -489,7 +539,7 @@ impl Pool {
                     }
                     said = &mut small_rx, if !signalled => {
                         signalled = true;
-                        if said.is_ok() && !cancel.is_cancelled() {
+                        if said.is_ok() && !cancel.is_cancelled() && !self.transfer.room.is_blocked() {
                             ahead = Some(self.publication.claim_later());
                         }
                     }
@@ -528,6 +578,8 @@ impl Pool {
         }
         match ahead {
             Some(claimed) => claimed.await.ok().flatten(),
+            // A full disk: the pool claims again once room appears.
+            None if self.transfer.room.is_blocked() => None,
             None => self.publication.claim().await,
         }
     }
@@ -540,6 +592,17 @@ pub(crate) fn log_failure(job: &Job, error: &FetchError, finish: &Finish, now: i
             tracing::info!(
                 "{what}: stopped for shutdown; the .part file is kept and resumed next time"
             );
+        }
+        Finish::Retry {
+            waiting: Some(reason),
+            ..
+        } => {
+            // Said once when the wait begins, and again only if it is still waiting at debug level.
+            if job.waiting_reason.is_none() {
+                tracing::warn!("{what}: {reason}");
+            } else {
+                tracing::debug!("{what}: still {reason}");
+            }
         }
         Finish::Retry { at, .. } => {
             let wait = Duration::from_millis((at - now).max(0) as u64);

@@ -23,6 +23,8 @@ use crate::store::{DownloadState, Finish, Job};
 const MAX_RETRY_AFTER: Duration = Duration::from_secs(3600);
 /// How long disk trouble is waited out between attempts, at most.
 const DISK_WAIT: Duration = Duration::from_secs(60);
+/// How often a job waiting for room on the disk (`download.min_free_space`) asks again.
+pub const ROOM_WAIT: Duration = Duration::from_secs(15);
 /// Verification failures in a row before the job fails.
 const VERIFY_FAILURES_ALLOWED: i64 = 3;
 /// Added to [`longest_delay`] for [`due_horizon`]: room for small clock corrections, so that only a
@@ -36,8 +38,9 @@ pub fn longest_delay(config: &DownloadConfig) -> Duration {
         // to retry_max.
         config.retry_max,
         MAX_RETRY_AFTER.min(config.retry_max),
-        // Disk trouble.
+        // Disk trouble, and no room for a product.
         DISK_WAIT.min(config.retry_max),
+        ROOM_WAIT,
         // 404.
         config.not_found_retry,
     ]
@@ -79,6 +82,7 @@ pub fn decide(config: &DownloadConfig, job: &Job, error: &FetchError, now: i64) 
         refund,
         verify_failures: job.verify_failures,
         not_found_since: None,
+        waiting: None,
     };
     match error {
         FetchError::Interrupted | FetchError::LeaseLost => retry(now, true),
@@ -87,6 +91,16 @@ pub fn decide(config: &DownloadConfig, job: &Job, error: &FetchError, now: i64) 
             error: error.to_string(),
         },
         FetchError::Disk { .. } => retry(now + ms(config.retry_max.min(DISK_WAIT)), true),
+        // Not a failure: the job waits for room, looked at again every ROOM_WAIT, for as long as it
+        // takes, with its reason on record.
+        FetchError::NoRoom { .. } => Finish::Retry {
+            at: now + ms(ROOM_WAIT),
+            error: error.to_string(),
+            refund: true,
+            verify_failures: job.verify_failures,
+            not_found_since: job.not_found_since,
+            waiting: Some(error.to_string()),
+        },
         FetchError::NotFound => {
             let since = job.not_found_since.unwrap_or(now);
             if now - since >= ms(config.not_found_give_up) {
@@ -104,6 +118,7 @@ pub fn decide(config: &DownloadConfig, job: &Job, error: &FetchError, now: i64) 
                     refund: true,
                     verify_failures: job.verify_failures,
                     not_found_since: Some(since),
+                    waiting: None,
                 }
             }
         }
@@ -121,6 +136,7 @@ pub fn decide(config: &DownloadConfig, job: &Job, error: &FetchError, now: i64) 
                     refund: false,
                     verify_failures: failures,
                     not_found_since: None,
+                    waiting: None,
                 }
             }
         }
@@ -168,6 +184,7 @@ mod tests {
             last_modified: None,
             verify_failures: 0,
             not_found_since: None,
+            waiting_reason: None,
         }
     }
 

@@ -42,6 +42,8 @@ pub struct Context {
     pub owner: String,
     pub config: DownloadConfig,
     pub lease: Duration,
+    /// Counts of attempts and published bytes, for the metrics.
+    pub vitals: Arc<crate::service::Vitals>,
 }
 
 /// The end of one attempt, handed over by its worker.
@@ -286,6 +288,9 @@ async fn record(context: Arc<Context>, mut from: mpsc::UnboundedReceiver<ToRecor
         {
             Ok((recorded, jobs)) => {
                 for (end, recorded) in ends.iter().zip(recorded) {
+                    if recorded {
+                        count(&context.vitals, &end.finish);
+                    }
                     if !recorded {
                         tracing::warn!(
                             "{}: the job's lease was lost before its end could be recorded",
@@ -294,6 +299,9 @@ async fn record(context: Arc<Context>, mut from: mpsc::UnboundedReceiver<ToRecor
                     } else if let Some(s) = &end.done {
                         log_done(&end.job, s);
                     }
+                }
+                if !ends.is_empty() {
+                    context.vitals.hooks_wake.notify_one();
                 }
                 let mut jobs = jobs.into_iter();
                 for claim in claims {
@@ -316,6 +324,32 @@ async fn record(context: Arc<Context>, mut from: mpsc::UnboundedReceiver<ToRecor
         }
         for f in flushes {
             let _ = f.send(());
+        }
+    }
+}
+
+/// An end recorded, in the metrics.
+fn count(vitals: &crate::service::Vitals, finish: &Finish) {
+    use std::sync::atomic::Ordering::Relaxed;
+    let a = &vitals.attempts;
+    match finish {
+        Finish::Done { bytes, .. } => {
+            a.done.fetch_add(1, Relaxed);
+            vitals
+                .published
+                .fetch_add(u64::try_from(*bytes).unwrap_or(0), Relaxed);
+        }
+        Finish::Retry { .. } => {
+            a.retry.fetch_add(1, Relaxed);
+        }
+        Finish::GiveUp {
+            state: crate::store::DownloadState::NeedsAuth,
+            ..
+        } => {
+            a.needs_auth.fetch_add(1, Relaxed);
+        }
+        Finish::GiveUp { .. } => {
+            a.failed.fetch_add(1, Relaxed);
         }
     }
 }

@@ -486,11 +486,7 @@ impl ImapSource {
     /// Runs until `shutdown`: sessions, with backoff between them. A change on `reload` (SIGHUP: secrets
     /// read again) ends the session (or the pause) and connects again at once, with the credential read
     /// anew.
-    pub async fn run(
-        mut self,
-        mut reload: tokio::sync::watch::Receiver<u64>,
-        shutdown: CancellationToken,
-    ) {
+    pub async fn run(mut self, mut reload: crate::config::Reload, shutdown: CancellationToken) {
         if self.cfg.tls == TlsMode::None {
             tracing::warn!(
                 "imap.tls = \"none\": the password and the mail cross the network in plain text"

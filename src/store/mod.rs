@@ -225,6 +225,8 @@ pub struct DownloadRow {
     pub last_error: Option<String>,
     /// For a done job, what its content was verified by ("FITS: 3 HDUs, structure and …").
     pub verified: Option<String>,
+    /// Why a queued job waits beyond its time (no room on the disk for it), if it does.
+    pub waiting_reason: Option<String>,
     /// Last change, ms since the epoch.
     pub updated_at: i64,
 }
@@ -248,6 +250,41 @@ pub struct StatusSnapshot {
     pub by_event_type: BTreeMap<EventType, BTreeMap<DownloadState, u64>>,
     /// What the last running daemon said about itself, if one ever ran.
     pub daemon: Option<DaemonState>,
+    /// Queued jobs waiting for room on the disk (`download.min_free_space`).
+    pub waiting: u64,
+    /// The latest reason one of them gave.
+    pub waiting_reason: Option<String>,
+    /// When the oldest queued job was created (ms since the epoch), if any is queued.
+    pub oldest_queued_at: Option<i64>,
+    /// When a notice was last received (a new one, or one seen again), ms since the epoch.
+    pub last_notice_at: Option<i64>,
+    /// The running jobs, with their progress.
+    pub running: Vec<DownloadRow>,
+    /// The latest notices, newest first.
+    pub recent_notices: Vec<NoticeRow>,
+    /// The hook runs.
+    pub hooks: HookCounts,
+}
+
+/// A notice as reports show it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct NoticeRow {
+    /// Its id.
+    pub id: i64,
+    /// Its file or attachment name.
+    pub name: String,
+    /// `inbox`, `imap`, `cli` or `download`.
+    pub source_kind: String,
+    /// When it was first received, ms since the epoch.
+    pub received_at: i64,
+    /// `accepted`, `partial` or `rejected`.
+    pub status: String,
+    /// Records in it.
+    pub records: i64,
+    /// Events recorded from it.
+    pub events_recorded: i64,
+    /// Why a part or the whole was refused.
+    pub error: Option<String>,
 }
 
 /// A notice whose downloads have all ended, for its summary mail.
@@ -379,6 +416,8 @@ pub struct Job {
     pub verify_failures: i64,
     /// When MAST first answered 404, ms since the epoch.
     pub not_found_since: Option<i64>,
+    /// Why it was waiting (no room on the disk), if it was, when it was claimed.
+    pub waiting_reason: Option<String>,
 }
 
 impl Job {
@@ -426,6 +465,9 @@ pub enum Finish {
         verify_failures: i64,
         /// When 404s began, if this was one.
         not_found_since: Option<i64>,
+        /// Why the job waits, when it is not a failure at all (no room on the disk): shown as the job's
+        /// `waiting_reason` until it ends otherwise.
+        waiting: Option<String>,
     },
     /// Given up: `failed` or `needs_auth`.
     GiveUp {
@@ -673,6 +715,128 @@ pub trait Store: Send + Sync + 'static {
     /// or `last_contact` of `None` keeps the one recorded before.
     async fn record_source_health(&self, health: &SourceHealth) -> Result<(), StoreError>;
 
+    /// Makes the queued jobs waiting for room due now (room appeared); returns how many.
+    async fn due_now_waiting(&self, now: i64) -> Result<u64, StoreError>;
+
+    /// From now on, every job recorded done queues an `on_product` hook run in the same transaction
+    /// (`hooks.on_product` is set). Off by default: `mastsub download` and the tools queue none.
+    fn queue_product_hooks(&self, on: bool);
+
+    /// Since when `on_notice` has been set without a break: with `on`, the first call records `now` and
+    /// later ones return that time; without, the time is forgotten (`None`), so that setting it again
+    /// later does not run it for the notices of the meantime.
+    async fn notice_hooks_since(&self, on: bool, now: i64) -> Result<Option<i64>, StoreError>;
+
+    /// Queues an `on_notice` run for each notice received since `since` whose downloads have all ended
+    /// and that has none yet; returns how many were queued.
+    async fn queue_notice_hooks(&self, since: i64, now: i64) -> Result<u64, StoreError>;
+
+    /// Claims up to `n` hook runs due at `now` (pending → running, one more attempt), with what their
+    /// environment says.
+    async fn claim_hook_runs(&self, n: usize, now: i64) -> Result<Vec<HookRun>, StoreError>;
+
+    /// Records how an attempt of a hook run ended.
+    async fn end_hook_run(&self, id: i64, end: &HookEnd, now: i64) -> Result<(), StoreError>;
+
+    /// Puts runs left `running` (their daemon died, or stopped them) back to pending, due at once and
+    /// ahead of the runs queued after them; with `refund`, the attempt they were in does not count.
+    async fn requeue_hook_runs(&self, now: i64, refund: bool) -> Result<u64, StoreError>;
+
+    /// When the next pending hook run is due.
+    async fn next_hook_due(&self) -> Result<Option<i64>, StoreError>;
+
     /// Closes connections cleanly (checkpoints the WAL).
     async fn close(&self);
+}
+
+/// A hook run claimed to be run.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HookRun {
+    /// Its id.
+    pub id: i64,
+    /// `on_product` or `on_notice`.
+    pub kind: HookKind,
+    /// This attempt's number, from 1.
+    pub attempt: i64,
+    /// What it is about, for the log: the product's path, or the notice's name.
+    pub about: String,
+    /// The `MASTSUB_*` variables of its environment.
+    pub env: Vec<(String, String)>,
+}
+
+/// Which hook.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HookKind {
+    /// `hooks.on_product`.
+    OnProduct,
+    /// `hooks.on_notice`.
+    OnNotice,
+}
+
+impl HookKind {
+    /// `on_product` or `on_notice`, as the config key names it.
+    pub fn key(self) -> &'static str {
+        match self {
+            HookKind::OnProduct => "on_product",
+            HookKind::OnNotice => "on_notice",
+        }
+    }
+}
+
+/// How an attempt of a hook run ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HookEnd {
+    /// Exit 0.
+    Done,
+    /// Failed (why); tried again at `at`.
+    Retry {
+        /// The next attempt, ms since the epoch.
+        at: i64,
+        /// Why this one failed.
+        error: String,
+    },
+    /// Failed (why), with no attempt left.
+    Failed {
+        /// Why.
+        error: String,
+    },
+    /// Stopped by a shutdown: pending again, the attempt not counted.
+    Interrupted,
+}
+
+/// Hook runs, for `status`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct HookCounts {
+    /// Waiting to run (first or next attempt).
+    pub pending: u64,
+    /// Running now.
+    pub running: u64,
+    /// Ended with exit 0.
+    pub done: u64,
+    /// Gave up after `hooks.max_attempts`.
+    pub failed: u64,
+    /// Attempts that failed (a non-zero exit, a timeout), in all.
+    pub failed_attempts: u64,
+    /// The latest runs that failed or are retrying after a failure, newest first.
+    pub recent_failures: Vec<HookFailure>,
+}
+
+/// A hook run that failed, or is retrying after a failure.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct HookFailure {
+    /// The run's id.
+    pub id: i64,
+    /// `on_product` or `on_notice`.
+    pub kind: String,
+    /// `pending` (to be retried) or `failed`.
+    pub state: String,
+    /// The product's path or the notice's name.
+    pub about: String,
+    /// Attempts made.
+    pub attempts: i64,
+    /// Why the last one failed.
+    pub error: String,
+    /// When, ms since the epoch.
+    pub updated_at: i64,
 }

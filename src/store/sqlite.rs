@@ -20,8 +20,9 @@ use sqlx::{QueryBuilder, Row, Sqlite};
 
 use super::guard::FileIdentity;
 use super::{
-    DaemonState, DownloadRow, DownloadState, EventConflict, Finish, IngestOutcome, Job, NoticeMeta,
-    NoticeStatus, Progress, SourceHealth, StatusSnapshot, Store, StoreError,
+    DaemonState, DownloadRow, DownloadState, EventConflict, Finish, HookEnd, HookFailure, HookKind,
+    HookRun, IngestOutcome, Job, NoticeMeta, NoticeRow, NoticeStatus, Progress, SourceHealth,
+    StatusSnapshot, Store, StoreError,
 };
 use super::{DigestItem, NewMail, NoticeDigest, OutMail};
 use crate::categorize::{Categorizer, Disposition, JobRef, LatestJob};
@@ -44,6 +45,8 @@ pub struct SqliteStore {
     /// The database file's identity when it was opened for writing (`None` read-only: nothing is
     /// recorded through such a store).
     identity: Option<FileIdentity>,
+    /// Queue an `on_product` hook run with every job recorded done.
+    product_hooks: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// A list of keys as one JSON text parameter for `json_each`.
@@ -131,6 +134,7 @@ impl SqliteStore {
             writer,
             readers,
             identity: Some(identity),
+            product_hooks: Default::default(),
         })
     }
 
@@ -163,6 +167,7 @@ impl SqliteStore {
             writer: readers.clone(),
             readers,
             identity: None,
+            product_hooks: Default::default(),
         })
     }
 
@@ -186,6 +191,111 @@ impl SqliteStore {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         Err("another process is reading it".into())
+    }
+
+    /// A claimed hook run with its environment; `None` if what it is about is no longer recorded.
+    async fn hook_run(
+        &self,
+        id: i64,
+        kind: &str,
+        attempt: i64,
+        download: Option<i64>,
+        notice: Option<i64>,
+    ) -> Result<Option<HookRun>, StoreError> {
+        let err = self.query_err();
+        let run = match (kind, download, notice) {
+            ("product", Some(download), _) => {
+                type Row = (
+                    String,
+                    String,
+                    String,
+                    String,
+                    i64,
+                    String,
+                    String,
+                    Option<String>,
+                    Option<String>,
+                );
+                let row: Option<Row> = sqlx::query_as(PRODUCT_HOOK_ENV)
+                    .bind(download)
+                    .fetch_optional(&self.writer)
+                    .await
+                    .map_err(&err)?;
+                let Some((
+                    path,
+                    mission,
+                    fileset,
+                    filename,
+                    program,
+                    event_type,
+                    version,
+                    raw,
+                    notice,
+                )) = row
+                else {
+                    return Ok(None);
+                };
+                // The values as the notice wrote them, where its record has them.
+                let raw: serde_json::Value = raw
+                    .as_deref()
+                    .and_then(|r| serde_json::from_str(r).ok())
+                    .unwrap_or_default();
+                let written = |key: &str, fallback: String| match raw.get(key) {
+                    Some(serde_json::Value::String(s)) => s.clone(),
+                    Some(v @ serde_json::Value::Number(_)) => v.to_string(),
+                    _ => fallback,
+                };
+                HookRun {
+                    id,
+                    kind: HookKind::OnProduct,
+                    attempt,
+                    about: path.clone(),
+                    env: vec![
+                        ("MASTSUB_PATH".into(), path),
+                        ("MASTSUB_MISSION".into(), written("mission", mission)),
+                        ("MASTSUB_FILESET".into(), written("fileset", fileset)),
+                        ("MASTSUB_FILENAME".into(), written("filename", filename)),
+                        (
+                            "MASTSUB_PROGRAM".into(),
+                            written("program", program.to_string()),
+                        ),
+                        (
+                            "MASTSUB_EVENT_TYPE".into(),
+                            written("event_type", event_type),
+                        ),
+                        (
+                            "MASTSUB_ARCHIVED_DATE".into(),
+                            written("archived_date", version),
+                        ),
+                        ("MASTSUB_NOTICE".into(), notice.unwrap_or_default()),
+                    ],
+                }
+            }
+            ("notice", _, Some(notice)) => {
+                let row: Option<(String, i64, i64, i64)> = sqlx::query_as(NOTICE_HOOK_ENV)
+                    .bind(notice)
+                    .fetch_optional(&self.writer)
+                    .await
+                    .map_err(&err)?;
+                let Some((name, done, failed, skipped)) = row else {
+                    return Ok(None);
+                };
+                HookRun {
+                    id,
+                    kind: HookKind::OnNotice,
+                    attempt,
+                    about: name.clone(),
+                    env: vec![
+                        ("MASTSUB_NOTICE".into(), name),
+                        ("MASTSUB_DONE".into(), done.to_string()),
+                        ("MASTSUB_FAILED".into(), failed.to_string()),
+                        ("MASTSUB_SKIPPED".into(), skipped.to_string()),
+                    ],
+                }
+            }
+            _ => return Ok(None),
+        };
+        Ok(Some(run))
     }
 
     fn query_err(&self) -> impl Fn(sqlx::Error) -> StoreError + '_ {
@@ -215,6 +325,7 @@ impl SqliteStore {
             last_modified: row.try_get("last_modified").map_err(&err)?,
             verify_failures: row.try_get("verify_failures").map_err(&err)?,
             not_found_since: row.try_get("not_found_since").map_err(&err)?,
+            waiting_reason: row.try_get("waiting_reason").map_err(&err)?,
         })
     }
 
@@ -242,6 +353,7 @@ impl SqliteStore {
             bytes_done: row.try_get("bytes_done").map_err(&err)?,
             last_error: row.try_get("last_error").map_err(&err)?,
             verified: row.try_get("verified").map_err(&err)?,
+            waiting_reason: row.try_get("waiting_reason").map_err(&err)?,
             updated_at: row.try_get("updated_at").map_err(&err)?,
         })
     }
@@ -350,7 +462,8 @@ const NOTICES_BY_STATUS: &str = "SELECT status, count(*) AS n FROM notices GROUP
 macro_rules! download_row_columns {
     () => {
         "SELECT id, product, mission, fileset, filename, program, event_type, version, url, local_path, state,
-                attempts, bytes_expected, bytes_done, last_error, verified, updated_at FROM downloads "
+                attempts, bytes_expected, bytes_done, last_error, verified, waiting_reason, updated_at
+         FROM downloads "
     };
 }
 
@@ -358,6 +471,26 @@ const RECENT_FAILURES: &str = concat!(
     download_row_columns!(),
     "WHERE state IN ('failed', 'needs_auth') ORDER BY updated_at DESC, id DESC LIMIT ?1"
 );
+
+/// The running jobs (never more than the workers, but for moments), by id.
+const RUNNING_JOBS: &str = concat!(
+    download_row_columns!(),
+    "WHERE state = 'running' ORDER BY id LIMIT 1000"
+);
+
+/// Queued jobs waiting for room, the latest reason, and when the oldest queued job was created: the
+/// partial scans of `downloads_by_state`.
+const QUEUE_FIGURES: &str = "
+    SELECT
+        (SELECT count(*) FROM downloads WHERE state = 'queued' AND waiting_reason IS NOT NULL),
+        (SELECT waiting_reason FROM downloads WHERE state = 'queued' AND waiting_reason IS NOT NULL
+         ORDER BY updated_at DESC LIMIT 1),
+        (SELECT min(created_at) FROM downloads WHERE state = 'queued')";
+
+/// The latest ?1 notices, newest first.
+const RECENT_NOTICES: &str = "
+    SELECT id, name, source_kind, received_at, status, records, events_recorded, error
+    FROM notices ORDER BY received_at DESC, id DESC LIMIT ?1";
 
 const LIST_DOWNLOADS: &str = concat!(
     download_row_columns!(),
@@ -384,7 +517,7 @@ const CLAIM: &str = "
         ORDER BY d.next_attempt_at, d.id
         LIMIT 1)
     RETURNING id, product, mission, filename, program, event_type, version, url, local_path, attempts,
-              bytes_expected, bytes_done, etag, last_modified, verify_failures, not_found_since";
+              bytes_expected, bytes_done, etag, last_modified, verify_failures, not_found_since, waiting_reason";
 
 const PROGRESS: &str = "
     UPDATE downloads SET
@@ -399,20 +532,20 @@ const FINISH_DONE: &str = "
     UPDATE downloads SET
         state = 'done', bytes_done = ?3, bytes_expected = ?3, lease_owner = NULL, lease_expires_at = NULL,
         last_error = NULL, verify_failures = 0, not_found_since = NULL, finished_at = ?4, updated_at = ?4,
-        verified = ?5
+        verified = ?5, waiting_reason = NULL
     WHERE id = ?1 AND lease_owner = ?2 AND state = 'running'";
 
 const FINISH_RETRY: &str = "
     UPDATE downloads SET
         state = 'queued', next_attempt_at = ?3, last_error = ?4, attempts = max(attempts - ?5, 0),
         verify_failures = ?6, not_found_since = ?7, lease_owner = NULL, lease_expires_at = NULL,
-        updated_at = ?8
+        updated_at = ?8, waiting_reason = ?9
     WHERE id = ?1 AND lease_owner = ?2 AND state = 'running'";
 
 const FINISH_GIVE_UP: &str = "
     UPDATE downloads SET
         state = ?3, last_error = ?4, lease_owner = NULL, lease_expires_at = NULL, finished_at = ?5,
-        updated_at = ?5
+        updated_at = ?5, waiting_reason = NULL
     WHERE id = ?1 AND lease_owner = ?2 AND state = 'running'";
 
 /// The statement that ends an attempt of `owner` at job `id`.
@@ -435,6 +568,7 @@ fn finish_query<'q>(
             refund,
             verify_failures,
             not_found_since,
+            waiting,
         } => sqlx::query(FINISH_RETRY)
             .bind(id)
             .bind(owner)
@@ -443,7 +577,8 @@ fn finish_query<'q>(
             .bind(i64::from(*refund))
             .bind(verify_failures)
             .bind(not_found_since)
-            .bind(now),
+            .bind(now)
+            .bind(waiting),
         Finish::GiveUp { state, error } => sqlx::query(FINISH_GIVE_UP)
             .bind(id)
             .bind(owner)
@@ -459,12 +594,70 @@ const FINISH_DONE_MANY: &str = "
     UPDATE downloads SET
         state = 'done', bytes_done = j.bytes, bytes_expected = j.bytes, lease_owner = NULL,
         lease_expires_at = NULL, last_error = NULL, verify_failures = 0, not_found_since = NULL,
-        finished_at = ?3, updated_at = ?3, verified = j.verified
+        finished_at = ?3, updated_at = ?3, verified = j.verified, waiting_reason = NULL
     FROM (SELECT json_extract(value, '$[0]') AS id, json_extract(value, '$[1]') AS bytes,
                  json_extract(value, '$[2]') AS verified
           FROM json_each(?4)) AS j
     WHERE downloads.id = j.id AND downloads.lease_owner = ?1 AND downloads.state = 'running'
     RETURNING downloads.id AS ended";
+
+/// An `on_product` run for each job of `FINISH_DONE_MANY`'s ?4 that it recorded done at ?3.
+const QUEUE_PRODUCT_HOOKS: &str = "
+    INSERT INTO hook_runs (kind, download_id, next_attempt_at, created_at, updated_at)
+    SELECT 'product', d.id, ?3, ?3, ?3
+    FROM json_each(?4) AS j JOIN downloads AS d ON d.id = json_extract(j.value, '$[0]')
+    WHERE d.state = 'done' AND d.finished_at = ?3 AND d.lease_owner IS NULL";
+
+/// An `on_notice` run for each notice received since ?1 (not rejected) that has none, and none of whose
+/// events has a job still queued or running; at ?2.
+const QUEUE_NOTICE_HOOKS: &str = "
+    INSERT INTO hook_runs (kind, notice_id, next_attempt_at, created_at, updated_at)
+    SELECT 'notice', n.id, ?2, ?2, ?2 FROM notices AS n
+    WHERE n.received_at >= ?1 AND n.status != 'rejected'
+      AND NOT EXISTS (SELECT 1 FROM hook_runs AS h WHERE h.kind = 'notice' AND h.notice_id = n.id)
+      AND NOT EXISTS (
+          SELECT 1 FROM events AS e JOIN downloads AS d ON d.id = e.download_id
+          WHERE e.notice_id = n.id AND d.state IN ('queued', 'running'))";
+
+/// Up to ?2 runs due at ?1, claimed.
+const CLAIM_HOOK_RUNS: &str = "
+    UPDATE hook_runs SET state = 'running', attempts = attempts + 1, updated_at = ?1
+    WHERE id IN (SELECT id FROM hook_runs WHERE state = 'pending' AND next_attempt_at <= ?1
+                 ORDER BY next_attempt_at, id LIMIT ?2)
+    RETURNING id, kind, attempts, download_id, notice_id";
+
+/// What an `on_product` run's environment says: the job, and the first event of its version (the
+/// values as the notice wrote them are in its raw record) with its notice's name.
+const PRODUCT_HOOK_ENV: &str = "
+    WITH d AS (SELECT * FROM downloads WHERE id = ?1),
+         e AS (SELECT events.* FROM events, d WHERE events.download_id = d.id
+               ORDER BY (events.archived_date = d.version) DESC, events.id LIMIT 1)
+    SELECT d.local_path, d.mission, d.fileset, d.filename, d.program, d.event_type, d.version,
+           e.raw, n.name
+    FROM d LEFT JOIN e ON 1 LEFT JOIN notices AS n ON n.id = e.notice_id";
+
+/// What an `on_notice` run's environment says: the notice's name, its products published, failed (or
+/// waiting for a token), and recorded only.
+const NOTICE_HOOK_ENV: &str = "
+    SELECT n.name,
+        (SELECT count(DISTINCT e.download_id) FROM events AS e JOIN downloads AS d ON d.id = e.download_id
+         WHERE e.notice_id = n.id AND d.state = 'done'),
+        (SELECT count(DISTINCT e.download_id) FROM events AS e JOIN downloads AS d ON d.id = e.download_id
+         WHERE e.notice_id = n.id AND d.state IN ('failed', 'needs_auth')),
+        (SELECT count(DISTINCT lower(e.mission) || '/' || e.fileset || '/' || e.filename) FROM events AS e
+         WHERE e.notice_id = n.id AND e.download_id IS NULL)
+    FROM notices AS n WHERE n.id = ?1";
+
+const HOOK_COUNTS: &str = "
+    SELECT state, count(*), coalesce(sum(failures), 0) FROM hook_runs GROUP BY state";
+
+const HOOK_FAILURES: &str = "
+    SELECT h.id, h.kind, h.state, coalesce(d.local_path, n.name, ''), h.attempts, h.last_error, h.updated_at
+    FROM hook_runs AS h
+    LEFT JOIN downloads AS d ON d.id = h.download_id
+    LEFT JOIN notices AS n ON n.id = h.notice_id
+    WHERE h.state IN ('pending', 'failed') AND h.last_error IS NOT NULL
+    ORDER BY h.updated_at DESC, h.id DESC LIMIT ?1";
 
 const RUNNING_LEASES: &str = "
     SELECT id, coalesce(lease_owner, ''), coalesce(lease_expires_at, 0) FROM downloads WHERE state = 'running'";
@@ -486,7 +679,7 @@ const DUE_NOW_BEYOND: &str = "
 const RETRY_IDS: &str = "
     UPDATE downloads SET
         state = 'queued', attempts = 0, next_attempt_at = ?2, last_error = NULL, verify_failures = 0,
-        not_found_since = NULL, updated_at = ?2
+        not_found_since = NULL, updated_at = ?2, waiting_reason = NULL
     WHERE id IN (SELECT value FROM json_each(?1)) AND state IN ('queued', 'failed', 'needs_auth')";
 
 const RETRY_ALL_FAILED: &str = "
@@ -837,7 +1030,88 @@ impl Store for SqliteStore {
             rate,
             updated_at,
         });
+        let (waiting, waiting_reason, oldest_queued_at): (i64, Option<String>, Option<i64>) =
+            sqlx::query_as(QUEUE_FIGURES)
+                .fetch_one(&mut *conn)
+                .await
+                .map_err(&err)?;
+        snap.waiting = waiting as u64;
+        snap.waiting_reason = waiting_reason;
+        snap.oldest_queued_at = oldest_queued_at;
+        snap.last_notice_at = sqlx::query_scalar("SELECT max(last_seen_at) FROM notices")
+            .fetch_one(&mut *conn)
+            .await
+            .map_err(&err)?;
+        let running = sqlx::query(RUNNING_JOBS)
+            .fetch_all(&mut *conn)
+            .await
+            .map_err(&err)?;
+        snap.recent_notices = sqlx::query_as::<
+            _,
+            (i64, String, String, i64, String, i64, i64, Option<String>),
+        >(RECENT_NOTICES)
+        .bind(recent_failures as i64)
+        .fetch_all(&mut *conn)
+        .await
+        .map_err(&err)?
+        .into_iter()
+        .map(
+            |(id, name, source_kind, received_at, status, records, events_recorded, error)| {
+                NoticeRow {
+                    id,
+                    name,
+                    source_kind,
+                    received_at,
+                    status,
+                    records,
+                    events_recorded,
+                    error,
+                }
+            },
+        )
+        .collect();
+        let counts: Vec<(String, i64, i64)> = sqlx::query_as(HOOK_COUNTS)
+            .fetch_all(&mut *conn)
+            .await
+            .map_err(&err)?;
+        for (state, n, failures) in counts {
+            let n = n as u64;
+            match state.as_str() {
+                "pending" => snap.hooks.pending = n,
+                "running" => snap.hooks.running = n,
+                "done" => snap.hooks.done = n,
+                "failed" => snap.hooks.failed = n,
+                _ => {}
+            }
+            snap.hooks.failed_attempts += failures as u64;
+        }
+        snap.hooks.recent_failures =
+            sqlx::query_as::<_, (i64, String, String, String, i64, String, i64)>(HOOK_FAILURES)
+                .bind(recent_failures as i64)
+                .fetch_all(&mut *conn)
+                .await
+                .map_err(&err)?
+                .into_iter()
+                .map(
+                    |(id, kind, state, about, attempts, error, updated_at)| HookFailure {
+                        id,
+                        kind: match kind.as_str() {
+                            "product" => "on_product".into(),
+                            _ => "on_notice".into(),
+                        },
+                        state,
+                        about,
+                        attempts,
+                        error,
+                        updated_at,
+                    },
+                )
+                .collect();
         conn.commit().await.map_err(&err)?;
+        snap.running = running
+            .iter()
+            .map(|r| self.download_row(r))
+            .collect::<Result<_, _>>()?;
         snap.recent_failures = rows
             .iter()
             .map(|r| self.download_row(r))
@@ -900,6 +1174,13 @@ impl Store for SqliteStore {
         if !done.is_empty() {
             sql.push_str(FINISH_DONE_MANY);
             sql.push_str(";\n");
+            if self
+                .product_hooks
+                .load(std::sync::atomic::Ordering::Relaxed)
+            {
+                sql.push_str(QUEUE_PRODUCT_HOOKS);
+                sql.push_str(";\n");
+            }
         }
         for _ in 0..claims {
             sql.push_str(CLAIM);
@@ -1012,6 +1293,13 @@ impl Store for SqliteStore {
         finish: &Finish,
         now: i64,
     ) -> Result<bool, StoreError> {
+        if matches!(finish, Finish::Done { .. }) {
+            // With its hook run, if one is queued: the same transaction.
+            let (recorded, _) = self
+                .end_and_claim(owner, &[(id, finish.clone())], 0, now, now)
+                .await?;
+            return Ok(recorded.first().copied().unwrap_or(false));
+        }
         let done = finish_query(id, owner, finish, now)
             .execute(&self.writer)
             .await
@@ -1402,6 +1690,158 @@ impl Store for SqliteStore {
         .await
         .map_err(self.query_err())?;
         Ok(())
+    }
+
+    async fn due_now_waiting(&self, now: i64) -> Result<u64, StoreError> {
+        let done = sqlx::query(
+            "UPDATE downloads SET next_attempt_at = ?1
+             WHERE state = 'queued' AND waiting_reason IS NOT NULL AND next_attempt_at > ?1",
+        )
+        .bind(now)
+        .execute(&self.writer)
+        .await
+        .map_err(self.query_err())?;
+        Ok(done.rows_affected())
+    }
+
+    fn queue_product_hooks(&self, on: bool) {
+        self.product_hooks
+            .store(on, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    async fn notice_hooks_since(&self, on: bool, now: i64) -> Result<Option<i64>, StoreError> {
+        let err = self.query_err();
+        if !on {
+            sqlx::query("DELETE FROM hook_state")
+                .execute(&self.writer)
+                .await
+                .map_err(&err)?;
+            return Ok(None);
+        }
+        sqlx::query("INSERT OR IGNORE INTO hook_state (id, notices_since) VALUES (1, ?1)")
+            .bind(now)
+            .execute(&self.writer)
+            .await
+            .map_err(&err)?;
+        sqlx::query_scalar("SELECT notices_since FROM hook_state WHERE id = 1")
+            .fetch_optional(&self.writer)
+            .await
+            .map_err(&err)
+    }
+
+    async fn queue_notice_hooks(&self, since: i64, now: i64) -> Result<u64, StoreError> {
+        let done = sqlx::query(QUEUE_NOTICE_HOOKS)
+            .bind(since)
+            .bind(now)
+            .execute(&self.writer)
+            .await
+            .map_err(self.query_err())?;
+        Ok(done.rows_affected())
+    }
+
+    async fn claim_hook_runs(&self, n: usize, now: i64) -> Result<Vec<HookRun>, StoreError> {
+        let err = self.query_err();
+        if n == 0 {
+            return Ok(Vec::new());
+        }
+        let claimed: Vec<(i64, String, i64, Option<i64>, Option<i64>)> =
+            sqlx::query_as(CLAIM_HOOK_RUNS)
+                .bind(now)
+                .bind(n as i64)
+                .fetch_all(&self.writer)
+                .await
+                .map_err(&err)?;
+        let mut runs = Vec::with_capacity(claimed.len());
+        for (id, kind, attempt, download, notice) in claimed {
+            match self.hook_run(id, &kind, attempt, download, notice).await {
+                Ok(Some(run)) => runs.push(run),
+                Ok(None) => {
+                    // Its product or notice is gone (a database edited by hand): nothing to run.
+                    sqlx::query(
+                        "UPDATE hook_runs SET state = 'failed', last_error = 'its product or notice is no \
+                         longer recorded', finished_at = ?2, updated_at = ?2 WHERE id = ?1",
+                    )
+                    .bind(id)
+                    .bind(now)
+                    .execute(&self.writer)
+                    .await
+                    .map_err(&err)?;
+                }
+                Err(e) => {
+                    // Not left running: pending again, a minute later, with the reason.
+                    let _ = sqlx::query(
+                        "UPDATE hook_runs SET state = 'pending', attempts = max(attempts - 1, 0),
+                             next_attempt_at = ?2, last_error = ?3, updated_at = ?2 WHERE id = ?1",
+                    )
+                    .bind(id)
+                    .bind(now + 60_000)
+                    .bind(e.to_string())
+                    .execute(&self.writer)
+                    .await;
+                    return Err(e);
+                }
+            }
+        }
+        Ok(runs)
+    }
+
+    async fn end_hook_run(&self, id: i64, end: &HookEnd, now: i64) -> Result<(), StoreError> {
+        let q = match end {
+            HookEnd::Done => sqlx::query(
+                "UPDATE hook_runs SET state = 'done', last_error = NULL, finished_at = ?2, updated_at = ?2
+                 WHERE id = ?1 AND state = 'running'",
+            )
+            .bind(id)
+            .bind(now),
+            HookEnd::Retry { at, error } => sqlx::query(
+                "UPDATE hook_runs SET state = 'pending', next_attempt_at = ?3, last_error = ?4,
+                     failures = failures + 1, updated_at = ?2
+                 WHERE id = ?1 AND state = 'running'",
+            )
+            .bind(id)
+            .bind(now)
+            .bind(at)
+            .bind(error),
+            HookEnd::Failed { error } => sqlx::query(
+                "UPDATE hook_runs SET state = 'failed', last_error = ?3, failures = failures + 1,
+                     finished_at = ?2, updated_at = ?2
+                 WHERE id = ?1 AND state = 'running'",
+            )
+            .bind(id)
+            .bind(now)
+            .bind(error),
+            HookEnd::Interrupted => sqlx::query(
+                "UPDATE hook_runs SET state = 'pending', attempts = max(attempts - 1, 0),
+                     next_attempt_at = min(next_attempt_at, ?2), updated_at = ?2
+                 WHERE id = ?1 AND state = 'running'",
+            )
+            .bind(id)
+            .bind(now),
+        };
+        q.execute(&self.writer).await.map_err(self.query_err())?;
+        Ok(())
+    }
+
+    async fn requeue_hook_runs(&self, now: i64, refund: bool) -> Result<u64, StoreError> {
+        let done = sqlx::query(
+            "UPDATE hook_runs SET state = 'pending', attempts = max(attempts - ?2, 0),
+                 next_attempt_at = min(next_attempt_at, ?1),
+                 updated_at = ?1
+             WHERE state = 'running'",
+        )
+        .bind(now)
+        .bind(i64::from(refund))
+        .execute(&self.writer)
+        .await
+        .map_err(self.query_err())?;
+        Ok(done.rows_affected())
+    }
+
+    async fn next_hook_due(&self) -> Result<Option<i64>, StoreError> {
+        sqlx::query_scalar("SELECT min(next_attempt_at) FROM hook_runs WHERE state = 'pending'")
+            .fetch_one(&self.readers)
+            .await
+            .map_err(self.query_err())
     }
 
     async fn close(&self) {

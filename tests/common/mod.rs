@@ -68,7 +68,7 @@ impl Workspace {
             "[storage]\ndatabase = {:?}\ndownloads = {:?}\n\n[inbox]\ndir = {:?}\nsettle = \"100ms\"\n\n\
              [mast]\nbase_url = {base_url:?}\n\n[log]\nlevel = \"debug,sqlx=warn\"\n\n\
              [download]\nretry_initial = \"20ms\"\nretry_max = \"200ms\"\nread_timeout = \"5s\"\n\
-             not_found_retry = \"200ms\"\nnot_found_give_up = \"3s\"\n\n{extra}",
+             not_found_retry = \"200ms\"\nnot_found_give_up = \"3s\"\nmin_free_space = \"0B\"\n\n{extra}",
             root.join("mastsub.db"),
             root.join("mastDownload"),
             root.join("inbox"),
