@@ -42,7 +42,7 @@ python3 bench/ingest.py target/release/mastsub "$work" "$repeat"
 echo
 echo "## HTTP endpoint"
 echo
-python3 bench/http.py target/release/mastsub "$work"
+python3 bench/endpoint.py target/release/mastsub "$work"
 echo
 echo "## Downloads"
 echo

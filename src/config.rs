@@ -583,6 +583,14 @@ impl Default for HooksConfig {
     }
 }
 
+/// Whether an environment variable is a configuration override: `MASTSUB_<SECTION>__<KEY>`.
+pub fn is_override(name: &str) -> bool {
+    name.strip_prefix(ENV_PREFIX)
+        .and_then(|rest| rest.strip_prefix('_'))
+        .and_then(|rest| rest.split_once("__"))
+        .is_some_and(|(section, key)| !section.is_empty() && !key.is_empty())
+}
+
 /// Keys whose environment value is a comma-separated list.
 const LIST_KEYS: [&str; 6] = [
     "imap.allowed_senders",
@@ -617,10 +625,15 @@ impl Config {
         }
         // No `try_parsing`: it would turn a password "007" into the number 7. The config crate converts
         // strings to numbers and booleans itself where a key needs one; the list keys are split here.
+        // Only `MASTSUB_<SECTION>__<KEY>`: other `MASTSUB_*` variables are not configuration (a hook's
+        // `MASTSUB_PATH`, say, when the hook runs `mastsub status`), and would be refused as unknown keys.
+        let overrides: config::Map<String, String> =
+            std::env::vars().filter(|(k, _)| is_override(k)).collect();
         builder = builder.add_source(
             config::Environment::with_prefix(ENV_PREFIX)
                 .prefix_separator("_")
-                .separator("__"),
+                .separator("__")
+                .source(Some(overrides)),
         );
         for key in LIST_KEYS {
             let var = format!("{ENV_PREFIX}_{}", key.to_uppercase().replace('.', "__"));
@@ -705,6 +718,22 @@ impl Config {
                 "download.max_rate = \"0B/s\" would stop every download: remove the key for no cap"
                     .into(),
             );
+        }
+        if let Some(cap) = self.download.max_rate.filter(|r| r.0 > 0)
+            && self.download.min_rate.0 > 0
+            && cap.0
+                < self
+                    .download
+                    .min_rate
+                    .0
+                    .saturating_mul(self.download.workers as u64)
+        {
+            problems.push(format!(
+                "download.max_rate ({cap}) is below download.workers ({}) x download.min_rate ({}): every \
+                 transfer would be held under the low-speed limit and ended as too slow; raise max_rate, or \
+                 lower min_rate (\"0B/s\" turns the limit off)",
+                self.download.workers, self.download.min_rate
+            ));
         }
         if self.hooks.max_attempts == 0 {
             problems.push("hooks.max_attempts = 0: at least one attempt is needed".into());

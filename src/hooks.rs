@@ -28,7 +28,8 @@ use crate::store::{HookEnd, HookKind, HookRun, Store, now_ms};
 const LOOK_EVERY: Duration = Duration::from_secs(2);
 /// The longest delay between attempts of a run.
 const RETRY_MAX: Duration = Duration::from_secs(3600);
-/// Output read after the shell has exited (from a child it left behind holding the pipe), at most.
+/// Output read after the shell has exited, at most; a process of the hook's group still holding the pipe
+/// then is sent SIGTERM.
 const OUTPUT_GRACE: Duration = Duration::from_millis(500);
 /// The longest line of a hook's output taken into the log; the rest of it is cut.
 const LINE_MAX: usize = 4096;
@@ -87,35 +88,61 @@ pub async fn run(
     );
     let stop_runs = CancellationToken::new();
     let mut running: JoinSet<()> = JoinSet::new();
+    // Notices are looked at once per LOOK_EVERY at most, however often the recorder wakes this loop:
+    // the look reads the notices' jobs, and must not come with every batch of downloads recorded.
+    let mut notices_looked: Option<tokio::time::Instant> = None;
     loop {
-        if let Some(since) = since {
+        let mut trouble = false;
+        if let Some(since) = since
+            && notices_looked.is_none_or(|at| at.elapsed() >= LOOK_EVERY)
+        {
+            notices_looked = Some(tokio::time::Instant::now());
             match store.queue_notice_hooks(since, now_ms()).await {
                 Ok(0) => {}
                 Ok(n) => tracing::debug!("{n} notice(s) ended: on_notice queued"),
-                Err(e) => tracing::error!("cannot queue on_notice runs: {e}"),
+                Err(e) => {
+                    tracing::error!("cannot queue on_notice runs: {e}");
+                    trouble = true;
+                }
             }
         }
         let free = cfg.concurrency.saturating_sub(running.len());
-        match store.claim_hook_runs(free, now_ms()).await {
-            Ok(runs) => {
-                for run in runs {
-                    let (cfg, store, root, stop) =
-                        (cfg.clone(), store.clone(), root.clone(), stop_runs.clone());
-                    running.spawn(async move { attempt(&cfg, &store, &root, run, &stop).await });
+        // A read first: claiming is a write, and most wakes find nothing due.
+        let due = match store.next_hook_due().await {
+            Ok(at) => at,
+            Err(e) => {
+                tracing::error!("cannot look for hook runs: {e}");
+                trouble = true;
+                None
+            }
+        };
+        if free > 0 && due.is_some_and(|at| at <= now_ms()) {
+            match store.claim_hook_runs(free, now_ms()).await {
+                Ok(runs) => {
+                    for run in runs {
+                        let (cfg, store, root, stop) =
+                            (cfg.clone(), store.clone(), root.clone(), stop_runs.clone());
+                        running
+                            .spawn(async move { attempt(&cfg, &store, &root, run, &stop).await });
+                    }
+                }
+                Err(e) => {
+                    tracing::error!("cannot claim hook runs: {e}");
+                    trouble = true;
                 }
             }
-            Err(e) => tracing::error!("cannot claim hook runs: {e}"),
         }
         let mut nap = LOOK_EVERY;
-        if let Ok(Some(at)) = store.next_hook_due().await {
-            nap = nap.min(Duration::from_millis((at - now_ms()).max(0) as u64));
-        }
-        if running.len() >= cfg.concurrency {
-            nap = LOOK_EVERY;
+        if let Some(at) = due
+            && !trouble
+            && running.len() < cfg.concurrency
+        {
+            // Never a nap of zero: a run due now was just claimed, or could not be (store trouble).
+            nap = nap.min(Duration::from_millis((at - now_ms()).max(10) as u64));
         }
         tokio::select! {
             _ = shutdown.cancelled() => break,
-            _ = vitals.hooks_wake.notified() => {}
+            _ = vitals.hooks_wake.notified(), if !trouble => {}
             Some(_) = running.join_next(), if !running.is_empty() => {}
             _ = tokio::time::sleep(nap) => {}
         }
@@ -212,7 +239,16 @@ async fn execute(
     tag: &str,
     stop: &CancellationToken,
 ) -> Outcome {
-    let mut child = match tokio::process::Command::new("sh")
+    let mut cmd = tokio::process::Command::new("sh");
+    // The daemon's own overrides and token stay with it (they may hold secrets); the hook gets its
+    // MASTSUB_* variables alone.
+    for (name, _) in std::env::vars_os() {
+        let n = name.to_string_lossy();
+        if n.starts_with("MASTSUB_") || n == "MAST_API_TOKEN" {
+            cmd.env_remove(&name);
+        }
+    }
+    let mut child = match cmd
         .arg("-c")
         .arg(command)
         .envs(env.iter().map(|(k, v)| (k, v)))
@@ -267,31 +303,65 @@ async fn execute(
             Outcome::Interrupted
         }
     };
-    // What it printed last; a child it left behind holding the pipe is not waited for.
-    let _ = tokio::time::timeout(OUTPUT_GRACE, async {
+    // What it printed last. A process it left behind still holding the pipe is ended with the rest of
+    // its group: a hook is its process group, as a service is its cgroup.
+    if tokio::time::timeout(OUTPUT_GRACE, async {
         while output.join_next().await.is_some() {}
     })
-    .await;
+    .await
+    .is_err()
+    {
+        kill(nix::sys::signal::Signal::SIGTERM);
+    }
     outcome
 }
 
 async fn log_lines<R: tokio::io::AsyncRead + Unpin>(from: R, tag: String, stderr: bool) {
-    let mut lines = BufReader::new(from).split(b'\n');
-    while let Ok(Some(line)) = lines.next_segment().await {
-        let mut text = String::from_utf8_lossy(&line).trim_end().to_string();
-        if text.len() > LINE_MAX {
-            let mut cut = LINE_MAX;
-            while !text.is_char_boundary(cut) {
-                cut -= 1;
-            }
-            text.truncate(cut);
-            text.push_str(" …");
-        }
+    let say = |line: &[u8], cut: bool| {
+        let text = String::from_utf8_lossy(line);
+        let text = text.trim_end();
+        let more = if cut { " …" } else { "" };
         if stderr {
-            tracing::warn!("{tag}: {text}");
+            tracing::warn!("{tag}: {text}{more}");
         } else {
-            tracing::info!("{tag}: {text}");
+            tracing::info!("{tag}: {text}{more}");
         }
+    };
+    // Lines are read a buffer at a time, and a line longer than LINE_MAX is cut: a hook that prints
+    // without newlines cannot make the daemon hold all of it.
+    let mut reader = BufReader::new(from);
+    let mut line: Vec<u8> = Vec::new();
+    let mut skipping = false;
+    loop {
+        let buf = match reader.fill_buf().await {
+            Ok([]) | Err(_) => break,
+            Ok(b) => b,
+        };
+        let (taken, ended) = match buf.iter().position(|&b| b == b'\n') {
+            Some(i) => (i + 1, true),
+            None => (buf.len(), false),
+        };
+        if !skipping {
+            let room = LINE_MAX.saturating_sub(line.len());
+            let part = &buf[..taken.min(room)];
+            line.extend_from_slice(part.strip_suffix(b"\n").unwrap_or(part));
+            if taken > room {
+                say(&line, true);
+                line.clear();
+                skipping = !ended;
+            }
+        }
+        reader.consume(taken);
+        if ended {
+            if !skipping && !line.is_empty() {
+                say(&line, false);
+            }
+            line.clear();
+            skipping = false;
+        }
+    }
+    if !line.is_empty() {
+        say(&line, false);
     }
 }
 
@@ -321,7 +391,7 @@ mod tests {
         let outcome = execute(
             &command,
             &[],
-            Duration::from_millis(500),
+            Duration::from_secs(2),
             "test",
             &CancellationToken::new(),
         )
@@ -331,6 +401,10 @@ mod tests {
             "{outcome:?}"
         );
         assert!(began.elapsed() < Duration::from_secs(10));
+        assert!(
+            pidfile.exists(),
+            "the hook did not start its grandchild within the timeout"
+        );
         let pid: i32 = std::fs::read_to_string(&pidfile)
             .unwrap()
             .trim()

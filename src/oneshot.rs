@@ -634,7 +634,11 @@ impl Progress {
         // bars that do not move without knowing why.
         let waiting: Vec<&DownloadRow> = rows
             .iter()
-            .filter(|r| r.state == DownloadState::Queued && r.waiting_reason.is_some())
+            // A job asking again (running for a moment) still waits: told once for the whole wait.
+            .filter(|r| {
+                matches!(r.state, DownloadState::Queued | DownloadState::Running)
+                    && r.waiting_reason.is_some()
+            })
             .collect();
         if let Some(w) = waiting.first().filter(|_| !self.told_waiting) {
             let line = format!(

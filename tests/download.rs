@@ -421,10 +421,11 @@ fn sigterm_during_downloads_keeps_part_files_and_the_next_run_resumes_them() {
 fn a_disk_without_room_makes_jobs_wait_with_their_reason_writing_nothing_and_they_start_when_room_appears()
  {
     let mast = MastStandIn::start();
-    // Three products of about 580 KB on a 1 MiB disk that must keep 512 KiB free: none fits.
+    // Three products of about 580 KB on a 4 MiB disk that another program has filled to 1 MiB free, and
+    // that must keep 512 KiB free: none fits.
     let (notice, files) = serve_products(&mast, 1, 3, 200);
     let ws = Workspace::with_base(&mast.base_url, "");
-    let Some(disk) = SmallDisk::mount(&ws.path("mastDownload"), "1m") else {
+    let Some(_disk) = SmallDisk::mount(&ws.path("mastDownload"), "4m") else {
         assert!(
             std::env::var_os("CI").is_none(),
             "cannot mount a tmpfs in CI (not root?)"
@@ -432,6 +433,8 @@ fn a_disk_without_room_makes_jobs_wait_with_their_reason_writing_nothing_and_the
         eprintln!("SKIPPED: cannot mount a tmpfs here (not root?); the disk guard was not checked");
         return;
     };
+    let ballast = ws.path("mastDownload/ballast");
+    std::fs::write(&ballast, vec![0u8; 3 << 20]).unwrap();
     let mut d = Daemon::start_with_env(&ws, &[("MASTSUB_DOWNLOAD__MIN_FREE_SPACE", "512KiB")]);
     d.wait_for_log("watching inbox", Duration::from_secs(20));
     ws.drop_notice("n.json", &notice);
@@ -449,7 +452,7 @@ fn a_disk_without_room_makes_jobs_wait_with_their_reason_writing_nothing_and_the
     assert!(d.is_running());
     assert_eq!(
         ws.tree("mastDownload"),
-        Vec::<String>::new(),
+        vec!["ballast".to_string()],
         "a body was written"
     );
     assert_eq!(
@@ -487,8 +490,9 @@ fn a_disk_without_room_makes_jobs_wait_with_their_reason_writing_nothing_and_the
         "MAST was asked {asked} times while the disk was full"
     );
 
-    // Room appears: they start by themselves, well before their next look.
-    disk.grow("16m");
+    // Room appears (the other program's file is deleted): they start by themselves, well before their
+    // next look.
+    std::fs::remove_file(&ballast).unwrap();
     let grown = Instant::now();
     wait_done(&ws, &d, 3, Duration::from_secs(30));
     assert!(
@@ -503,6 +507,69 @@ fn a_disk_without_room_makes_jobs_wait_with_their_reason_writing_nothing_and_the
         0,
         "a reason outlived its wait"
     );
+    d.kill9();
+}
+
+#[test]
+fn a_disk_filled_by_another_writer_mid_transfer_is_waited_out_and_leaves_no_corrupt_file() {
+    let mast = MastStandIn::start();
+    // One product of about 580 KB, sent slowly, on a 4 MiB disk: admitted with room to spare, then
+    // another program takes all the room while it arrives.
+    let (notice, files) = serve_products(&mast, 1, 1, 200);
+    mast.set_faults(Faults {
+        slow: Some(Duration::from_millis(60)),
+        ..Faults::default()
+    });
+    let ws = Workspace::with_base(&mast.base_url, "");
+    let Some(_disk) = SmallDisk::mount(&ws.path("mastDownload"), "4m") else {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "cannot mount a tmpfs in CI (not root?)"
+        );
+        eprintln!(
+            "SKIPPED: cannot mount a tmpfs here (not root?); ENOSPC mid-transfer was not checked"
+        );
+        return;
+    };
+    let mut d = Daemon::start_watching(&ws);
+    ws.drop_notice("n.json", &notice);
+    assert!(
+        wait_until(Duration::from_secs(20), || ws
+            .tree("mastDownload")
+            .iter()
+            .any(|p| p.ends_with(".part"))),
+        "no .part file; log:\n{}",
+        d.log()
+    );
+    // The other program: writes until the disk is full.
+    let filler = ws.path("mastDownload/filler");
+    {
+        use std::io::Write;
+        let mut f = std::fs::File::create(&filler).unwrap();
+        let block = vec![7u8; 64 * 1024];
+        while f.write_all(&block).is_ok() {}
+        let _ = f.sync_all();
+    }
+    assert!(
+        wait_until(Duration::from_secs(20), || d.log().contains("disk trouble")),
+        "no disk trouble reported; log:\n{}",
+        d.log()
+    );
+    assert!(d.is_running());
+    assert_eq!(
+        ws.jobs_in("failed"),
+        0,
+        "disk trouble must not fail the job"
+    );
+    let (path, _) = &files[0];
+    assert!(
+        !ws.path("mastDownload").join(path).exists(),
+        "a file was published from a transfer the disk cut"
+    );
+    std::fs::remove_file(&filler).unwrap();
+    mast.set_faults(Faults::default());
+    wait_done(&ws, &d, 1, Duration::from_secs(90));
+    assert_identical(&ws, &files);
     d.kill9();
 }
 

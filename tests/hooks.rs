@@ -66,14 +66,20 @@ fn on_product_runs_once_per_product_with_the_notice_s_values_and_on_notice_once_
                      \"$MASTSUB_EVENT_TYPE\" \"$MASTSUB_ARCHIVED_DATE\" \"$MASTSUB_NOTICE\" >> {}",
                     products.display()
                 )),
+                // A hook may ask mastsub itself: its MASTSUB_* variables are no configuration.
                 Some(&format!(
-                    "echo \"$MASTSUB_NOTICE $MASTSUB_DONE $MASTSUB_FAILED $MASTSUB_SKIPPED\" >> {}",
-                    notices.display()
+                    "echo \"$MASTSUB_NOTICE $MASTSUB_DONE $MASTSUB_FAILED $MASTSUB_SKIPPED\" >> {}; \
+                     {} --config {} status --json > {}",
+                    notices.display(),
+                    env!("CARGO_BIN_EXE_mastsub"),
+                    ws0.path().join("mastsub.toml").display(),
+                    ws0.path().join("status.json").display(),
                 )),
                 "retry_initial = \"100ms\"\n",
             )
         ),
     );
+    std::fs::copy(&ws.config, ws0.path().join("mastsub.toml")).unwrap();
     let d = Daemon::start_watching(&ws);
     let name = "event_metadata_jwst-program-5105_daily_20260422_143523.json";
     ws.drop_notice(name, &serde_json::to_vec(&records).unwrap());
@@ -84,6 +90,17 @@ fn on_product_runs_once_per_product_with_the_notice_s_values_and_on_notice_once_
         d.log()
     );
     assert_eq!(lines(&notices), vec![format!("{name} 3 1 1")]);
+    assert!(
+        wait_until(Duration::from_secs(10), || {
+            std::fs::read(ws0.path().join("status.json"))
+                .ok()
+                .and_then(|b| serde_json::from_slice::<Value>(&b).ok())
+                .is_some_and(|s| s["downloads"]["done"] == 3 && s["downloads"]["failed"] == 1)
+        }),
+        "mastsub status run by the hook did not work: {:?}; log:\n{}",
+        std::fs::read_to_string(ws0.path().join("status.json")),
+        d.log()
+    );
     assert!(wait_until(Duration::from_secs(10), || lines(&products)
         .len()
         == 3));
@@ -96,7 +113,11 @@ fn on_product_runs_once_per_product_with_the_notice_s_values_and_on_notice_once_
         let abs = std::path::Path::new(f[0]);
         assert!(abs.is_absolute(), "MASTSUB_PATH {abs:?} is not absolute");
         assert_eq!(std::fs::read(abs).unwrap(), *body, "{line}");
-        assert_eq!(abs, root.join(path), "{line}");
+        assert_eq!(
+            std::fs::canonicalize(abs).unwrap(),
+            root.join(path),
+            "{line}"
+        );
         assert_eq!(f[1], "JWST");
         assert_eq!(format!("jwst/{}/{}", f[2], f[3]), *path);
         assert_eq!(f[4], "5105");

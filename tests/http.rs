@@ -14,6 +14,9 @@ use common::{Daemon, Workspace, free_port, record, wait_until};
 use serde_json::Value;
 
 const TOKEN: &str = "tok-7c1d9e-never-shown";
+const PASSWORD: &str = "pw-5f2a-never-shown";
+/// An event type MAST might add, written the worst way a label value can be.
+const ODD_TYPE: &str = "Odd \"type\" \\ x";
 
 /// A plain HTTP/1.1 GET: (status, body).
 fn get(port: u16, path: &str) -> (u16, String) {
@@ -123,9 +126,18 @@ fn a_daemon_with_work(
     page.resize(2880 * 2, b' ');
     mast.put(bad["filename"].as_str().unwrap(), page);
     records.push(bad);
+    let mut odd = record(10, ODD_TYPE);
+    odd["event_type"] = Value::String(ODD_TYPE.into());
+    records.push(odd);
+    // A mailbox that cannot be reached, with a password that must show nowhere.
     let ws = Workspace::with_base(
         &mast.base_url,
-        &format!("[http]\nenabled = true\nlisten = \"127.0.0.1:{port}\"\n"),
+        &format!(
+            "[http]\nenabled = true\nlisten = \"127.0.0.1:{port}\"\n\n[imap]\nenabled = true\n\
+             host = \"127.0.0.1\"\nport = {}\nusername = \"mast\"\npassword = \"{PASSWORD}\"\n\
+             allowed_senders = [\"@stsci.edu\"]\n",
+            free_port()
+        ),
     );
     let d = Daemon::start_with_env(&ws, &[("MAST_API_TOKEN", TOKEN)]);
     d.wait_for_log("serving the status page", Duration::from_secs(20));
@@ -174,7 +186,9 @@ fn metrics_and_the_api_agree_with_status_json_the_server_and_the_disk_and_show_n
 
     let (code, text) = get(port, "/metrics");
     assert_eq!(code, 200);
-    assert!(!text.contains(TOKEN), "the token is in /metrics");
+    for secret in [TOKEN, PASSWORD] {
+        assert!(!text.contains(secret), "a secret is in /metrics");
+    }
     if parser_available() {
         let m = parse_metrics(&text);
         let metric = |k: &str| {
@@ -220,6 +234,16 @@ fn metrics_and_the_api_agree_with_status_json_the_server_and_the_disk_and_show_n
             "the page was fetched three times in all"
         );
         assert_eq!(metric("mastsub_source_up{source=inbox}"), 1.0);
+        assert_eq!(
+            metric("mastsub_source_up{source=imap}"),
+            0.0,
+            "the mailbox cannot be reached"
+        );
+        assert_eq!(
+            metric(&format!("mastsub_events_total{{event_type={ODD_TYPE}}}")),
+            1.0,
+            "an event type with a quote and a backslash, as the parser reads it back"
+        );
         assert_eq!(metric("mastsub_downloads_waiting{reason=disk_space}"), 0.0);
         assert_eq!(metric("mastsub_oldest_queued_job_age_seconds{}"), 0.0);
         let last = metric("mastsub_last_notice_received_timestamp_seconds{}");
@@ -242,8 +266,23 @@ fn metrics_and_the_api_agree_with_status_json_the_server_and_the_disk_and_show_n
         page.contains("event_metadata_jwst-program-5105_hourly_20260422_143523.json"),
         "the notice is not on the page"
     );
-    for (path, body) in [("/", &page), ("/api/status", &get(port, "/api/status").1)] {
-        assert!(!body.contains(TOKEN), "the token is in {path}");
+    // The mailbox was tried (its error is on record), and still no secret anywhere.
+    assert!(
+        wait_until(Duration::from_secs(20), || ws.status()["sources"]
+            .as_array()
+            .is_some_and(|s| s
+                .iter()
+                .any(|h| h["source"] == "imap" && !h["last_error"].is_null()))),
+        "the IMAP source never reported"
+    );
+    for (path, body) in [
+        ("/", get(port, "/").1),
+        ("/api/status", get(port, "/api/status").1),
+        ("/metrics", get(port, "/metrics").1),
+    ] {
+        for secret in [TOKEN, PASSWORD] {
+            assert!(!body.contains(secret), "a secret is in {path}");
+        }
     }
     for path in [
         "/nope",

@@ -115,6 +115,11 @@ fn four_workers_together_keep_to_max_rate_and_a_sighup_changes_it() {
         "a second of {:.3} MB/s under a cap of 6 MB/s",
         peak / 1e6
     );
-    assert_eq!(ws.jobs_in("running"), 4, "the transfers were restarted");
+    assert_eq!(ws.jobs_in("running"), 4);
+    assert_eq!(
+        ws.query_i64("SELECT max(attempts) FROM downloads"),
+        1,
+        "a transfer was ended and started again (by the SIGHUP, or the low-speed limit)"
+    );
     assert_eq!(ws.jobs_in("failed"), 0);
 }

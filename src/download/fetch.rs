@@ -597,8 +597,29 @@ impl Transfer {
         // Room for what is still to come (a body with no size: the floor alone), before a byte is
         // written; a refusal is a wait, not a failure.
         let needed = total.map_or(0, |t| t.saturating_sub(start));
-        let mut reservation = match space_at_start {
-            Some((free, _)) if self.room.min_free() > 0 || needed > 0 => {
+        let min_free = self.room.min_free();
+        let space = if min_free > 0 || needed > 0 {
+            // Now, not at the attempt's start: the request may have waited long for its answer while
+            // other workers wrote.
+            dir.space().or(space_at_start)
+        } else {
+            None
+        };
+        if let (Some((_, capacity)), Some(t)) = (space, total)
+            && t.saturating_add(min_free) > capacity
+        {
+            // No waiting makes room for that.
+            return Err(FetchError::Refused(format!(
+                "{} is {t} bytes: more than the file system of {} could hold even empty while keeping \
+                 download.min_free_space ({min_free} bytes) free ({capacity} bytes in all); give it more \
+                 room (or lower download.min_free_space) and run `mastsub retry {}`",
+                job.filename,
+                self.root.display(),
+                job.id
+            )));
+        }
+        let mut reservation = match space {
+            Some((free, _)) => {
                 Some(self.room.admit(free, needed).map_err(|refused| {
                     // No more claims until room appears (or the wait is over).
                     self.room.block(free, super::policy::ROOM_WAIT);

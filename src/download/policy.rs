@@ -25,6 +25,8 @@ const MAX_RETRY_AFTER: Duration = Duration::from_secs(3600);
 const DISK_WAIT: Duration = Duration::from_secs(60);
 /// How often a job waiting for room on the disk (`download.min_free_space`) asks again.
 pub const ROOM_WAIT: Duration = Duration::from_secs(15);
+/// ... and after a second refusal in a row.
+pub const ROOM_WAIT_AGAIN: Duration = Duration::from_secs(300);
 /// Verification failures in a row before the job fails.
 const VERIFY_FAILURES_ALLOWED: i64 = 3;
 /// Added to [`longest_delay`] for [`due_horizon`]: room for small clock corrections, so that only a
@@ -40,7 +42,7 @@ pub fn longest_delay(config: &DownloadConfig) -> Duration {
         MAX_RETRY_AFTER.min(config.retry_max),
         // Disk trouble, and no room for a product.
         DISK_WAIT.min(config.retry_max),
-        ROOM_WAIT,
+        ROOM_WAIT_AGAIN,
         // 404.
         config.not_found_retry,
     ]
@@ -91,10 +93,17 @@ pub fn decide(config: &DownloadConfig, job: &Job, error: &FetchError, now: i64) 
             error: error.to_string(),
         },
         FetchError::Disk { .. } => retry(now + ms(config.retry_max.min(DISK_WAIT)), true),
-        // Not a failure: the job waits for room, looked at again every ROOM_WAIT, for as long as it
+        // Not a failure: the job waits for room, looked at again after ROOM_WAIT, for as long as it
         // takes, with its reason on record.
         FetchError::NoRoom { .. } => Finish::Retry {
-            at: now + ms(ROOM_WAIT),
+            // A job refused again asks less often, so that one product too large for the room there is
+            // cannot hold the pool's claims back every ROOM_WAIT (room appearing wakes it at once).
+            at: now
+                + ms(if job.waiting_reason.is_some() {
+                    ROOM_WAIT_AGAIN
+                } else {
+                    ROOM_WAIT
+                }),
             error: error.to_string(),
             refund: true,
             verify_failures: job.verify_failures,

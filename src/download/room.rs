@@ -32,7 +32,7 @@ pub struct Room {
 
 #[derive(Debug, Clone, Copy)]
 struct Block {
-    /// The wait ends then (one attempt then asks again).
+    /// The wait ends then (the pool claims again: at most a worker's worth of attempts ask).
     until: Instant,
     /// What the file system had free when the attempt was refused.
     free: u64,

@@ -37,6 +37,22 @@ pub struct Context<'a> {
     pub now: i64,
 }
 
+/// A label value as the exposition format writes it: prometheus-client writes values as given, and an
+/// event type is free text from a notice (a `"` in one would end the value early and make Prometheus
+/// refuse the whole scrape).
+fn label_value(v: &str) -> String {
+    let mut out = String::with_capacity(v.len());
+    for c in v.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '"' => out.push_str("\\\""),
+            '\n' => out.push_str("\\n"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
 fn counter(v: u64) -> Counter {
     let c = Counter::default();
     c.inc_by(v);
@@ -100,7 +116,7 @@ pub fn render(s: &StatusSnapshot, vitals: &Vitals, cx: &Context<'_>) -> String {
     let events = Family::<Labels, Counter>::default();
     for (t, n) in &s.events {
         events
-            .get_or_create(&vec![("event_type", t.to_string())])
+            .get_or_create(&vec![("event_type", label_value(&t.to_string()))])
             .inc_by(*n);
     }
     r.register("events", "Events recorded, by event type", events);

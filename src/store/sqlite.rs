@@ -451,10 +451,14 @@ const INSERT_EVENTS: &str = "
 const COUNT_EVENTS_RECORDED: &str = "
     UPDATE notices SET events_recorded = events_recorded + ?2 WHERE id = ?1";
 
+/// Jobs by state, and the bytes of done ones: from the counts the triggers of migration 0012 keep.
 const DOWNLOADS_BY_STATE: &str = "
-    SELECT state, count(*) AS n, coalesce(sum(bytes_done), 0) AS bytes FROM downloads GROUP BY state";
+    SELECT state, sum(n) AS n, sum(bytes) AS bytes FROM download_counts GROUP BY state";
 
-const EVENTS_BY_TYPE: &str = "SELECT event_type, count(*) AS n FROM events GROUP BY event_type";
+const EVENTS_BY_TYPE: &str = "SELECT event_type, n FROM event_counts WHERE n > 0";
+
+const DOWNLOADS_BY_TYPE_AND_STATE: &str =
+    "SELECT event_type, state, n FROM download_counts WHERE n > 0";
 
 const NOTICES_BY_STATUS: &str = "SELECT status, count(*) AS n FROM notices GROUP BY status";
 
@@ -469,7 +473,8 @@ macro_rules! download_row_columns {
 
 const RECENT_FAILURES: &str = concat!(
     download_row_columns!(),
-    "WHERE state IN ('failed', 'needs_auth') ORDER BY updated_at DESC, id DESC LIMIT ?1"
+    "INDEXED BY downloads_failures
+     WHERE state IN ('failed', 'needs_auth') ORDER BY updated_at DESC, id DESC LIMIT ?1"
 );
 
 /// The running jobs (never more than the workers, but for moments), by id.
@@ -478,14 +483,16 @@ const RUNNING_JOBS: &str = concat!(
     "WHERE state = 'running' ORDER BY id LIMIT 1000"
 );
 
-/// Queued jobs waiting for room, the latest reason, and when the oldest queued job was created: the
-/// partial scans of `downloads_by_state`.
+/// Queued jobs waiting for room, the latest reason, and when the oldest queued job was created: each
+/// from its partial index (migration 0012; named, since the planner would otherwise walk every queued
+/// job through `downloads_by_state`).
 const QUEUE_FIGURES: &str = "
     SELECT
-        (SELECT count(*) FROM downloads WHERE state = 'queued' AND waiting_reason IS NOT NULL),
-        (SELECT waiting_reason FROM downloads WHERE state = 'queued' AND waiting_reason IS NOT NULL
-         ORDER BY updated_at DESC LIMIT 1),
-        (SELECT min(created_at) FROM downloads WHERE state = 'queued')";
+        (SELECT count(*) FROM downloads INDEXED BY downloads_waiting
+         WHERE state = 'queued' AND waiting_reason IS NOT NULL),
+        (SELECT waiting_reason FROM downloads INDEXED BY downloads_waiting
+         WHERE state = 'queued' AND waiting_reason IS NOT NULL ORDER BY updated_at DESC LIMIT 1),
+        (SELECT min(created_at) FROM downloads INDEXED BY downloads_queued_since WHERE state = 'queued')";
 
 /// The latest ?1 notices, newest first.
 const RECENT_NOTICES: &str = "
@@ -500,7 +507,8 @@ const LIST_DOWNLOADS: &str = concat!(
 /// Jobs that ended failed or needing a token after ?1, oldest first.
 const FAILURES_SINCE: &str = concat!(
     download_row_columns!(),
-    "WHERE state IN ('failed', 'needs_auth') AND updated_at > ?1 ORDER BY updated_at, id LIMIT 1000"
+    "INDEXED BY downloads_failures
+     WHERE state IN ('failed', 'needs_auth') AND updated_at > ?1 ORDER BY updated_at, id LIMIT 1000"
 );
 
 /// The due job with the earliest attempt time whose local path has no job running (two jobs never write one
@@ -601,7 +609,10 @@ const FINISH_DONE_MANY: &str = "
     WHERE downloads.id = j.id AND downloads.lease_owner = ?1 AND downloads.state = 'running'
     RETURNING downloads.id AS ended";
 
-/// An `on_product` run for each job of `FINISH_DONE_MANY`'s ?4 that it recorded done at ?3.
+/// An `on_product` run for each job of `FINISH_DONE_MANY`'s ?4 that it recorded done at ?3. (It leaves
+/// ?1 and ?2 unused: sqlx-sqlite binds numbered parameters by number, and counts an unused number as a
+/// positional slot; a statement after it with more unused numbers than the four values would bind NULL.
+/// Every statement of the script uses numbers only.)
 const QUEUE_PRODUCT_HOOKS: &str = "
     INSERT INTO hook_runs (kind, download_id, next_attempt_at, created_at, updated_at)
     SELECT 'product', d.id, ?3, ?3, ?3
@@ -1004,12 +1015,10 @@ impl Store for SqliteStore {
             .into_iter()
             .map(|t| (t, DownloadState::ALL.into_iter().map(|s| (s, 0)).collect()))
             .collect();
-        let rows_by_type: Vec<(String, String, i64)> = sqlx::query_as(
-            "SELECT event_type, state, count(*) FROM downloads GROUP BY event_type, state",
-        )
-        .fetch_all(&mut *conn)
-        .await
-        .map_err(&err)?;
+        let rows_by_type: Vec<(String, String, i64)> = sqlx::query_as(DOWNLOADS_BY_TYPE_AND_STATE)
+            .fetch_all(&mut *conn)
+            .await
+            .map_err(&err)?;
         for (t, st, n) in rows_by_type {
             if let (Some(t), Some(st)) = (EventType::parse(&t), DownloadState::parse(&st)) {
                 snap.by_event_type
@@ -1751,6 +1760,7 @@ impl Store for SqliteStore {
                 .fetch_all(&self.writer)
                 .await
                 .map_err(&err)?;
+        let ids: Vec<i64> = claimed.iter().map(|c| c.0).collect();
         let mut runs = Vec::with_capacity(claimed.len());
         for (id, kind, attempt, download, notice) in claimed {
             match self.hook_run(id, &kind, attempt, download, notice).await {
@@ -1768,14 +1778,15 @@ impl Store for SqliteStore {
                     .map_err(&err)?;
                 }
                 Err(e) => {
-                    // Not left running: pending again, a minute later, with the reason.
+                    // None of this claim is left running: all pending again, a minute later, this
+                    // attempt not counted.
                     let _ = sqlx::query(
                         "UPDATE hook_runs SET state = 'pending', attempts = max(attempts - 1, 0),
-                             next_attempt_at = ?2, last_error = ?3, updated_at = ?2 WHERE id = ?1",
+                             next_attempt_at = ?2, updated_at = ?2
+                         WHERE id IN (SELECT value FROM json_each(?1)) AND state = 'running'",
                     )
-                    .bind(id)
+                    .bind(json_text(&ids))
                     .bind(now + 60_000)
-                    .bind(e.to_string())
                     .execute(&self.writer)
                     .await;
                     return Err(e);

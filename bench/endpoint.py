@@ -8,7 +8,7 @@ connect and queueing jobs again while the endpoint is asked: the page is measure
 idle one. Each endpoint is asked REQUEST times over one connection each, one request at a time; the table
 gives the median, the 95th percentile and the largest, and the size of the answer.
 
-Usage: bench/http.py BINARY WORKDIR [REQUESTS]
+Usage: bench/endpoint.py BINARY WORKDIR [REQUESTS]
 """
 import http.client, json, os, shutil, socket, statistics, subprocess, sys, time, uuid
 
