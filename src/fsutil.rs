@@ -315,11 +315,24 @@ impl SafeDir {
 
     /// Bytes free for an unprivileged writer on the folder's file system, and its size.
     pub fn space(&self) -> Option<(u64, u64)> {
-        nix::sys::statvfs::fstatvfs(&self.fd).ok().map(|s| {
-            let unit = s.fragment_size();
-            (s.blocks_available() * unit, s.blocks() * unit)
-        })
+        nix::sys::statvfs::fstatvfs(&self.fd)
+            .ok()
+            .map(|s| free_and_size(&s))
     }
+}
+
+/// Bytes free for an unprivileged writer on the file system of `path`, and its size (for a path that may
+/// not exist yet or is not ours to open as a `SafeDir`: the download root, seen by the pool and the
+/// metrics).
+pub fn space_of(path: &Path) -> Option<(u64, u64)> {
+    nix::sys::statvfs::statvfs(path)
+        .ok()
+        .map(|s| free_and_size(&s))
+}
+
+fn free_and_size(s: &nix::sys::statvfs::Statvfs) -> (u64, u64) {
+    let unit = s.fragment_size();
+    (s.blocks_available() * unit, s.blocks() * unit)
 }
 
 #[cfg(test)]

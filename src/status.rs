@@ -138,11 +138,7 @@ pub fn render_text(database: &str, s: &StatusSnapshot) -> String {
                 "    {} run #{} {} for {} (attempt {}): {}",
                 f.kind,
                 f.id,
-                if f.state == "failed" {
-                    "failed"
-                } else {
-                    "retrying"
-                },
+                f.standing(),
                 f.about,
                 f.attempts,
                 f.error

@@ -424,7 +424,11 @@ fn a_disk_without_room_makes_jobs_wait_with_their_reason_writing_nothing_and_the
     // Three products of about 580 KB on a 4 MiB disk that another program has filled to 1 MiB free, and
     // that must keep 512 KiB free: none fits.
     let (notice, files) = serve_products(&mast, 1, 3, 200);
-    let ws = Workspace::with_base(&mast.base_url, "");
+    let port = common::free_port();
+    let ws = Workspace::with_base(
+        &mast.base_url,
+        &format!("[http]\nenabled = true\nlisten = \"127.0.0.1:{port}\"\n"),
+    );
     let Some(_disk) = SmallDisk::mount(&ws.path("mastDownload"), "4m") else {
         assert!(
             std::env::var_os("CI").is_none(),
@@ -484,6 +488,21 @@ fn a_disk_without_room_makes_jobs_wait_with_their_reason_writing_nothing_and_the
     let text = ws.cmd().arg("status").output().unwrap().stdout;
     let text = String::from_utf8_lossy(&text);
     assert!(text.contains("for room on the disk"), "{text}");
+    // The page and the metrics say it too.
+    let waiting = ws.status()["waiting"].as_u64().unwrap();
+    let (_, page) = common::http_get(port, "/");
+    assert!(
+        page.contains(&format!("<b>{waiting} waiting for room on the disk.</b>"))
+            && page.contains("download.min_free_space"),
+        "{page}"
+    );
+    let (_, metrics) = common::http_get(port, "/metrics");
+    assert!(
+        metrics.contains(&format!(
+            "mastsub_downloads_waiting{{reason=\"disk_space\"}} {waiting}\n"
+        )),
+        "{metrics}"
+    );
     let asked = mast.seen().len();
     assert!(
         asked <= 6,

@@ -152,12 +152,16 @@ fn a_hook_that_fails_twice_then_succeeds_is_retried_and_one_that_always_fails_is
          test \"$n\" -ge 3",
         tries.display()
     );
+    let port = common::free_port();
     let ws = Workspace::with_base(
         &mast.base_url,
-        &hooks_section(
-            Some(&script),
-            None,
-            "retry_initial = \"200ms\"\nmax_attempts = 4\n",
+        &format!(
+            "[http]\nenabled = true\nlisten = \"127.0.0.1:{port}\"\n\n{}",
+            hooks_section(
+                Some(&script),
+                None,
+                "retry_initial = \"200ms\"\nmax_attempts = 4\n",
+            )
         ),
     );
     let d = Daemon::start_watching(&ws);
@@ -204,6 +208,20 @@ fn a_hook_that_fails_twice_then_succeeds_is_retried_and_one_that_always_fails_is
     assert!(
         text.contains("hooks:") && text.contains("1 failed"),
         "{text}"
+    );
+    // The metrics and the page show the failures too.
+    let (_, metrics) = common::http_get(port, "/metrics");
+    for line in [
+        "mastsub_hook_runs{state=\"failed\"} 1\n",
+        "mastsub_hook_runs{state=\"done\"} 1\n",
+        "mastsub_hook_failed_attempts_total 6\n",
+    ] {
+        assert!(metrics.contains(line), "no {line:?} in:\n{metrics}");
+    }
+    let (_, page) = common::http_get(port, "/");
+    assert!(
+        page.contains("id=\"hook-failures\"") && page.contains("exited with status 3"),
+        "{page}"
     );
 }
 

@@ -6,60 +6,17 @@
 
 mod common;
 
-use std::io::{Read, Write};
+use std::io::Write;
 use std::time::Duration;
 
 use common::mast::{MastStandIn, serve_products, wait_done};
-use common::{Daemon, Workspace, free_port, record, wait_until};
+use common::{Daemon, Workspace, free_port, http_get as get, record, wait_until};
 use serde_json::Value;
 
 const TOKEN: &str = "tok-7c1d9e-never-shown";
 const PASSWORD: &str = "pw-5f2a-never-shown";
 /// An event type MAST might add, written the worst way a label value can be.
 const ODD_TYPE: &str = "Odd \"type\" \\ x";
-
-/// A plain HTTP/1.1 GET: (status, body).
-fn get(port: u16, path: &str) -> (u16, String) {
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut raw = Vec::new();
-    s.read_to_end(&mut raw).unwrap();
-    let text = String::from_utf8_lossy(&raw).into_owned();
-    let (head, body) = text.split_once("\r\n\r\n").expect("a whole answer");
-    let status = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .expect("a status");
-    // Bodies here are small: chunked framing only if the server chose it.
-    let body = if head
-        .to_ascii_lowercase()
-        .contains("transfer-encoding: chunked")
-    {
-        dechunk(body)
-    } else {
-        body.to_string()
-    };
-    (status, body)
-}
-
-fn dechunk(mut s: &str) -> String {
-    let mut out = String::new();
-    while let Some((size, rest)) = s.split_once("\r\n") {
-        let n = usize::from_str_radix(size.trim(), 16).unwrap_or(0);
-        if n == 0 {
-            break;
-        }
-        out.push_str(&rest[..n]);
-        s = &rest[n + 2..];
-    }
-    out
-}
 
 /// The exposition parsed by prometheus_client's OpenMetrics parser: `{"name{l=v,...}": value}`.
 fn parse_metrics(text: &str) -> serde_json::Map<String, Value> {

@@ -550,13 +550,12 @@ impl Transfer {
         // validator cannot be continued safely, so without one the `.part` file is not even looked at:
         // it is emptied when the first bytes are written.
         let resumable = stored.if_range().is_some();
-        let (dir, offset, space_at_start) = blocking({
+        let (dir, offset) = blocking({
             let (root, rel_dir, part) = (self.root.clone(), rel_dir.to_path_buf(), part.clone());
             move || {
                 let dir = SafeDir::open(&root, &rel_dir, true).map_err(place_error)?;
                 let size = dir.file_size(&part).map_err(place_error)?.unwrap_or(0);
-                let space = dir.space();
-                Ok((Arc::new(dir), if resumable { size } else { 0 }, space))
+                Ok((Arc::new(dir), if resumable { size } else { 0 }))
             }
         })
         .await?;
@@ -598,13 +597,9 @@ impl Transfer {
         // written; a refusal is a wait, not a failure.
         let needed = total.map_or(0, |t| t.saturating_sub(start));
         let min_free = self.room.min_free();
-        let space = if min_free > 0 || needed > 0 {
-            // Now, not at the attempt's start: the request may have waited long for its answer while
-            // other workers wrote.
-            dir.space().or(space_at_start)
-        } else {
-            None
-        };
+        // Taken now, when the answer has come, not at the attempt's start: the request may have waited
+        // long while other workers wrote. (Also what a full disk is judged against, below.)
+        let space = dir.space();
         if let (Some((_, capacity)), Some(t)) = (space, total)
             && t.saturating_add(min_free) > capacity
         {
@@ -619,7 +614,7 @@ impl Transfer {
             )));
         }
         let mut reservation = match space {
-            Some((free, _)) => {
+            Some((free, _)) if min_free > 0 || needed > 0 => {
                 Some(self.room.admit(free, needed).map_err(|refused| {
                     // No more claims until room appears (or the wait is over).
                     self.room.block(free, super::policy::ROOM_WAIT);
@@ -765,7 +760,7 @@ impl Transfer {
             let _ = small.send(());
         }
         if let Err(e) = ended {
-            let e = self.own_disk_filled(job, e, written - start, total, space_at_start);
+            let e = self.own_disk_filled(job, e, written - start, total, space);
             if matches!(
                 e,
                 FetchError::Protocol(_) | FetchError::Verify(_) | FetchError::Refused(_)

@@ -278,9 +278,7 @@ pub async fn run(
         // A full disk: nothing is claimed until room appears or the wait is over.
         let room = &pool.transfer.room;
         if room.is_blocked() {
-            let free = nix::sys::statvfs::statvfs(&pool.transfer.root)
-                .ok()
-                .map(|s| s.blocks_available() * s.fragment_size());
+            let free = crate::fsutil::space_of(&pool.transfer.root).map(|(free, _)| free);
             if room.check(free) == Some(room::Unblocked::RoomAppeared) {
                 match store.due_now_waiting(now_ms()).await {
                     Ok(n) => tracing::info!(

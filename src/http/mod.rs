@@ -102,9 +102,7 @@ impl Shared {
 
     /// Free bytes on the download file system.
     fn free(&self) -> Option<u64> {
-        nix::sys::statvfs::statvfs(&self.config.storage.downloads)
-            .ok()
-            .map(|s| s.blocks_available() * s.fragment_size())
+        crate::fsutil::space_of(&self.config.storage.downloads).map(|(free, _)| free)
     }
 
     fn max_rate(&self) -> Option<crate::config::Rate> {

@@ -304,11 +304,7 @@ pub fn render(s: &StatusSnapshot, extra: &Extra<'_>) -> String {
                      <td>{}</td></tr>",
                     esc(&f.kind),
                     esc(&f.about),
-                    if f.state == "failed" {
-                        "failed"
-                    } else {
-                        "retrying"
-                    },
+                    f.standing(),
                     f.attempts,
                     esc(&f.error)
                 );

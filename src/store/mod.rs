@@ -805,6 +805,17 @@ pub enum HookEnd {
     Interrupted,
 }
 
+impl HookFailure {
+    /// `failed` (no attempt left) or `retrying`, as reports say it.
+    pub fn standing(&self) -> &'static str {
+        if self.state == "failed" {
+            "failed"
+        } else {
+            "retrying"
+        }
+    }
+}
+
 /// Hook runs, for `status`.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct HookCounts {
