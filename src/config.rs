@@ -97,6 +97,8 @@ pub struct Config {
     pub http: HttpConfig,
     /// Commands run when products land and when a notice's downloads have ended.
     pub hooks: HooksConfig,
+    /// Public products from STScI's open-data bucket first, MAST as the fall-back.
+    pub cloud: CloudConfig,
     /// Logging.
     pub log: LogConfig,
 }
@@ -583,6 +585,45 @@ impl Default for HooksConfig {
     }
 }
 
+/// `[cloud]`: public products from an S3 bucket (STScI's open-data bucket by default) instead of MAST's
+/// servers, as astroquery's `Observations.enable_cloud_dataset()` does.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CloudConfig {
+    /// Look products up in the bucket first.
+    pub enabled: bool,
+    /// The bucket; the object for key K is `{bucket_url}/{K}` (path- or virtual-host style alike).
+    pub bucket_url: String,
+    /// Never fall back to MAST (astroquery's `cloud_only`): a product not in the bucket is not
+    /// downloaded, and its job fails saying so.
+    pub only: bool,
+    /// The event types whose products may come from the bucket; `"*"` is every type.
+    pub event_types: Vec<String>,
+}
+
+impl Default for CloudConfig {
+    fn default() -> Self {
+        CloudConfig {
+            enabled: false,
+            bucket_url: "https://stpubdata.s3.amazonaws.com".to_string(),
+            only: false,
+            event_types: vec!["*".to_string()],
+        }
+    }
+}
+
+impl CloudConfig {
+    /// Whether products of `event_type` (as stored) may come from the bucket.
+    pub fn takes(&self, event_type: &str) -> bool {
+        let wanted = crate::notice::EventType::parse(event_type);
+        self.event_types.iter().any(|t| {
+            t == "*"
+                || t.eq_ignore_ascii_case(event_type)
+                || (wanted.is_some() && crate::notice::EventType::parse(t) == wanted)
+        })
+    }
+}
+
 /// Whether an environment variable is a configuration override: `MASTSUB_<SECTION>__<KEY>`.
 pub fn is_override(name: &str) -> bool {
     name.strip_prefix(ENV_PREFIX)
@@ -592,7 +633,8 @@ pub fn is_override(name: &str) -> bool {
 }
 
 /// Keys whose environment value is a comma-separated list.
-const LIST_KEYS: [&str; 6] = [
+const LIST_KEYS: [&str; 7] = [
+    "cloud.event_types",
     "imap.allowed_senders",
     "email.to",
     "filters.event_type",
@@ -680,6 +722,35 @@ impl Config {
                 "mast.base_url = {:?}: {e}; expected a URL such as https://mast.stsci.edu",
                 self.mast.base_url
             )),
+        }
+        match url::Url::parse(&self.cloud.bucket_url) {
+            Ok(u)
+                if matches!(u.scheme(), "http" | "https")
+                    && u.host().is_some()
+                    && u.query().is_none() => {}
+            Ok(_) => problems.push(format!(
+                "cloud.bucket_url = {:?}: expected an http:// or https:// URL with a host and no query, \
+                 such as https://stpubdata.s3.amazonaws.com",
+                self.cloud.bucket_url
+            )),
+            Err(e) => problems.push(format!(
+                "cloud.bucket_url = {:?}: {e}; expected a URL such as https://stpubdata.s3.amazonaws.com",
+                self.cloud.bucket_url
+            )),
+        }
+        if self.cloud.event_types.iter().any(|t| t.trim().is_empty()) {
+            problems.push(
+                "cloud.event_types has an empty entry: name event types (New, First, Reprocessed, \
+                 Public, ...) or \"*\" for all"
+                    .into(),
+            );
+        }
+        if self.cloud.enabled && self.cloud.event_types.is_empty() {
+            problems.push(
+                "cloud.enabled = true but cloud.event_types is empty: no product could use the bucket; \
+                 give [\"*\"] for all types"
+                    .into(),
+            );
         }
         if self.mast.token.is_some() && self.mast.token_file.is_some() {
             problems.push("mast.token and mast.token_file are both set: keep one".into());

@@ -176,6 +176,11 @@ impl MastTime {
         })
     }
 
+    /// Seconds since the epoch (UTC), the fraction dropped.
+    pub fn unix_seconds(&self) -> i64 {
+        self.at.and_utc().timestamp()
+    }
+
     /// The canonical text: `2026-03-30T17:54:12.7510000`.
     pub fn canonical(&self) -> &str {
         // Built from ASCII digits and separators only.

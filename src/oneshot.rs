@@ -27,6 +27,9 @@ use crate::store::{
     DownloadRow, DownloadState, RunLock, RunLockError, SourceKind, SqliteStore, Store, now_ms,
 };
 
+/// A product not in the cloud under `--cloud-only`: astroquery's manifest message.
+const CLOUD_SKIPPED: &str = "Product not found in cloud";
+
 /// How often progress is read from the store.
 const TICK: Duration = Duration::from_millis(200);
 
@@ -51,6 +54,14 @@ pub struct Args {
     /// Print only the manifest.
     #[arg(long, short)]
     pub quiet: bool,
+    /// Public products from the cloud bucket (`cloud.bucket_url`, STScI's open-data bucket by default)
+    /// first, MAST as the fall-back: astroquery's `enable_cloud_dataset()`.
+    #[arg(long)]
+    pub cloud: bool,
+    /// Only from the cloud bucket, never from MAST (astroquery's `cloud_only`): a product not there is
+    /// SKIPPED and the command exits 1.
+    #[arg(long)]
+    pub cloud_only: bool,
 }
 
 /// One manifest row, as astroquery's.
@@ -87,6 +98,12 @@ pub async fn run(mut config: Config, args: Args) -> anyhow::Result<ExitCode> {
         if !given.is_empty() {
             field.clone_from(given);
         }
+    }
+    if args.cloud || args.cloud_only {
+        config.cloud.enabled = true;
+    }
+    if args.cloud_only {
+        config.cloud.only = true;
     }
     if let Err(e) = Filters::new(&config.filters) {
         eprintln!("mastsub: {e}");
@@ -258,7 +275,11 @@ pub async fn run(mut config: Config, args: Args) -> anyhow::Result<ExitCode> {
         eprintln!("mastsub: interrupted; run the same command again to resume");
         return Ok(ExitCode::from(1));
     }
-    let errors = manifest.iter().filter(|r| r.status == "ERROR").count();
+    // Asked for and not delivered: errors, and products not in the cloud under --cloud-only.
+    let errors = manifest
+        .iter()
+        .filter(|r| r.status == "ERROR" || r.message == CLOUD_SKIPPED)
+        .count();
     Ok(if errors > 0 || bad_notice {
         ExitCode::from(1)
     } else {
@@ -409,9 +430,24 @@ pub fn manifest(
                     local_path: local_path.clone(),
                     status: "COMPLETE",
                     message: String::new(),
-                    url: j.url.clone(),
+                    // Where the bytes came from: MAST, or the cloud bucket.
+                    url: j.fetched_from.clone().unwrap_or_else(|| j.url.clone()),
                     verified: j.verified.clone().unwrap_or_default(),
                 },
+                Some(j)
+                    if j.state == DownloadState::Failed
+                        && j.last_error
+                            .as_deref()
+                            .is_some_and(|e| e.starts_with(CLOUD_SKIPPED)) =>
+                {
+                    Row {
+                        local_path: local_path.clone(),
+                        status: "SKIPPED",
+                        message: CLOUD_SKIPPED.to_string(),
+                        url: j.url.clone(),
+                        verified: String::new(),
+                    }
+                }
                 Some(j) => Row {
                     local_path: local_path.clone(),
                     status: "ERROR",
@@ -673,5 +709,13 @@ impl Progress {
             }
             total.finish();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_product_not_in_the_cloud_is_told_by_its_error() {
+        assert!(crate::download::cloud::NOT_IN_CLOUD.starts_with(super::CLOUD_SKIPPED));
     }
 }

@@ -42,7 +42,7 @@ pub struct UrlBuilder {
 }
 
 /// Characters escaped in a path segment: everything but unreserved characters.
-const SEGMENT: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
+pub(crate) const SEGMENT: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
     .remove(b'-')
     .remove(b'.')
     .remove(b'_')
@@ -87,6 +87,19 @@ impl UrlBuilder {
     }
 }
 
+/// The product's `mast:` URI, for MAST's path look-up: the one its `Download/file` URL carries (the
+/// record's own), else `mast:<MISSION>/product/<filename>` as MAST spells it.
+pub fn mast_uri(mission: &str, filename: &str, url: &str) -> String {
+    url::Url::parse(url)
+        .ok()
+        .and_then(|u| {
+            u.query_pairs()
+                .find(|(k, _)| k == "uri")
+                .map(|(_, v)| v.into_owned())
+        })
+        .unwrap_or_else(|| format!("mast:{}/product/{filename}", mission.to_uppercase()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -107,6 +120,23 @@ mod tests {
             uri: None,
             raw: "{}".into(),
         }
+    }
+
+    #[test]
+    fn a_products_mast_uri_is_its_urls_or_made_from_mission_and_name() {
+        let base = Url::parse("https://mast.stsci.edu").unwrap();
+        let b = UrlBuilder::new(&base);
+        let jwst = event("jwst", "jw_a b&c.fits");
+        assert_eq!(
+            mast_uri(&jwst.mission, &jwst.filename, &b.url(&jwst)),
+            "mast:JWST/product/jw_a b&c.fits"
+        );
+        let mut odd = event("TESS", "t.fits");
+        odd.uri = Some("mast:TESS/product/other/t.fits".into());
+        assert_eq!(
+            mast_uri(&odd.mission, &odd.filename, &b.url(&odd)),
+            "mast:TESS/product/other/t.fits"
+        );
     }
 
     #[test]

@@ -31,6 +31,10 @@ pub struct Vitals {
     pub published: AtomicU64,
     /// Attempts recorded since the daemon started, by how they ended.
     pub attempts: Attempts,
+    /// Products published since the daemon started from the cloud bucket (`[cloud]`).
+    pub from_cloud: Published,
+    /// Products published since the daemon started from MAST.
+    pub from_mast: Published,
     /// Told when the recorder has recorded ends: a hook run may have been queued, or a notice's last
     /// download ended.
     pub hooks_wake: tokio::sync::Notify,
@@ -49,6 +53,15 @@ pub struct Attempts {
     pub failed: AtomicU64,
     /// Waiting for a MAST token.
     pub needs_auth: AtomicU64,
+}
+
+/// Products published from one source (`mastsub_products_published_total{source}`).
+#[derive(Debug, Default)]
+pub struct Published {
+    /// Products.
+    pub products: AtomicU64,
+    /// Their bytes.
+    pub bytes: AtomicU64,
 }
 
 /// One transfer as it goes.

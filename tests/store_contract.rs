@@ -307,6 +307,7 @@ fn ending_a_job_and_claiming_the_next_checks_the_lease_and_keeps_products_apart(
         let done = Finish::Done {
             bytes: 10,
             verified: "JSON: parses".into(),
+            origin: None,
         };
         let (ended, next) =
             finish_and_claim(&store, first.id, "intruder", &done, now, i64::MAX).await;
@@ -404,6 +405,7 @@ fn a_batch_records_every_end_and_claims_only_distinct_paths(#[case] backend: Bac
         let done = Finish::Done {
             bytes: 10,
             verified: "JSON: parses".into(),
+            origin: None,
         };
         let (recorded, _) = store
             .end_and_claim("intruder", &[(others[0], done.clone())], 0, now, i64::MAX)
@@ -502,6 +504,7 @@ fn hook_runs_are_queued_with_the_ends_that_publish_and_claimed_once_each(#[case]
         let done = Finish::Done {
             bytes: 10,
             verified: "FITS".into(),
+            origin: None,
         };
         // Hooks off: a done end queues nothing.
         store
@@ -575,6 +578,116 @@ fn hook_runs_are_queued_with_the_ends_that_publish_and_claimed_once_each(#[case]
 
 #[rstest]
 #[case::sqlite(Backend::Sqlite)]
+fn cloud_look_ups_are_kept_and_where_bytes_came_from_is_recorded(#[case] backend: Backend) {
+    let ws = Workspace::new();
+    runtime().block_on(async {
+        let store = open(&backend, &ws).await;
+        ingest(&store, "a", &[record(1, "Public"), record(2, "New")]).await;
+        let up = store.upcoming(10).await.unwrap();
+        assert_eq!(up.len(), 2);
+        assert_eq!(up[0].event_type, "Public");
+        assert!(up[0].url.contains(&up[0].filename), "{up:?}");
+
+        let (a, b) = ("mast:JWST/product/a.fits", "mast:JWST/product/b.fits");
+        store
+            .record_cloud_paths(
+                &[
+                    (a.into(), Some("jwst/public/a.fits".into())),
+                    (b.into(), None),
+                ],
+                1000,
+            )
+            .await
+            .unwrap();
+        // A later answer replaces an earlier one.
+        store
+            .record_cloud_paths(&[(b.into(), Some("jwst/public/b.fits".into()))], 2000)
+            .await
+            .unwrap();
+        let known = store
+            .cloud_paths(&[a.into(), b.into(), "mast:JWST/product/c.fits".into()])
+            .await
+            .unwrap();
+        assert_eq!(known.len(), 2, "{known:?}");
+        assert_eq!(known[a].key.as_deref(), Some("jwst/public/a.fits"));
+        assert_eq!(known[a].looked_up_at, 1000);
+        assert_eq!(
+            (known[b].key.as_deref(), known[b].looked_up_at),
+            (Some("jwst/public/b.fits"), 2000)
+        );
+
+        // A job's bytes: where its .part came from is on record while it runs (the claim gives it back),
+        // and where the published file came from once done.
+        let now = mastsub::store::now_ms();
+        let (_, jobs) = store
+            .end_and_claim("w1", &[], 2, now, now + 60_000)
+            .await
+            .unwrap();
+        assert_eq!(jobs.len(), 2);
+        assert!(jobs.iter().all(|j| j.source.is_none()));
+        let cloud = mastsub::store::Origin {
+            source: "cloud",
+            url: "https://bucket.example/jwst/public/a.fits".into(),
+        };
+        let progress = mastsub::store::Progress {
+            bytes_done: 5,
+            bytes_expected: Some(10),
+            etag: Some("\"e\"".into()),
+            last_modified: None,
+            origin: Some(cloud.clone()),
+        };
+        assert!(
+            store
+                .progress(jobs[0].id, "w1", now + 60_000, &progress)
+                .await
+                .unwrap()
+        );
+        let back = Finish::Retry {
+            at: now,
+            error: "cut".into(),
+            refund: true,
+            verify_failures: 0,
+            not_found_since: None,
+            waiting: None,
+        };
+        let done = Finish::Done {
+            bytes: 10,
+            verified: "FITS".into(),
+            origin: Some(mastsub::store::Origin {
+                source: "mast",
+                url: jobs[1].url.clone(),
+            }),
+        };
+        let (ended, again) = store
+            .end_and_claim(
+                "w1",
+                &[(jobs[0].id, back), (jobs[1].id, done)],
+                1,
+                now,
+                now + 60_000,
+            )
+            .await
+            .unwrap();
+        assert_eq!(ended, vec![true, true]);
+        assert_eq!(again[0].id, jobs[0].id);
+        assert_eq!(again[0].source.as_deref(), Some("cloud"));
+        let rows = store.list_downloads(None).await.unwrap();
+        let row = |id| rows.iter().find(|r| r.id == id).unwrap();
+        assert_eq!(
+            row(jobs[0].id).fetched_from.as_deref(),
+            Some(cloud.url.as_str())
+        );
+        assert_eq!(row(jobs[1].id).source.as_deref(), Some("mast"));
+        assert_eq!(
+            row(jobs[1].id).fetched_from.as_deref(),
+            Some(jobs[1].url.as_str())
+        );
+        store.close().await;
+    });
+}
+
+#[rstest]
+#[case::sqlite(Backend::Sqlite)]
 fn two_jobs_of_one_local_path_never_run_at_once(#[case] backend: Backend) {
     let ws = Workspace::new();
     runtime().block_on(async {
@@ -613,6 +726,7 @@ fn two_jobs_of_one_local_path_never_run_at_once(#[case] backend: Backend) {
         let done = Finish::Done {
             bytes: 10,
             verified: "JSON: parses".into(),
+            origin: None,
         };
         let (ended, next) = finish_and_claim(&store, first.id, "w1", &done, now, i64::MAX).await;
         assert!(ended);

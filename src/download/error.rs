@@ -38,6 +38,37 @@ pub enum FetchError {
     /// 404: not (yet) on MAST.
     #[error("MAST answered HTTP 404: the product is not (yet) there")]
     NotFound,
+    /// The cloud bucket answered with a status other than success, 403 and 404.
+    #[error("the cloud bucket answered HTTP {status}")]
+    Bucket {
+        /// The status.
+        status: u16,
+        /// Its Retry-After, if any.
+        retry_after: Option<Duration>,
+    },
+    /// MAST's path look-up names a key, but the bucket has no object there (anonymous S3 answers 403 for
+    /// a missing key where listing is not allowed, 404 where it is): not copied there yet.
+    #[error("the cloud bucket has no object {key} (HTTP {status})")]
+    NotInBucket {
+        /// 403 or 404.
+        status: u16,
+        /// The key asked for.
+        key: String,
+    },
+    /// The bucket's copy is older than the version to fetch (its Last-Modified is before the version's
+    /// archived date): a reprocessed product not copied there yet.
+    #[error(
+        "the cloud bucket's copy is older than this version (Last-Modified {modified}, archived {version})"
+    )]
+    StaleInBucket {
+        /// The object's Last-Modified.
+        modified: String,
+        /// The version's archived date.
+        version: String,
+    },
+    /// MAST's path look-up has no cloud path for the product, and `cloud.only` forbids MAST.
+    #[error("{}", crate::download::cloud::NOT_IN_CLOUD)]
+    NotInCloud,
     /// The server's answer does not add up (a Content-Range that does not start where asked, more bytes than
     /// announced).
     #[error("{0}")]
@@ -140,7 +171,9 @@ impl FetchError {
             | FetchError::Protocol(_)
             | FetchError::Io { .. } => true,
             FetchError::Store(_) => true,
-            FetchError::Http { status, .. } => matches!(status, 408 | 429 | 500..=599),
+            FetchError::Http { status, .. } | FetchError::Bucket { status, .. } => {
+                matches!(status, 408 | 429 | 500..=599)
+            }
             _ => false,
         }
     }

@@ -30,9 +30,10 @@ use std::time::{Duration, Instant};
 use reqwest::header::{self, HeaderMap, HeaderValue};
 use tokio_util::sync::CancellationToken;
 
+use super::cloud::Route;
 use super::error::FetchError;
 use crate::fsutil::{PlaceError, SafeDir};
-use crate::store::{Job, Progress, Store};
+use crate::store::{Job, Origin, Progress, Store};
 use crate::verify::{self, Problem, Verified};
 
 /// Progress is stored at least this often while bytes arrive.
@@ -101,6 +102,8 @@ pub struct Transfer {
     pub throttle: Arc<super::throttle::Throttle>,
     /// `download.min_free_space`, and the room promised to running attempts.
     pub room: Arc<super::room::Room>,
+    /// `[cloud]`, when enabled: the bucket first, MAST as the fall-back.
+    pub cloud: Option<Arc<super::cloud::Cloud>>,
 }
 
 /// A finished attempt.
@@ -116,6 +119,8 @@ pub struct Fetched {
     pub verified: Verified,
     /// The verified `.part` file, to be published (`super::publish`).
     pub staged: Staged,
+    /// Where its bytes came from.
+    pub origin: Origin,
 }
 
 /// A verified `.part` file, whole and checked but not yet durable: the publisher makes a batch of them
@@ -133,15 +138,16 @@ pub struct Staged {
     pub file: std::fs::File,
 }
 
-/// The validator of the bytes in a `.part` file.
+/// The validator of the bytes in a `.part` file, and where they come from.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 struct Validator {
     etag: Option<String>,
     last_modified: Option<String>,
+    origin: Option<Origin>,
 }
 
 impl Validator {
-    fn from_headers(headers: &HeaderMap) -> Validator {
+    fn from_headers(headers: &HeaderMap, origin: &Origin) -> Validator {
         let get = |name| {
             headers
                 .get(name)
@@ -151,7 +157,16 @@ impl Validator {
         Validator {
             etag: get(header::ETAG),
             last_modified: get(header::LAST_MODIFIED),
+            origin: Some(origin.clone()),
         }
+    }
+
+    /// Whether both name the same bytes: the same validators from the same source.
+    fn same_bytes(&self, other: &Validator) -> bool {
+        let source = |v: &Validator| v.origin.as_ref().map(|o| o.source);
+        self.etag == other.etag
+            && self.last_modified == other.last_modified
+            && source(self) == source(other)
     }
 
     /// What `If-Range` carries: a strong ETag, else Last-Modified (weak ETags cannot validate a range).
@@ -232,9 +247,14 @@ enum Answer {
         total: Option<u64>,
         framed: bool,
         validator: Validator,
+        /// S3's digests of the object, from the bucket.
+        expect: Option<verify::digest::Expected>,
     },
     /// 416 for a `.part` file that is already whole.
-    AlreadyWhole { total: u64 },
+    AlreadyWhole {
+        total: u64,
+        expect: Option<verify::digest::Expected>,
+    },
 }
 
 /// A transfer on the status page while it goes (taken off when dropped).
@@ -331,20 +351,24 @@ impl Transfer {
         .await
     }
 
-    /// Sends the request; from `offset` with `If-Range` when resuming.
+    /// Sends the request to `origin`; from `offset` with `If-Range` when resuming.
     async fn send(
         &self,
-        job: &Job,
+        origin: &Origin,
         offset: u64,
         validator: &Validator,
     ) -> Result<reqwest::Response, FetchError> {
-        let url = url::Url::parse(&job.url)
-            .map_err(|e| FetchError::Protocol(format!("bad URL {}: {e}", job.url)))?;
+        let url = url::Url::parse(&origin.url)
+            .map_err(|e| FetchError::Protocol(format!("bad URL {}: {e}", origin.url)))?;
         // The bytes as stored, never a compressed rendering of them.
         let mut request = self
             .client
             .get(url.clone())
             .header(header::ACCEPT_ENCODING, "identity");
+        if origin.source == "cloud" {
+            // S3's checksums of the object, checked as the bytes pass.
+            request = request.header("x-amz-checksum-mode", "ENABLED");
+        }
         // The token goes to the MAST host only; reqwest drops these headers on a redirect elsewhere.
         let token = self.token.read().map(|t| t.clone()).unwrap_or_default();
         if let Some(token) = token.filter(|_| url.origin() == self.mast_origin) {
@@ -431,15 +455,29 @@ impl Transfer {
         dir: &Arc<SafeDir>,
         part: &str,
         stored: &Validator,
+        route: &Route,
     ) -> Result<Answer, FetchError> {
         let first_total = job.bytes_expected.and_then(|t| u64::try_from(t).ok());
+        let origin = &route.origin(job);
         loop {
-            let response = self.send(job, offset, stored).await?;
+            let response = self.send(origin, offset, stored).await?;
             let status = response.status().as_u16();
             let headers = response.headers().clone();
+            if let Route::Cloud { key, .. } = route {
+                match status {
+                    200 | 206 | 416 => self.fresh_in_bucket(job, &headers)?,
+                    401 | 403 | 404 => {
+                        return Err(FetchError::NotInBucket {
+                            status,
+                            key: key.clone(),
+                        });
+                    }
+                    _ => {}
+                }
+            }
             match status {
                 206 if offset > 0 => {
-                    let fresh = Validator::from_headers(&headers);
+                    let fresh = Validator::from_headers(&headers, origin);
                     let same_version = match (&stored.etag, &fresh.etag) {
                         (Some(a), Some(b)) => a == b,
                         _ => true,
@@ -456,11 +494,18 @@ impl Transfer {
                                 start,
                                 total,
                                 framed: true,
+                                expect: s3_digests(
+                                    route,
+                                    &fresh.etag.clone().or(stored.etag.clone()),
+                                    &headers,
+                                    false,
+                                ),
                                 validator: Validator {
                                     etag: fresh.etag.or(stored.etag.clone()),
                                     last_modified: fresh
                                         .last_modified
                                         .or(stored.last_modified.clone()),
+                                    origin: Some(origin.clone()),
                                 },
                             });
                         }
@@ -486,10 +531,12 @@ impl Transfer {
                 }
                 200 => {
                     let response = self.refuse_wrong_body(job, response).await?;
+                    let validator = Validator::from_headers(&headers, origin);
                     return Ok(Answer::Body {
                         total: response.content_length(),
                         framed: response.content_length().is_some() || chunked(&headers),
-                        validator: Validator::from_headers(&headers),
+                        expect: s3_digests(route, &validator.etag, &headers, true),
+                        validator,
                         response,
                         start: 0,
                     });
@@ -498,7 +545,10 @@ impl Transfer {
                     Some((None, Some(total)))
                         if total == offset && first_total.is_none_or(|t| t == total) =>
                     {
-                        return Ok(Answer::AlreadyWhole { total });
+                        return Ok(Answer::AlreadyWhole {
+                            total,
+                            expect: s3_digests(route, &stored.etag, &headers, false),
+                        });
                     }
                     _ => {
                         tracing::warn!(
@@ -512,6 +562,12 @@ impl Transfer {
                     return Err(FetchError::Protocol(format!(
                         "MAST answered HTTP {status} to a request for the whole file"
                     )));
+                }
+                _ if matches!(route, Route::Cloud { .. }) => {
+                    return Err(FetchError::Bucket {
+                        status,
+                        retry_after: retry_after(&headers),
+                    });
                 }
                 401 | 403 => return Err(FetchError::Auth { status }),
                 404 => return Err(FetchError::NotFound),
@@ -540,11 +596,86 @@ impl Transfer {
         cancel: &CancellationToken,
         small: tokio::sync::oneshot::Sender<()>,
     ) -> Result<Fetched, FetchError> {
+        let mut small = Some(small);
+        let route = match &self.cloud {
+            Some(cloud) => cloud.route(job).await?,
+            None => Route::Mast,
+        };
+        let first = self.fetch_from(job, cancel, &mut small, &route).await;
+        let (Some(cloud), Route::Cloud { uri, .. }) = (&self.cloud, &route) else {
+            return first;
+        };
+        match first {
+            // Not in the bucket after all, or only in an older copy: MAST at once, in the same attempt.
+            Err(e @ (FetchError::NotInBucket { .. } | FetchError::StaleInBucket { .. }))
+                if !cloud.only() =>
+            {
+                if matches!(e, FetchError::NotInBucket { .. }) {
+                    cloud.forget(uri).await;
+                }
+                tracing::info!("{}: {e}; from MAST", job.about());
+                self.fetch_from(job, cancel, &mut small, &Route::Mast).await
+            }
+            other => other,
+        }
+    }
+
+    /// The bucket's copy must not be older than the version asked for: a Reprocessed product is copied to
+    /// the bucket some time after MAST has it, and until then the bucket holds the version before. (Its
+    /// Last-Modified is when the copy was made, after the version was archived.)
+    fn fresh_in_bucket(&self, job: &Job, headers: &HeaderMap) -> Result<(), FetchError> {
+        if crate::notice::EventType::parse(&job.event_type)
+            .is_none_or(|t| t != crate::notice::EventType::Reprocessed)
+        {
+            return Ok(());
+        }
+        let modified = headers
+            .get(header::LAST_MODIFIED)
+            .and_then(|v| v.to_str().ok());
+        let (Some(text), Ok(version)) = (modified, crate::notice::MastTime::parse(&job.version))
+        else {
+            return Ok(());
+        };
+        let Ok(at) = httpdate::parse_http_date(text) else {
+            return Ok(());
+        };
+        let at = chrono::DateTime::<chrono::Utc>::from(at);
+        // Last-Modified has whole seconds.
+        if at.timestamp() < version.unix_seconds() {
+            return Err(FetchError::StaleInBucket {
+                modified: text.to_string(),
+                version: job.version.clone(),
+            });
+        }
+        Ok(())
+    }
+
+    /// One attempt at `job` along `route`.
+    async fn fetch_from(
+        &self,
+        job: &Job,
+        cancel: &CancellationToken,
+        small: &mut Option<tokio::sync::oneshot::Sender<()>>,
+        route: &Route,
+    ) -> Result<Fetched, FetchError> {
+        let origin = route.origin(job);
+        let mut told_small = || {
+            if let Some(s) = small.take() {
+                let _ = s.send(());
+            }
+        };
         let (rel_dir, name) = split(&job.local_path);
         let part = part_name(&name);
-        let stored = Validator {
-            etag: job.etag.clone(),
-            last_modified: job.last_modified.clone(),
+        // The `.part` file's validator holds only where its bytes came from: a `.part` of the other
+        // source is started over. (Jobs from before [cloud] existed came from MAST.)
+        let stored = if job.source.as_deref().unwrap_or("mast") == route.source() {
+            Validator {
+                etag: job.etag.clone(),
+                last_modified: job.last_modified.clone(),
+                origin: Some(origin.clone()),
+            }
+        } else {
+            Validator::default()
         };
         // The folder, opened without following links, and what the `.part` file holds. Bytes without a
         // validator cannot be continued safely, so without one the `.part` file is not even looked at:
@@ -560,12 +691,13 @@ impl Transfer {
         })
         .await?;
 
-        let (mut response, start, total, framed, validator) =
-            match self.open(job, offset, &dir, &part, &stored).await? {
-                Answer::AlreadyWhole { total } => {
-                    let _ = small.send(());
+        let (mut response, start, total, framed, validator, expect) =
+            match self.open(job, offset, &dir, &part, &stored, route).await? {
+                Answer::AlreadyWhole { total, expect } => {
+                    told_small();
                     let out =
-                        disk::PartWriter::new(dir.clone(), part.clone(), true, None, &job.filename);
+                        disk::PartWriter::new(dir.clone(), part.clone(), true, None, &job.filename)
+                            .checking(expect);
                     let (verified, staged) = self
                         .verify_and_stage(job, out, &dir, &name, Some(total), true)
                         .await?;
@@ -575,6 +707,7 @@ impl Transfer {
                         fetched: 0,
                         verified,
                         staged,
+                        origin,
                     });
                 }
                 Answer::Body {
@@ -583,7 +716,8 @@ impl Transfer {
                     total,
                     framed,
                     validator,
-                } => (response, start, total, framed, validator),
+                    expect,
+                } => (response, start, total, framed, validator, expect),
             };
         let max = self.limits.max_product_size;
         if let Some(t) = total.filter(|t| *t > max) {
@@ -642,11 +776,12 @@ impl Transfer {
             start > 0,
             total.map(|t| t - start),
             &job.filename,
-        );
+        )
+        .checking(expect);
         let mut pending = None;
         if !out.holds_whole_body() {
             pending = Some(self.report_in_background(job, start, total, &validator));
-            if stored.if_range().is_some() && stored != validator {
+            if stored.if_range().is_some() && !stored.same_bytes(&validator) {
                 settle(&mut pending).await?;
             }
         }
@@ -757,7 +892,7 @@ impl Transfer {
         };
         if ended.is_ok() && out.holds_whole_body() {
             // The whole body arrived, quickly, in memory: only its write and check are left.
-            let _ = small.send(());
+            told_small();
         }
         if let Err(e) = ended {
             let e = self.own_disk_filled(job, e, written - start, total, space);
@@ -797,6 +932,7 @@ impl Transfer {
             fetched: written - start,
             verified,
             staged,
+            origin,
         })
     }
 
@@ -847,6 +983,7 @@ impl Transfer {
             bytes_expected: total.map(|t| t as i64),
             etag: v.etag.clone(),
             last_modified: v.last_modified.clone(),
+            origin: v.origin.clone(),
         };
         let (store, owner, id, until) = (
             Arc::clone(&self.store),
@@ -895,6 +1032,34 @@ impl Transfer {
             },
         ))
     }
+}
+
+/// What S3 says of the object's digests, for an answer from the bucket: the ETag (of the whole object,
+/// also on a 206) and, on a whole answer (`whole`), the `x-amz-checksum-*` headers.
+fn s3_digests(
+    route: &Route,
+    etag: &Option<String>,
+    headers: &HeaderMap,
+    whole: bool,
+) -> Option<verify::digest::Expected> {
+    if !matches!(route, Route::Cloud { .. }) {
+        return None;
+    }
+    let text = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+    let sums: Vec<(&str, &str)> = if whole {
+        verify::digest::Algorithm::ALL
+            .iter()
+            .filter_map(|(_, h)| text(h).map(|v| (*h, v)))
+            .collect()
+    } else {
+        Vec::new()
+    };
+    Some(verify::digest::Expected::from_s3(
+        etag.as_deref(),
+        text("x-amz-server-side-encryption")
+            .or(text("x-amz-server-side-encryption-customer-algorithm").map(|_| "customer")),
+        &sums,
+    ))
 }
 
 /// Waits for a progress write started by `report_in_background`.
@@ -984,6 +1149,17 @@ pub(crate) mod disk {
                 part,
                 verifier: Some(verify::for_product(filename)),
             }
+        }
+
+        /// The verifier behind S3's digests of the object, when it comes from the bucket.
+        pub fn checking(mut self, expected: Option<verify::digest::Expected>) -> PartWriter {
+            if let Some(expected) = expected {
+                self.verifier = self
+                    .verifier
+                    .take()
+                    .map(|v| verify::digest::checking(v, expected));
+            }
+            self
         }
 
         /// From now on, writes go to disk `WRITE_BUFFER` bytes at a time.
@@ -1303,11 +1479,13 @@ mod tests {
         let v = Validator {
             etag: Some("W/\"x\"".into()),
             last_modified: Some("Tue, 01 Dec 2026 10:00:00 GMT".into()),
+            origin: None,
         };
         assert_eq!(v.if_range(), Some("Tue, 01 Dec 2026 10:00:00 GMT"));
         let none = Validator {
             etag: Some("W/\"x\"".into()),
             last_modified: None,
+            origin: None,
         };
         assert_eq!(none.if_range(), None);
     }

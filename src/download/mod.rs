@@ -17,6 +17,7 @@
 //! judged by whether that process lives, never by its expiry; only a holder out of sight (another host)
 //! is judged by its lease.
 
+pub mod cloud;
 pub mod error;
 pub mod fetch;
 pub mod policy;
@@ -192,9 +193,18 @@ pub async fn run(
         lease: LEASE,
         vitals: vitals.clone(),
     });
+    let client = http_client(&config.download)?;
+    let cloud = config.cloud.enabled.then(|| {
+        Arc::new(cloud::Cloud::new(
+            client.clone(),
+            &base,
+            &config.cloud,
+            store.clone(),
+        ))
+    });
     let pool = Arc::new(Pool {
         transfer: Transfer {
-            client: http_client(&config.download)?,
+            client,
             token: std::sync::RwLock::new(token),
             mast_origin: base.origin(),
             root: config.storage.downloads.clone(),
@@ -208,6 +218,7 @@ pub async fn run(
                 config.download.max_rate.map(|r| r.0),
             )),
             room: room::Room::new(config.download.min_free_space.as_u64()),
+            cloud,
         },
         config: config.download.clone(),
         publication,
@@ -226,10 +237,21 @@ pub async fn run(
         }
     }
     tracing::info!(
-        "downloading with {} worker(s) into {} from {}{}{}, keeping {} free",
+        "downloading with {} worker(s) into {} from {}{}{}{}, keeping {} free",
         pool.config.workers,
         pool.transfer.root.display(),
         config.mast.base_url,
+        match &pool.transfer.cloud {
+            Some(c) if c.only() => format!(
+                " (public products from the cloud bucket {} only)",
+                c.bucket()
+            ),
+            Some(c) => format!(
+                " (public products from the cloud bucket {} first, MAST as the fall-back)",
+                c.bucket()
+            ),
+            None => String::new(),
+        },
         if pool.has_token() {
             " (with a MAST token)"
         } else {

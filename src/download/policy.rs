@@ -110,7 +110,11 @@ pub fn decide(config: &DownloadConfig, job: &Job, error: &FetchError, now: i64) 
             not_found_since: job.not_found_since,
             waiting: Some(error.to_string()),
         },
-        FetchError::NotFound => {
+        // Not there yet: a 404 from MAST, or the bucket without the object (or with an older copy) where
+        // `cloud.only` forbids MAST.
+        FetchError::NotFound
+        | FetchError::NotInBucket { .. }
+        | FetchError::StaleInBucket { .. } => {
             let since = job.not_found_since.unwrap_or(now);
             if now - since >= ms(config.not_found_give_up) {
                 Finish::GiveUp {
@@ -154,6 +158,10 @@ pub fn decide(config: &DownloadConfig, job: &Job, error: &FetchError, now: i64) 
             if let FetchError::Http {
                 retry_after: Some(after),
                 ..
+            }
+            | FetchError::Bucket {
+                retry_after: Some(after),
+                ..
             } = e
             {
                 delay = delay.max((*after).min(MAX_RETRY_AFTER).min(config.retry_max));
@@ -194,6 +202,7 @@ mod tests {
             verify_failures: 0,
             not_found_since: None,
             waiting_reason: None,
+            source: None,
         }
     }
 

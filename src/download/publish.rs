@@ -73,6 +73,7 @@ struct Summary {
     fetched: u64,
     verified: Verified,
     started: Instant,
+    origin: crate::store::Origin,
 }
 
 struct End {
@@ -186,6 +187,7 @@ async fn publish(
                         fetched: got,
                         verified,
                         staged,
+                        origin,
                     } = *f;
                     files.push(staged);
                     let summary = Summary {
@@ -194,6 +196,7 @@ async fn publish(
                         fetched: got,
                         verified,
                         started,
+                        origin,
                     };
                     fetched.push((job, summary));
                 }
@@ -220,6 +223,7 @@ async fn publish(
                         finish: Finish::Done {
                             bytes: summary.bytes as i64,
                             verified: summary.verified.by.clone(),
+                            origin: Some(summary.origin.clone()),
                         },
                         job,
                         done: Some(summary),
@@ -333,11 +337,16 @@ fn count(vitals: &crate::service::Vitals, finish: &Finish) {
     use std::sync::atomic::Ordering::Relaxed;
     let a = &vitals.attempts;
     match finish {
-        Finish::Done { bytes, .. } => {
+        Finish::Done { bytes, origin, .. } => {
             a.done.fetch_add(1, Relaxed);
-            vitals
-                .published
-                .fetch_add(u64::try_from(*bytes).unwrap_or(0), Relaxed);
+            let bytes = u64::try_from(*bytes).unwrap_or(0);
+            vitals.published.fetch_add(bytes, Relaxed);
+            let by = match origin.as_ref().map(|o| o.source) {
+                Some("cloud") => &vitals.from_cloud,
+                _ => &vitals.from_mast,
+            };
+            by.products.fetch_add(1, Relaxed);
+            by.bytes.fetch_add(bytes, Relaxed);
         }
         Finish::Retry { .. } => {
             a.retry.fetch_add(1, Relaxed);
@@ -357,9 +366,13 @@ fn count(vitals: &crate::service::Vitals, finish: &Finish) {
 fn log_done(job: &Job, s: &Summary) {
     let secs = s.started.elapsed().as_secs_f64();
     tracing::info!(
-        "done {}: {} bytes in {:.1}s, {:.1} MB/s, attempt {}{}; verified: {}",
+        "done {}: {} bytes from {} in {:.1}s, {:.1} MB/s, attempt {}{}; verified: {}",
         job.about(),
         s.bytes,
+        match s.origin.source {
+            "cloud" => format!("the cloud bucket ({})", s.origin.url),
+            _ => "MAST".to_string(),
+        },
         secs,
         s.fetched as f64 / secs.max(1e-3) / 1e6,
         job.attempt,

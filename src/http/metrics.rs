@@ -107,6 +107,31 @@ pub fn render(s: &StatusSnapshot, vitals: &Vitals, cx: &Context<'_>) -> String {
         Unit::Bytes,
         counter(vitals.published.load(Ordering::Relaxed)),
     );
+    let (products, bytes) = (
+        Family::<Labels, Counter>::default(),
+        Family::<Labels, Counter>::default(),
+    );
+    for (source, p) in [("cloud", &vitals.from_cloud), ("mast", &vitals.from_mast)] {
+        let label = vec![("source", source.to_string())];
+        products
+            .get_or_create(&label)
+            .inc_by(p.products.load(Ordering::Relaxed));
+        bytes
+            .get_or_create(&label)
+            .inc_by(p.bytes.load(Ordering::Relaxed));
+    }
+    r.register(
+        "products_published",
+        "Products published since the daemon started, by where their bytes came from (cloud: the \
+         open-data bucket, mast: MAST)",
+        products,
+    );
+    r.register_with_unit(
+        "source_published",
+        "Bytes of the products published since the daemon started, by where they came from",
+        Unit::Bytes,
+        bytes,
+    );
     r.register_with_unit(
         "downloads_done",
         "Bytes of every product on disk as recorded done (status's bytes_done)",

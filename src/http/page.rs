@@ -377,6 +377,8 @@ mod tests {
             last_error: Some("MAST answered \"<b>503</b>\" & gave up".into()),
             verified: None,
             waiting_reason: None,
+            source: None,
+            fetched_from: None,
             updated_at: 0,
         });
         let live = BTreeMap::new();

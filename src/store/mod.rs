@@ -227,6 +227,11 @@ pub struct DownloadRow {
     pub verified: Option<String>,
     /// Why a queued job waits beyond its time (no room on the disk for it), if it does.
     pub waiting_reason: Option<String>,
+    /// Where its bytes came from: `cloud` (the open-data bucket) or `mast`; for a done job, those of the
+    /// published file.
+    pub source: Option<String>,
+    /// The URL they came from (MAST's, or the bucket object's).
+    pub fetched_from: Option<String>,
     /// Last change, ms since the epoch.
     pub updated_at: i64,
 }
@@ -418,6 +423,8 @@ pub struct Job {
     pub not_found_since: Option<i64>,
     /// Why it was waiting (no room on the disk), if it was, when it was claimed.
     pub waiting_reason: Option<String>,
+    /// Where the bytes in its `.part` file came from (`cloud` or `mast`), if any were recorded.
+    pub source: Option<String>,
 }
 
 impl Job {
@@ -441,6 +448,39 @@ pub struct Progress {
     pub etag: Option<String>,
     /// The other validator.
     pub last_modified: Option<String>,
+    /// Where those bytes come from.
+    pub origin: Option<Origin>,
+}
+
+/// Where a job's bytes come from: the source (`cloud`, the open-data bucket, or `mast`) and the URL.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Origin {
+    /// `cloud` or `mast`.
+    pub source: &'static str,
+    /// The URL asked.
+    pub url: String,
+}
+
+/// What MAST's path look-up said of a product's `mast:` URI.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CloudPath {
+    /// Its key in the bucket; `None`: not in the cloud.
+    pub key: Option<String>,
+    /// When it was asked, ms since the epoch.
+    pub looked_up_at: i64,
+}
+
+/// A queued job, for looking up cloud paths ahead of its claim.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Upcoming {
+    /// Mission as given.
+    pub mission: String,
+    /// The file.
+    pub filename: String,
+    /// Its MAST URL.
+    pub url: String,
+    /// The event type that queued it.
+    pub event_type: String,
 }
 
 /// How an attempt ended, as the store records it.
@@ -452,6 +492,8 @@ pub enum Finish {
         bytes: i64,
         /// What its content was verified by.
         verified: String,
+        /// Where its bytes came from.
+        origin: Option<Origin>,
     },
     /// Back to `queued` until `at` (ms since the epoch).
     Retry {
@@ -746,6 +788,22 @@ pub trait Store: Send + Sync + 'static {
     async fn next_hook_due(&self) -> Result<Option<i64>, StoreError>;
 
     /// Closes connections cleanly (checkpoints the WAL).
+    /// What MAST's path look-up said of each of `uris` that it was asked about.
+    async fn cloud_paths(
+        &self,
+        uris: &[String],
+    ) -> Result<std::collections::HashMap<String, CloudPath>, StoreError>;
+
+    /// Records look-up answers (URI, key or `None` for "not in the cloud") made at `now`.
+    async fn record_cloud_paths(
+        &self,
+        paths: &[(String, Option<String>)],
+        now: i64,
+    ) -> Result<(), StoreError>;
+
+    /// Up to `n` queued jobs, the next due first.
+    async fn upcoming(&self, n: usize) -> Result<Vec<Upcoming>, StoreError>;
+
     async fn close(&self);
 }
 

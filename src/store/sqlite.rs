@@ -19,12 +19,12 @@ use sqlx::sqlite::{
 use sqlx::{QueryBuilder, Row, Sqlite};
 
 use super::guard::FileIdentity;
+use super::{CloudPath, DigestItem, NewMail, NoticeDigest, OutMail, Upcoming};
 use super::{
     DaemonState, DownloadRow, DownloadState, EventConflict, Finish, HookEnd, HookFailure, HookKind,
     HookRun, IngestOutcome, Job, NoticeMeta, NoticeRow, NoticeStatus, Progress, SourceHealth,
     StatusSnapshot, Store, StoreError,
 };
-use super::{DigestItem, NewMail, NoticeDigest, OutMail};
 use crate::categorize::{Categorizer, Disposition, JobRef, LatestJob};
 use crate::notice::{Event, EventType};
 
@@ -326,6 +326,7 @@ impl SqliteStore {
             verify_failures: row.try_get("verify_failures").map_err(&err)?,
             not_found_since: row.try_get("not_found_since").map_err(&err)?,
             waiting_reason: row.try_get("waiting_reason").map_err(&err)?,
+            source: row.try_get("source").map_err(&err)?,
         })
     }
 
@@ -354,6 +355,8 @@ impl SqliteStore {
             last_error: row.try_get("last_error").map_err(&err)?,
             verified: row.try_get("verified").map_err(&err)?,
             waiting_reason: row.try_get("waiting_reason").map_err(&err)?,
+            source: row.try_get("source").map_err(&err)?,
+            fetched_from: row.try_get("fetched_from").map_err(&err)?,
             updated_at: row.try_get("updated_at").map_err(&err)?,
         })
     }
@@ -466,7 +469,8 @@ const NOTICES_BY_STATUS: &str = "SELECT status, count(*) AS n FROM notices GROUP
 macro_rules! download_row_columns {
     () => {
         "SELECT id, product, mission, fileset, filename, program, event_type, version, url, local_path, state,
-                attempts, bytes_expected, bytes_done, last_error, verified, waiting_reason, updated_at
+                attempts, bytes_expected, bytes_done, last_error, verified, waiting_reason, source,
+                fetched_from, updated_at
          FROM downloads "
     };
 }
@@ -525,12 +529,13 @@ const CLAIM: &str = "
         ORDER BY d.next_attempt_at, d.id
         LIMIT 1)
     RETURNING id, product, mission, filename, program, event_type, version, url, local_path, attempts,
-              bytes_expected, bytes_done, etag, last_modified, verify_failures, not_found_since, waiting_reason";
+              bytes_expected, bytes_done, etag, last_modified, verify_failures, not_found_since, waiting_reason,
+              source";
 
 const PROGRESS: &str = "
     UPDATE downloads SET
         bytes_done = ?3, bytes_expected = ?4, etag = ?5, last_modified = ?6, lease_expires_at = ?7,
-        updated_at = ?8
+        updated_at = ?8, source = ?9, fetched_from = ?10
     WHERE id = ?1 AND lease_owner = ?2 AND state = 'running'";
 
 const RENEW_LEASE: &str = "
@@ -540,7 +545,7 @@ const FINISH_DONE: &str = "
     UPDATE downloads SET
         state = 'done', bytes_done = ?3, bytes_expected = ?3, lease_owner = NULL, lease_expires_at = NULL,
         last_error = NULL, verify_failures = 0, not_found_since = NULL, finished_at = ?4, updated_at = ?4,
-        verified = ?5, waiting_reason = NULL
+        verified = ?5, waiting_reason = NULL, source = ?6, fetched_from = ?7
     WHERE id = ?1 AND lease_owner = ?2 AND state = 'running'";
 
 const FINISH_RETRY: &str = "
@@ -564,12 +569,18 @@ fn finish_query<'q>(
     now: i64,
 ) -> sqlx::query::Query<'q, Sqlite, sqlx::sqlite::SqliteArguments<'q>> {
     match finish {
-        Finish::Done { bytes, verified } => sqlx::query(FINISH_DONE)
+        Finish::Done {
+            bytes,
+            verified,
+            origin,
+        } => sqlx::query(FINISH_DONE)
             .bind(id)
             .bind(owner)
             .bind(bytes)
             .bind(now)
-            .bind(verified),
+            .bind(verified)
+            .bind(origin.as_ref().map(|o| o.source))
+            .bind(origin.as_ref().map(|o| o.url.as_str())),
         Finish::Retry {
             at,
             error,
@@ -596,15 +607,18 @@ fn finish_query<'q>(
     }
 }
 
-/// `FINISH_DONE` for many jobs of owner ?1 at time ?3, from ?4: a JSON array of `[id, bytes, verified]`.
+/// `FINISH_DONE` for many jobs of owner ?1 at time ?3, from ?4: a JSON array of
+/// `[id, bytes, verified, source, url]`.
 /// (?2, the lease of the claims beside it in `end_and_claim`'s script, is not used.)
 const FINISH_DONE_MANY: &str = "
     UPDATE downloads SET
         state = 'done', bytes_done = j.bytes, bytes_expected = j.bytes, lease_owner = NULL,
         lease_expires_at = NULL, last_error = NULL, verify_failures = 0, not_found_since = NULL,
-        finished_at = ?3, updated_at = ?3, verified = j.verified, waiting_reason = NULL
+        finished_at = ?3, updated_at = ?3, verified = j.verified, waiting_reason = NULL,
+        source = j.source, fetched_from = j.url
     FROM (SELECT json_extract(value, '$[0]') AS id, json_extract(value, '$[1]') AS bytes,
-                 json_extract(value, '$[2]') AS verified
+                 json_extract(value, '$[2]') AS verified, json_extract(value, '$[3]') AS source,
+                 json_extract(value, '$[4]') AS url
           FROM json_each(?4)) AS j
     WHERE downloads.id = j.id AND downloads.lease_owner = ?1 AND downloads.state = 'running'
     RETURNING downloads.id AS ended";
@@ -702,6 +716,21 @@ const RETRY_ALL_FAILED: &str = "
 const REQUEUE_NEEDS_AUTH: &str = "
     UPDATE downloads SET state = 'queued', attempts = 0, next_attempt_at = ?1, last_error = NULL, updated_at = ?1
     WHERE state = 'needs_auth'";
+
+/// What the path look-up said of the URIs in ?1 (a JSON array).
+const CLOUD_PATHS: &str = "
+    SELECT uri, key, looked_up_at FROM cloud_paths WHERE uri IN (SELECT value FROM json_each(?1))";
+
+/// Look-up answers from ?1, a JSON array of `[uri, key or null]`, made at ?2.
+const RECORD_CLOUD_PATHS: &str = "
+    INSERT INTO cloud_paths (uri, key, looked_up_at)
+    SELECT value ->> 0, value ->> 1, ?2 FROM json_each(?1) WHERE true
+    ON CONFLICT (uri) DO UPDATE SET key = excluded.key, looked_up_at = excluded.looked_up_at";
+
+/// The next ?1 queued jobs (through `downloads_by_state`).
+const UPCOMING: &str = "
+    SELECT mission, filename, url, event_type FROM downloads
+    WHERE state = 'queued' ORDER BY next_attempt_at, id LIMIT ?1";
 
 const VERSION_ON_DISK: &str = "
     SELECT version FROM downloads WHERE product = ?1 AND state = 'done' AND id != ?2 ORDER BY id DESC LIMIT 1";
@@ -1151,7 +1180,17 @@ impl Store for SqliteStore {
         let mut others = Vec::new();
         for (id, finish) in ends {
             match finish {
-                Finish::Done { bytes, verified } => done.push(json!([id, bytes, verified])),
+                Finish::Done {
+                    bytes,
+                    verified,
+                    origin,
+                } => done.push(json!([
+                    id,
+                    bytes,
+                    verified,
+                    origin.as_ref().map(|o| o.source),
+                    origin.as_ref().map(|o| o.url.as_str())
+                ])),
                 other => others.push((*id, other)),
             }
         }
@@ -1273,6 +1312,8 @@ impl Store for SqliteStore {
             .bind(&p.last_modified)
             .bind(lease_until)
             .bind(now_ms())
+            .bind(p.origin.as_ref().map(|o| o.source))
+            .bind(p.origin.as_ref().map(|o| o.url.as_str()))
             .execute(&self.writer)
             .await
             .map_err(self.query_err())?;
@@ -1853,6 +1894,52 @@ impl Store for SqliteStore {
             .fetch_one(&self.readers)
             .await
             .map_err(self.query_err())
+    }
+
+    async fn cloud_paths(&self, uris: &[String]) -> Result<HashMap<String, CloudPath>, StoreError> {
+        let rows: Vec<(String, Option<String>, i64)> = sqlx::query_as(CLOUD_PATHS)
+            .bind(json_text(&uris))
+            .fetch_all(&self.readers)
+            .await
+            .map_err(self.query_err())?;
+        Ok(rows
+            .into_iter()
+            .map(|(uri, key, looked_up_at)| (uri, CloudPath { key, looked_up_at }))
+            .collect())
+    }
+
+    async fn record_cloud_paths(
+        &self,
+        paths: &[(String, Option<String>)],
+        now: i64,
+    ) -> Result<(), StoreError> {
+        if paths.is_empty() {
+            return Ok(());
+        }
+        sqlx::query(RECORD_CLOUD_PATHS)
+            .bind(json_text(&paths))
+            .bind(now)
+            .execute(&self.writer)
+            .await
+            .map_err(self.query_err())?;
+        Ok(())
+    }
+
+    async fn upcoming(&self, n: usize) -> Result<Vec<Upcoming>, StoreError> {
+        let rows: Vec<(String, String, String, String)> = sqlx::query_as(UPCOMING)
+            .bind(i64::try_from(n).unwrap_or(i64::MAX))
+            .fetch_all(&self.readers)
+            .await
+            .map_err(self.query_err())?;
+        Ok(rows
+            .into_iter()
+            .map(|(mission, filename, url, event_type)| Upcoming {
+                mission,
+                filename,
+                url,
+                event_type,
+            })
+            .collect())
     }
 
     async fn close(&self) {

@@ -20,6 +20,7 @@
 //! Other formats get only the size check, and say so.
 
 mod asdf;
+pub mod digest;
 mod ecsv;
 mod fits;
 mod gzip;
