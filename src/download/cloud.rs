@@ -135,7 +135,14 @@ impl Cloud {
             return Ok(Route::Mast);
         }
         if !self.config.only && (job.attempt > BUCKET_ATTEMPTS || job.verify_failures > 0) {
-            if job.source.as_deref() == Some("cloud") {
+            // Said at the attempt that changes over: the first after a verification failure of the
+            // bucket's copy (attempts up to BUCKET_ATTEMPTS went to the bucket), or the first past them.
+            let turning = if job.verify_failures > 0 {
+                job.verify_failures == 1 && job.attempt <= BUCKET_ATTEMPTS + 1
+            } else {
+                job.attempt == BUCKET_ATTEMPTS + 1
+            };
+            if turning {
                 tracing::info!(
                     "{}: from MAST now: {}",
                     job.about(),

@@ -1,6 +1,10 @@
 //! A MAST stand-in: a real HTTP/1.1 server on loopback serving deterministic products at both MAST URL
 //! forms, with Range, If-Range, ETag and Last-Modified like a static server, and faults switched on per
-//! test. A plain tokio listener rather than a framework, so that a body can be cut at an exact byte, by a
+//! test. The same server started with [`MastStandIn::start_bucket`] is an S3-like bucket instead: objects
+//! by key, the ETag as S3 makes it (the MD5 of a single-part object, `md5-N` of a multipart one), 403
+//! AccessDenied for a missing key, the `x-amz-checksum-*` header of an object that has one when asked
+//! (`x-amz-checksum-mode: ENABLED`). MAST's path look-up answers from [`MastStandIn::set_cloud_path`].
+//! A plain tokio listener rather than a framework, so that a body can be cut at an exact byte, by a
 //! reset or a clean close. The hostile switches answer with plausible lies: an HTML page with a 200, an
 //! encoding not asked for, no length, a 206 whose total is wrong, a trickle, a body that never ends.
 
@@ -83,6 +87,8 @@ pub struct Seen {
     pub user_agent: Option<String>,
     /// The Accept-Encoding header, if any.
     pub accept_encoding: Option<String>,
+    /// The x-amz-checksum-mode header, if any.
+    pub checksum_mode: Option<String>,
     /// The status answered.
     pub status: u16,
 }
@@ -105,9 +111,59 @@ struct Product {
     body: Arc<Vec<u8>>,
     etag: String,
     last_modified: String,
+    /// A bucket object's checksum header (name, value).
+    checksum: Option<(String, String)>,
+}
+
+/// How a bucket object was stored, which decides its ETag and checksum.
+#[derive(Debug, Clone, Default)]
+pub struct Object {
+    /// Uploaded in parts of this size: the ETag is `md5(part md5s)-N`, not the bytes' MD5.
+    pub multipart: Option<usize>,
+    /// Its checksum header as S3 gives it: `("x-amz-checksum-crc64nvme", base64)`.
+    pub checksum: Option<(String, String)>,
+    /// An ETag other than the one its bytes make (a lying or damaged object).
+    pub etag: Option<String>,
+    /// Its Last-Modified, if not "now".
+    pub last_modified: Option<std::time::SystemTime>,
+}
+
+/// The CRC64NVME of `bytes` as S3 writes it (base64 of the big-endian value).
+pub fn crc64nvme(bytes: &[u8]) -> String {
+    use base64::Engine;
+    let crc = crc::Crc::<u64>::new(&crc::CRC_64_NVME).checksum(bytes);
+    base64::engine::general_purpose::STANDARD.encode(crc.to_be_bytes())
+}
+
+/// The ETag S3 gives an object of `body` uploaded whole, or in parts of `part` bytes.
+pub fn s3_etag(body: &[u8], part: Option<usize>) -> String {
+    use md5::Digest;
+    match part {
+        None => format!("\"{}\"", hex::encode(md5::Md5::digest(body))),
+        Some(size) => {
+            let mut all = Vec::new();
+            let chunks: Vec<&[u8]> = body.chunks(size).collect();
+            for c in &chunks {
+                all.extend_from_slice(&md5::Md5::digest(c));
+            }
+            format!(
+                "\"{}-{}\"",
+                hex::encode(md5::Md5::digest(&all)),
+                chunks.len()
+            )
+        }
+    }
 }
 
 struct State {
+    /// An S3-like bucket rather than MAST.
+    bucket: bool,
+    /// MAST's path look-up: URI → path (`None`: not in the cloud).
+    cloud_paths: HashMap<String, Option<String>>,
+    /// The URIs of each path look-up request, with its `use_cloud_path` value.
+    lookups: Vec<(Vec<String>, Option<String>)>,
+    /// Path look-ups answer 500 while set.
+    lookup_broken: bool,
     products: HashMap<String, Product>,
     faults: Faults,
     served: u64,
@@ -187,6 +243,15 @@ pub fn fits_product(name: &str, blocks: usize, version: u8) -> Vec<u8> {
 impl MastStandIn {
     /// Starts the server on a free loopback port.
     pub fn start() -> MastStandIn {
+        MastStandIn::start_as(false)
+    }
+
+    /// Starts an S3-like bucket on a free loopback port; its `base_url` is the bucket's URL.
+    pub fn start_bucket() -> MastStandIn {
+        MastStandIn::start_as(true)
+    }
+
+    fn start_as(bucket: bool) -> MastStandIn {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
@@ -195,6 +260,10 @@ impl MastStandIn {
         let listener = runtime.block_on(TcpListener::bind("127.0.0.1:0")).unwrap();
         let addr: SocketAddr = listener.local_addr().unwrap();
         let state = Arc::new(Mutex::new(State {
+            bucket,
+            cloud_paths: HashMap::new(),
+            lookups: Vec::new(),
+            lookup_broken: false,
             products: HashMap::new(),
             faults: Faults::default(),
             served: 0,
@@ -230,9 +299,45 @@ impl MastStandIn {
             Product {
                 etag: format!("\"{:x}-{generation}\"", body.len()),
                 last_modified: httpdate::fmt_http_date(modified),
+                checksum: None,
                 body: Arc::new(body),
             },
         );
+    }
+
+    /// Stores a bucket object under `key` as S3 would (see [`Object`]).
+    pub fn put_object(&self, key: &str, body: Vec<u8>, how: Object) {
+        let mut s = self.state.lock().unwrap();
+        s.generation += 1;
+        let modified = how.last_modified.unwrap_or_else(std::time::SystemTime::now);
+        s.products.insert(
+            key.to_string(),
+            Product {
+                etag: how.etag.unwrap_or_else(|| s3_etag(&body, how.multipart)),
+                last_modified: httpdate::fmt_http_date(modified),
+                checksum: how.checksum,
+                body: Arc::new(body),
+            },
+        );
+    }
+
+    /// What MAST's path look-up says of `uri`: a path (`/jwst/public/...`) or not in the cloud.
+    pub fn set_cloud_path(&self, uri: &str, path: Option<&str>) {
+        self.state
+            .lock()
+            .unwrap()
+            .cloud_paths
+            .insert(uri.to_string(), path.map(str::to_string));
+    }
+
+    /// Path look-ups answer 500 while `broken`.
+    pub fn break_lookups(&self, broken: bool) {
+        self.state.lock().unwrap().lookup_broken = broken;
+    }
+
+    /// The URIs of every path look-up so far, with `use_cloud_path`.
+    pub fn lookups(&self) -> Vec<(Vec<String>, Option<String>)> {
+        self.state.lock().unwrap().lookups.clone()
     }
 
     /// Stops serving `name` (404 from now on).
@@ -334,10 +439,23 @@ async fn serve(socket: TcpStream, state: Arc<Mutex<State>>) -> std::io::Result<(
         .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
         .collect();
     let (path, query) = target.split_once('?').unwrap_or((&target, ""));
-    let params: HashMap<String, String> = url::form_urlencoded::parse(query.as_bytes())
+    let pairs: Vec<(String, String)> = url::form_urlencoded::parse(query.as_bytes())
         .into_owned()
         .collect();
-    let product = if path.ends_with("/api/v0.1/retrieve_product") {
+    let params: HashMap<String, String> = pairs.iter().cloned().collect();
+    let bucket = state.lock().unwrap().bucket;
+    if !bucket && path.ends_with("/api/v0.1/path_lookup/") {
+        let answer = look_up(&mut state.lock().unwrap(), &pairs);
+        return send(socket, answer, &state).await;
+    }
+    let product = if bucket {
+        let key = path.trim_start_matches('/');
+        Some(
+            percent_encoding::percent_decode_str(key)
+                .decode_utf8_lossy()
+                .into_owned(),
+        )
+    } else if path.ends_with("/api/v0.1/retrieve_product") {
         params.get("product_name").cloned()
     } else if path.ends_with("/api/v0.1/Download/file") {
         params
@@ -351,6 +469,40 @@ async fn serve(socket: TcpStream, state: Arc<Mutex<State>>) -> std::io::Result<(
     send(socket, answer, &state).await
 }
 
+/// MAST's path look-up: one object keyed by URI, `{"status_code": 200, "path": ...}` or a 404 with a null
+/// path.
+fn look_up(s: &mut State, pairs: &[(String, String)]) -> Answer {
+    let uris: Vec<String> = pairs
+        .iter()
+        .filter(|(k, _)| k == "uri")
+        .map(|(_, v)| v.clone())
+        .collect();
+    let flag = pairs
+        .iter()
+        .find(|(k, _)| k == "use_cloud_path")
+        .map(|(_, v)| v.clone());
+    s.lookups.push((uris.clone(), flag));
+    if s.lookup_broken {
+        return Answer::empty(500, vec![]);
+    }
+    if uris.len() > 40 {
+        return Answer::empty(414, vec![]);
+    }
+    let mut out = serde_json::Map::new();
+    for uri in uris {
+        let path = s.cloud_paths.get(&uri).cloned().flatten();
+        let status = if path.is_some() { 200 } else { 404 };
+        out.insert(
+            uri,
+            serde_json::json!({"status_code": status, "path": path}),
+        );
+    }
+    let body = serde_json::to_vec(&serde_json::Value::Object(out)).unwrap();
+    let mut a = Answer::with_body(200, vec![], Arc::new(body), 0);
+    a.content_type = "application/json";
+    a
+}
+
 /// The one place that decides what a request gets: status, headers, which bytes, and how they go out.
 fn decide(s: &mut State, product: Option<String>, headers: &HashMap<String, String>) -> Answer {
     let faults = s.faults.clone();
@@ -361,6 +513,7 @@ fn decide(s: &mut State, product: Option<String>, headers: &HashMap<String, Stri
         authorization: headers.get("authorization").cloned(),
         user_agent: headers.get("user-agent").cloned(),
         accept_encoding: headers.get("accept-encoding").cloned(),
+        checksum_mode: headers.get("x-amz-checksum-mode").cloned(),
         status: 0,
     };
     let authorized = faults
@@ -386,6 +539,13 @@ fn decide(s: &mut State, product: Option<String>, headers: &HashMap<String, Stri
         a
     } else if let Some(p) = product.as_ref().and_then(|name| s.products.get(name)) {
         product_answer(p, &seen, &faults)
+    } else if s.bucket {
+        // Anonymous S3 without ListBucket: a missing key is AccessDenied, not NoSuchKey.
+        let xml = b"<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<Error><Code>AccessDenied</Code>\
+                    <Message>Access Denied</Message></Error>";
+        let mut a = Answer::with_body(403, vec![], Arc::new(xml.to_vec()), 0);
+        a.content_type = "application/xml";
+        a
     } else {
         Answer::empty(404, vec![])
     };
@@ -461,7 +621,15 @@ fn product_answer(p: &Product, seen: &Seen, faults: &Faults) -> Answer {
             headers.push(format!("Content-Range: bytes {start}-{}/{total}", len - 1));
             Answer::with_body(206, headers, p.body.clone(), start as usize)
         }
-        None => Answer::with_body(200, headers, p.body.clone(), 0),
+        None => {
+            if let Some((name, value)) = &p.checksum
+                && seen.checksum_mode.as_deref() == Some("ENABLED")
+            {
+                headers.push(format!("{name}: {value}"));
+                headers.push("x-amz-checksum-type: FULL_OBJECT".to_string());
+            }
+            Answer::with_body(200, headers, p.body.clone(), 0)
+        }
     }
 }
 
@@ -471,6 +639,8 @@ async fn send(mut socket: TcpStream, answer: Answer, state: &Mutex<State>) -> st
         200 => "OK",
         206 => "Partial Content",
         401 => "Unauthorized",
+        403 => "Forbidden",
+        414 => "URI Too Long",
         404 => "Not Found",
         416 => "Range Not Satisfiable",
         500 => "Internal Server Error",

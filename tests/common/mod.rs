@@ -8,6 +8,7 @@ pub mod dovecot;
 pub mod imap4d;
 pub mod imap_server;
 pub mod mast;
+pub mod moto;
 pub mod nginx;
 pub mod smtp;
 
