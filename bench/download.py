@@ -12,13 +12,19 @@ it fsyncs every file and its folder before publishing, which the others do not d
 Also: peak RSS of mastsub downloading one 2 GiB product, and the bytes fetched twice when mastsub is
 killed with -9 halfway through it and restarted (from nginx's access log).
 
+Cloud: the 8 x 128 MiB set again, from MAST's URLs and as bucket objects (`[cloud]`): nginx serves the same
+files at `/stpubdata/jwst/public/bench/X` with the headers S3 gives them, and MAST's path look-up as a fixed
+JSON answer. Two kinds of object: uploaded whole (ETag = the MD5 of the bytes, which mastsub computes) and
+uploaded in 8 MiB parts with S3's default whole-object CRC64NVME (`md5-N` ETag, the CRC computed); curl
+fetches the bucket URLs as the baseline.
+
 Far server: 200 small products (64 KiB) from a server that answers every request after 50 ms, as one
 far from MAST does (`FarServer`: HTTP/1.1 with keep-alive, the same product URL); with 4 at a time the
 physical floor is 200 x 50 ms / 4 = 2.5 s, and every tool is compared with it.
 
 Usage: bench/download.py BINARY WORKDIR [REPEAT]
 Environment: BENCH_ONLY=small (or large) runs that set alone, with curl and aria2c, and skips the 2 GiB
-product; BENCH_ONLY=far runs only the far-server set; BENCH_ONLY=latency measures only the
+product; BENCH_ONLY=cloud runs only the cloud set; BENCH_ONLY=far runs only the far-server set; BENCH_ONLY=latency measures only the
 inbox-to-first-request time.
 """
 import http.server, json, os, shutil, signal, sqlite3, statistics, subprocess, sys, threading, time
@@ -28,6 +34,7 @@ from measure import measured, peak_rss_mib, read_rss
 
 BIN, WORK = os.path.abspath(sys.argv[1]), os.path.abspath(sys.argv[2])
 FLOOR = os.path.join(os.path.dirname(BIN), "examples", "download_floor")
+S3_DIGESTS = os.path.join(os.path.dirname(BIN), "examples", "s3_digests")
 REPEAT = int(sys.argv[3]) if len(sys.argv) > 3 else 3
 DATA = os.path.join(WORK, "data")
 BLOCK = 2880
@@ -127,7 +134,27 @@ def make_sets():
     return sets
 
 
-def start_nginx():
+def s3_headers(names):
+    """nginx `map` blocks giving each bucket object S3's headers: the single-part ETag (MD5), the multipart
+    ETag (8 MiB parts) and the CRC64NVME, from the s3_digests example."""
+    single, multi, crc = [], [], []
+    for n in names:
+        out = subprocess.run([S3_DIGESTS, os.path.join(DATA, n)], check=True, capture_output=True,
+                             text=True).stdout.split()
+        single.append(f'    /stpubdata/jwst/public/bench/{n} \'{out[0]}\';')
+        multi.append(f'    /stpubmulti/jwst/public/bench/{n} \'{out[1]}\';')
+        crc.append(f'    /stpubmulti/jwst/public/bench/{n} {out[2]};')
+    block = lambda var, rows: "map $uri $" + var + " {\n" + "\n".join(rows) + "\n}\n"
+    return ("map_hash_bucket_size 256;\n" + block("s3_etag", single + multi) + block("s3_crc", crc))
+
+
+def path_lookup(names):
+    """MAST's path look-up answer for every product of `names` (the same answer whatever is asked)."""
+    return json.dumps({f"mast:JWST/product/{n}": {"status_code": 200, "path": f"/jwst/public/bench/{n}"}
+                       for n in names}, separators=(",", ":"))
+
+
+def start_nginx(cloud_names=()):
     port = 18000 + os.getpid() % 1000
     conf_dir = os.path.join(WORK, "nginx")
     shutil.rmtree(conf_dir, ignore_errors=True)
@@ -149,10 +176,17 @@ http {{
     uwsgi_temp_path {conf_dir}/tmp;
     scgi_temp_path {conf_dir}/tmp;
     sendfile on;
+    {s3_headers(cloud_names)}
     server {{
         listen 127.0.0.1:{port};
         location = /search/jwst/api/v0.1/retrieve_product {{ rewrite ^ /files/$arg_product_name last; }}
         location /files/ {{ alias {DATA}/; }}
+        location = /api/v0.1/path_lookup/ {{ default_type application/json; return 200 '{path_lookup(cloud_names)}'; }}
+        location /stpubdata/jwst/public/bench/ {{ alias {DATA}/; etag off; add_header ETag $s3_etag; }}
+        location /stpubmulti/jwst/public/bench/ {{
+            alias {DATA}/; etag off; add_header ETag $s3_etag;
+            add_header x-amz-checksum-crc64nvme $s3_crc; add_header x-amz-checksum-type FULL_OBJECT;
+        }}
     }}
 }}
 """
@@ -237,15 +271,18 @@ def scrape(port, stop, paths=("/metrics", "/")):
         stop.wait(0.5)
 
 
-def mastsub_run(base, names, kill_after=None, binary=BIN, tool="mastsub", http=False):
+def mastsub_run(base, names, kill_after=None, binary=BIN, tool="mastsub", http=False, bucket=None):
     """Ingests a notice for `names`, runs the daemon until all are done; returns (seconds, peak RSS MiB).
-    With `http`, the daemon serves [http] and is scraped every half second meanwhile."""
+    With `http`, the daemon serves [http] and is scraped every half second meanwhile; with `bucket`, it
+    takes the products from that bucket URL ([cloud])."""
     d = fresh(tool)
     port = free_port()
     with open(os.path.join(d, "mastsub.toml"), "w") as f:
         f.write(f'[mast]\nbase_url = "{base}"\n[download]\nworkers = 4\n[log]\nlevel = "warn"\n')
         if http:
             f.write(f'[http]\nenabled = true\nlisten = "127.0.0.1:{port}"\n')
+        if bucket:
+            f.write(f'[cloud]\nenabled = true\nbucket_url = "{bucket}"\nonly = true\n')
     with open(os.path.join(d, "notice.json"), "w") as f:
         json.dump(notice(names), f)
     subprocess.run([binary, "--config", "mastsub.toml", "ingest", "notice.json"], cwd=d, check=True,
@@ -267,6 +304,12 @@ def mastsub_run(base, names, kill_after=None, binary=BIN, tool="mastsub", http=F
             sys.exit("mastsub run exited early")
         time.sleep(0.005)
     elapsed = time.perf_counter() - start
+    if bucket:
+        con = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+        rows = con.execute("SELECT source, verified FROM downloads").fetchall()
+        con.close()
+        if any(src != "cloud" or "matched" not in (v or "") for src, v in rows):
+            sys.exit(f"{tool}: not every product came from the bucket with S3's digest checked: {rows[:2]}")
     stop.set()
     if scraper:
         scraper.join()
@@ -331,6 +374,47 @@ def curl_config(tool, base, names):
 def curl_run(base, names):
     cfg = curl_config("curl", base, names)
     return timed(["curl", "--parallel", "--parallel-max", "4", "-s", "-f", "-K", cfg])
+
+
+def curl_bucket_run(base, names):
+    """curl from the bucket's URLs."""
+    d = fresh("curl_bucket")
+    cfg = os.path.join(WORK, "out", "curl_bucket.cfg")
+    with open(cfg, "w") as f:
+        for n in names:
+            f.write(f'url = "{base}/stpubdata/jwst/public/bench/{n}"\noutput = "{d}/{n}"\n')
+    return timed(["curl", "--parallel", "--parallel-max", "4", "-s", "-f", "-K", cfg])
+
+
+def cloud_table(base, names):
+    """The same set from MAST's URLs and from the bucket, each tool in turn each round."""
+    total = sum(os.path.getsize(os.path.join(DATA, n)) for n in names)
+    tools = [
+        ("mastsub, from MAST's URLs", "mastsub", lambda: mastsub_run(base, names)),
+        ("mastsub [cloud], objects uploaded whole: ETag = MD5, checked", "mastsub_cloud",
+         lambda: mastsub_run(base, names, tool="mastsub_cloud", bucket=f"{base}/stpubdata")),
+        ("mastsub [cloud], 8 MiB parts: md5-N ETag, CRC64NVME checked", "mastsub_cloud_multi",
+         lambda: mastsub_run(base, names, tool="mastsub_cloud_multi", bucket=f"{base}/stpubmulti")),
+        ("curl --parallel-max 4, from the bucket", "curl_bucket", lambda: curl_bucket_run(base, names)),
+    ]
+    runs = {tool: [] for tool, _, _ in tools}
+    for _ in range(REPEAT):
+        for tool, key, fn in tools:
+            # The tool before left its files' write-back (curl does not fsync): not this one's to pay.
+            subprocess.run(["sync"], check=True)
+            runs[tool].append(fn())
+            check_same(key, names)
+    print()
+    print(f"Cloud ({len(names)} x 128 MiB from MAST's URLs and as bucket objects, the same nginx):")
+    print()
+    print(f"| tool | seconds (median of {REPEAT}) | MB/s | peak RSS MiB | vs mastsub from MAST |")
+    print("|---|---:|---:|---:|---:|")
+    m = statistics.median(r[0] for r in runs[tools[0][0]])
+    for tool, rs in runs.items():
+        t = statistics.median(r[0] for r in rs)
+        rss = max(r[1] for r in rs)
+        ratio = "-" if tool == tools[0][0] else f"{t / m:.2f}x"
+        print(f"| {tool} | {t:.2f} | {total / t / 1e6:.0f} | {rss:.0f} | {ratio} |")
 
 
 def curl_sync_run(base, names):
@@ -417,12 +501,13 @@ def far_table(tools):
 def main():
     sets = make_sets()
     only = os.environ.get("BENCH_ONLY")
-    if only in ("latency", "far"):
+    cloud_names = sets["8 x 128 MiB"]
+    if only in ("latency", "far", "cloud"):
         sets = {}
     elif only:
         sets = {k: v for k, v in sets.items() if only in k or only in ("small", "large") and
                 (("256 KiB" in k) == (only == "small"))}
-    nginx, base, access_log = start_nginx()
+    nginx, base, access_log = start_nginx(cloud_names)
     try:
         tools = [("mastsub", "mastsub", mastsub_run), ("curl --parallel-max 4", "curl", curl_run),
                  ("aria2c -j4", "aria2c", aria2c_run)]
@@ -455,6 +540,8 @@ def main():
             for tool, (t, rss) in results.items():
                 ratio = "-" if tool == "mastsub" else f"{t / m:.2f}x"
                 print(f"| {set_name} | {tool} | {t:.2f} | {total / t / 1e6:.0f} | {rss:.0f} | {ratio} |")
+        if only in (None, "cloud"):
+            cloud_table(base, cloud_names)
         if only in (None, "far"):
             far_table([t for t in tools if t[1] in ("mastsub", "mastsub_before", "curl", "aria2c")])
         if only and only != "latency":

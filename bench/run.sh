@@ -29,7 +29,7 @@ fi
 "$work/venv/bin/python" -c "import astroquery" 2>/dev/null ||
     "$work/venv/bin/pip" install -q "astroquery==0.4.11" >&2 ||
     echo "astroquery could not be installed: its rows are left out" >&2
-cargo build --release --locked --bin mastsub --example download_floor >&2
+cargo build --release --locked --bin mastsub --example download_floor --example s3_digests >&2
 echo "## Machine"
 echo
 echo "- $(lscpu | sed -n 's/^Model name: *//p' | head -1), $(nproc) cores, $(free -g | awk '/^Mem:/{print $2}') GiB RAM"

@@ -19,8 +19,8 @@ fn main() {
         return;
     }
     let mut file = std::fs::File::open(&arg).expect("the file opens");
-    let crc = crc::Crc::<u64, crc::Table<16>>::new(&crc::CRC_64_NVME);
-    let (mut whole, mut crc64, mut parts) = (md5::Md5::new(), crc.digest(), Vec::new());
+    let mut crc64 = crc_fast::Digest::new(crc_fast::CrcAlgorithm::Crc64Nvme);
+    let (mut whole, mut parts) = (md5::Md5::new(), Vec::new());
     let mut buf = vec![0u8; PART];
     loop {
         let mut n = 0;
@@ -74,14 +74,12 @@ fn speed() {
     println!("|---|---:|");
     let mut m = md5::Md5::new();
     run("MD5 (a single-part object's ETag)", &mut |b| m.update(b));
-    let crc = crc::Crc::<u64, crc::Table<16>>::new(&crc::CRC_64_NVME);
-    let mut c = crc.digest();
-    run("CRC64NVME (crc, slice-by-16)", &mut |b| c.update(b));
+    let mut c = crc_fast::Digest::new(crc_fast::CrcAlgorithm::Crc64Nvme);
+    run("CRC64NVME (crc-fast)", &mut |b| c.update(b));
     let mut c32 = crc32fast::Hasher::new();
     run("CRC32 (crc32fast)", &mut |b| c32.update(b));
-    let crc32c = crc::Crc::<u32, crc::Table<16>>::new(&crc::CRC_32_ISCSI);
-    let mut c32c = crc32c.digest();
-    run("CRC32C (crc, slice-by-16)", &mut |b| c32c.update(b));
+    let mut c32c = crc_fast::Digest::new(crc_fast::CrcAlgorithm::Crc32Iscsi);
+    run("CRC32C (crc-fast)", &mut |b| c32c.update(b));
     let mut sha = sha2::Sha256::new();
     run("SHA-256", &mut |b| sha2::Digest::update(&mut sha, b));
     std::hint::black_box((

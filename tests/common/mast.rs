@@ -131,7 +131,7 @@ pub struct Object {
 /// The CRC64NVME of `bytes` as S3 writes it (base64 of the big-endian value).
 pub fn crc64nvme(bytes: &[u8]) -> String {
     use base64::Engine;
-    let crc = crc::Crc::<u64>::new(&crc::CRC_64_NVME).checksum(bytes);
+    let crc = crc_fast::checksum(crc_fast::CrcAlgorithm::Crc64Nvme, bytes);
     base64::engine::general_purpose::STANDARD.encode(crc.to_be_bytes())
 }
 
