@@ -1045,6 +1045,39 @@ mod tests {
     }
 
     #[test]
+    fn cloud_settings_are_checked_and_event_types_matched_as_mast_writes_them() {
+        let mut c = Config::default();
+        assert!(!c.cloud.enabled);
+        assert_eq!(c.cloud.bucket_url, "https://stpubdata.s3.amazonaws.com");
+        assert!(c.cloud.takes("Public") && c.cloud.takes("SomethingNew"));
+        c.cloud.event_types = vec!["public".into(), "First".into()];
+        assert!(c.cloud.takes("Public") && c.cloud.takes("FIRST"));
+        assert!(!c.cloud.takes("New") && !c.cloud.takes("Reprocessed"));
+        c.cloud.enabled = true;
+        c.cloud.bucket_url = "s3://stpubdata".into();
+        c.cloud.event_types = vec![" ".into()];
+        let Err(ConfigError::Invalid(problems)) = c.validate() else {
+            panic!("expected invalid")
+        };
+        assert!(
+            problems.iter().any(|p| p.contains("cloud.bucket_url")),
+            "{problems:?}"
+        );
+        assert!(
+            problems
+                .iter()
+                .any(|p| p.contains("cloud.event_types has an empty entry"))
+        );
+        c.cloud.bucket_url = "http://127.0.0.1:9000/stpubdata".into();
+        c.cloud.event_types = vec![];
+        let Err(ConfigError::Invalid(problems)) = c.validate() else {
+            panic!("expected invalid")
+        };
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert!(problems[0].contains("no product could use the bucket"));
+    }
+
+    #[test]
     fn secrets_never_print() {
         let mut c = Config::default();
         c.mast.token = Some(Secret::new("tok-very-secret"));

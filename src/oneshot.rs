@@ -105,6 +105,11 @@ pub async fn run(mut config: Config, args: Args) -> anyhow::Result<ExitCode> {
     if args.cloud_only {
         config.cloud.only = true;
     }
+    // What the options turned on is checked as the file's settings were.
+    if let Err(e) = config.validate() {
+        eprintln!("mastsub: {e}");
+        return Ok(ExitCode::from(2));
+    }
     if let Err(e) = Filters::new(&config.filters) {
         eprintln!("mastsub: {e}");
         return Ok(ExitCode::from(2));

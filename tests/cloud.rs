@@ -511,6 +511,8 @@ fn a_broken_path_look_up_sends_products_to_mast_unless_cloud_only() {
     assert!(bucket.seen().is_empty());
     assert!(d.log().contains("MAST's path look-up"), "{}", d.log());
     assert!(d.log().contains("failed: HTTP 500; from MAST this time"));
+    // One failed look-up, then a pause: the other products did not ask again.
+    assert_eq!(mast.lookups().len(), 1, "{:?}", mast.lookups());
 }
 
 #[test]
@@ -576,4 +578,144 @@ fn objects_moto_stores_whole_and_in_parts_verify_and_a_key_it_lacks_falls_back()
     // moto answers 404 NoSuchKey where S3 without ListBucket answers 403: either is "not there".
     assert!(d.log().contains("has no object"), "{}", d.log());
     assert_eq!(product_requests(&mast), 1);
+}
+
+#[rstest::rstest]
+#[case::eight_attempts(8, 3)]
+#[case::two_attempts(2, 1)]
+fn a_bucket_that_is_down_gets_its_attempts_then_mast_gives_the_product(
+    #[case] max_attempts: u32,
+    #[case] at_bucket: usize,
+) {
+    let mast = MastStandIn::start();
+    let bucket = MastStandIn::start_bucket();
+    let (notice, files, _) = cloud_products(&mast, &bucket, 1, 1, 6, "Public", |_, _| {
+        Some(Object::default())
+    });
+    bucket.set_faults(Faults {
+        unavailable_percent: 100,
+        retry_after: 0,
+        ..Faults::default()
+    });
+    let ws = Workspace::with_base(&mast.base_url, &cloud_config(&bucket.base_url, ""));
+    let d = Daemon::start_with_env(
+        &ws,
+        &[("MASTSUB_DOWNLOAD__MAX_ATTEMPTS", &max_attempts.to_string())],
+    );
+    d.wait_for_log("watching inbox", Duration::from_secs(20));
+    ws.drop_notice("n.json", &notice);
+    wait_done(&ws, &d, 1, Duration::from_secs(20));
+    assert_identical(&ws, &files);
+    let seen = bucket.seen();
+    assert_eq!(seen.len(), at_bucket, "{seen:?}");
+    assert!(seen.iter().all(|s| s.status == 503));
+    assert_eq!(product_requests(&mast), 1);
+    let log = d.log();
+    assert!(log.contains("the cloud bucket answered HTTP 503"), "{log}");
+    assert!(
+        log.contains(&format!(
+            "from MAST now: {at_bucket} attempt(s) at the cloud bucket failed"
+        )),
+        "{log}"
+    );
+    assert_eq!(
+        ws.query_i64("SELECT attempts FROM downloads"),
+        at_bucket as i64 + 1
+    );
+}
+
+#[test]
+fn an_answer_no_retry_would_change_sends_the_attempt_to_mast_at_once() {
+    let mast = MastStandIn::start();
+    let bucket = MastStandIn::start_bucket();
+    let (notice, files, _) = cloud_products(&mast, &bucket, 1, 2, 6, "Public", |_, _| {
+        Some(Object::default())
+    });
+    // A bucket URL in another region: S3 answers 301 PermanentRedirect, with no Location to follow.
+    bucket.set_faults(Faults {
+        status: Some(301),
+        ..Faults::default()
+    });
+    let ws = Workspace::with_base(&mast.base_url, &cloud_config(&bucket.base_url, ""));
+    let d = Daemon::start_watching(&ws);
+    ws.drop_notice("n.json", &notice);
+    wait_done(&ws, &d, 2, Duration::from_secs(20));
+    assert_identical(&ws, &files);
+    assert_eq!(bucket.seen().len(), 2);
+    assert_eq!(product_requests(&mast), 2);
+    assert_eq!(ws.query_i64("SELECT max(attempts) FROM downloads"), 1);
+    assert!(
+        d.log()
+            .contains("the cloud bucket answered HTTP 301; from MAST"),
+        "{}",
+        d.log()
+    );
+}
+
+#[test]
+fn a_part_file_from_one_source_is_never_continued_from_the_other() {
+    let mast = MastStandIn::start();
+    let bucket = MastStandIn::start_bucket();
+    // The bucket's copy differs from MAST's in its bytes (same size, both valid FITS): a splice of the
+    // two would be a file neither served.
+    let (notice, files, keys) = cloud_products(&mast, &bucket, 1, 1, 1500, "New", |_, _| None);
+    let name = files[0].0.rsplit('/').next().unwrap().to_string();
+    bucket.put_object(&keys[0], fits_product(&name, 1500, 7), Object::default());
+    let slow = Faults {
+        slow: Some(Duration::from_millis(20)),
+        ..Faults::default()
+    };
+    mast.set_faults(slow.clone());
+    bucket.set_faults(slow);
+    // 1. MAST (the look-up fails), killed mid-transfer.
+    mast.break_lookups(true);
+    let ws = Workspace::with_base(&mast.base_url, &cloud_config(&bucket.base_url, ""));
+    let part = ws.path("mastDownload").join(format!("{}.part", files[0].0));
+    let mid_transfer = |ws: &Workspace| {
+        wait_until(Duration::from_secs(30), || {
+            std::fs::metadata(&part).is_ok_and(|m| m.len() > 500_000)
+                && ws.query_i64("SELECT bytes_done FROM downloads") > 0
+        })
+    };
+    let mut d = Daemon::start_watching(&ws);
+    ws.drop_notice("n.json", &notice);
+    assert!(mid_transfer(&ws), "{}", d.log());
+    d.kill9();
+    assert_eq!(ws.query_string("SELECT source FROM downloads"), "mast");
+    // 2. The bucket now: MAST's .part is not continued there. Killed mid-transfer again.
+    mast.break_lookups(false);
+    let mut d = Daemon::start_watching(&ws);
+    assert!(
+        wait_until(Duration::from_secs(30), || ws
+            .query_string("SELECT coalesce(source, '') FROM downloads")
+            == "cloud"),
+        "{}",
+        d.log()
+    );
+    assert!(mid_transfer(&ws), "{}", d.log());
+    d.kill9();
+    let asked = bucket.seen();
+    assert_eq!(asked.len(), 1, "{asked:?}");
+    assert_eq!(
+        asked[0].range, None,
+        "MAST's bytes continued from the bucket"
+    );
+    // 3. The bucket fails from now on: after its attempts, MAST, which must not continue the bucket's
+    // bytes either.
+    bucket.set_faults(Faults {
+        unavailable_percent: 100,
+        retry_after: 0,
+        ..Faults::default()
+    });
+    mast.set_faults(Faults::default());
+    let d = Daemon::start_watching(&ws);
+    wait_done(&ws, &d, 1, Duration::from_secs(60));
+    assert_identical(&ws, &files);
+    let from_mast = mast.seen();
+    let last = from_mast.last().unwrap();
+    assert_eq!(
+        last.range, None,
+        "the bucket's bytes continued from MAST: {from_mast:?}"
+    );
+    assert_eq!(ws.query_string("SELECT source FROM downloads"), "mast");
 }

@@ -34,8 +34,12 @@ use super::error::FetchError;
 pub const LOOKUP_BATCH: usize = 40;
 /// How long a "not in the cloud" answer is believed.
 pub const NOT_IN_CLOUD_FOR: Duration = Duration::from_secs(3600);
-/// Attempts a job makes at the bucket before it goes to MAST (without `cloud.only`).
+/// Attempts a job makes at the bucket before it goes to MAST (without `cloud.only`; fewer when
+/// `download.max_attempts` leaves no attempt for MAST after them).
 pub const BUCKET_ATTEMPTS: i64 = 3;
+/// After a look-up fails, the pool does not ask again for this long (its attempts go to MAST meanwhile, or
+/// under `cloud.only` are retried): a look-up service that hangs would otherwise hold every worker in turn.
+const LOOKUP_PAUSE: Duration = Duration::from_secs(30);
 /// The error of a product not in the cloud under `cloud.only` (and how the manifest recognises it).
 pub const NOT_IN_CLOUD: &str = "Product not found in cloud: MAST's path look-up has no cloud path for it, \
      and cloud.only is set, so it was not fetched from MAST";
@@ -92,6 +96,10 @@ pub struct Cloud {
     store: Arc<dyn Store>,
     /// One look-up at a time for the pool: a worker that waited finds its answer recorded.
     looking_up: tokio::sync::Mutex<()>,
+    /// Attempts at the bucket before MAST.
+    bucket_attempts: i64,
+    /// The last look-up failed: until then, with why.
+    failing: std::sync::Mutex<Option<(tokio::time::Instant, String)>>,
 }
 
 impl Cloud {
@@ -99,9 +107,11 @@ impl Cloud {
     pub fn new(
         client: reqwest::Client,
         mast_base: &url::Url,
-        config: &CloudConfig,
+        config: &crate::config::Config,
         store: Arc<dyn Store>,
     ) -> Cloud {
+        let max_attempts = i64::from(config.download.max_attempts);
+        let config = &config.cloud;
         let mut base = mast_base.clone();
         base.set_query(None);
         base.set_fragment(None);
@@ -115,6 +125,9 @@ impl Cloud {
             config: config.clone(),
             store,
             looking_up: tokio::sync::Mutex::new(()),
+            // MAST keeps at least one attempt, unless there is only one in all.
+            bucket_attempts: BUCKET_ATTEMPTS.min(max_attempts - 1).max(1),
+            failing: std::sync::Mutex::new(None),
         }
     }
 
@@ -134,13 +147,14 @@ impl Cloud {
         if !self.config.takes(&job.event_type) {
             return Ok(Route::Mast);
         }
-        if !self.config.only && (job.attempt > BUCKET_ATTEMPTS || job.verify_failures > 0) {
+        let bucket_attempts = self.bucket_attempts;
+        if !self.config.only && (job.attempt > bucket_attempts || job.verify_failures > 0) {
             // Said at the attempt that changes over: the first after a verification failure of the
-            // bucket's copy (attempts up to BUCKET_ATTEMPTS went to the bucket), or the first past them.
+            // bucket's copy (the attempts before it went to the bucket), or the first past them.
             let turning = if job.verify_failures > 0 {
-                job.verify_failures == 1 && job.attempt <= BUCKET_ATTEMPTS + 1
+                job.verify_failures == 1 && job.attempt <= bucket_attempts + 1
             } else {
-                job.attempt == BUCKET_ATTEMPTS + 1
+                job.attempt == bucket_attempts + 1
             };
             if turning {
                 tracing::info!(
@@ -149,7 +163,7 @@ impl Cloud {
                     if job.verify_failures > 0 {
                         "the bucket's copy failed verification".to_string()
                     } else {
-                        format!("{BUCKET_ATTEMPTS} attempts at the cloud bucket failed")
+                        format!("{bucket_attempts} attempt(s) at the cloud bucket failed")
                     }
                 );
             }
@@ -217,11 +231,33 @@ impl Cloud {
         if let Some(known) = self.known(uri).await? {
             return Ok(known);
         }
+        self.still_failing()?;
         let _one_at_a_time = self.looking_up.lock().await;
-        // Another worker may have asked while this one waited.
+        // Another worker may have asked while this one waited (or found the look-up failing).
         if let Some(known) = self.known(uri).await? {
             return Ok(known);
         }
+        self.still_failing()?;
+        let asked = self.ask_with_others(uri).await;
+        if let (Err(e), Ok(mut failing)) = (&asked, self.failing.lock()) {
+            *failing = Some((tokio::time::Instant::now() + LOOKUP_PAUSE, e.clone()));
+        }
+        asked
+    }
+
+    /// An error while a failed look-up's pause lasts.
+    fn still_failing(&self) -> Result<(), String> {
+        match self.failing.lock().map(|f| f.clone()) {
+            Ok(Some((until, why))) if tokio::time::Instant::now() < until => Err(format!(
+                "{why} (not asked again for {}s)",
+                LOOKUP_PAUSE.as_secs()
+            )),
+            _ => Ok(()),
+        }
+    }
+
+    /// One look-up for `uri` and the next queued products without an answer; the answers are recorded.
+    async fn ask_with_others(&self, uri: &str) -> Result<Option<String>, String> {
         let mut uris = vec![uri.to_string()];
         let upcoming = self
             .store
@@ -259,7 +295,7 @@ impl Cloud {
             .into_iter()
             .find(|(u, _)| u == uri)
             .map(|(_, key)| key)
-            .ok_or_else(|| format!("its answer does not mention {uri}"))
+            .ok_or_else(|| format!("its answer does not say whether {uri} is in the cloud"))
     }
 
     /// The store's answer for `uri`, if young enough to believe.
@@ -343,21 +379,28 @@ fn fresh(p: &CloudPath, now: i64) -> bool {
             < i64::try_from(NOT_IN_CLOUD_FOR.as_millis()).unwrap_or(i64::MAX)
 }
 
-/// The look-up's answer: URI → key (`None`: not in the cloud).
+/// The look-up's answer: URI → key (`None`: not in the cloud). An entry without a path whose status is
+/// neither 404 nor absent (a failure on MAST's side for that URI) says nothing, and is left out.
 fn parse_answer(body: &[u8]) -> Result<HashMap<String, Option<String>>, String> {
     #[derive(serde::Deserialize)]
     struct Entry {
+        status_code: Option<u16>,
         path: Option<String>,
     }
     let map: HashMap<String, Option<Entry>> = serde_json::from_slice(body)
         .map_err(|e| format!("its answer is not the JSON object expected: {e}"))?;
     Ok(map
         .into_iter()
-        .map(|(uri, entry)| {
-            (
-                uri,
-                entry.and_then(|e| e.path).and_then(|p| key_of_path(&p)),
-            )
+        .filter_map(|(uri, entry)| match entry {
+            Some(Entry {
+                path: Some(path), ..
+            }) => Some((uri, key_of_path(&path))),
+            Some(Entry {
+                status_code: None | Some(404),
+                ..
+            })
+            | None => Some((uri, None)),
+            Some(_) => None,
         })
         .collect())
 }
@@ -391,7 +434,8 @@ mod tests {
         let body = br#"{
             "mast:JWST/product/a.fits": {"status_code": 200, "path": "/jwst/public/jw01234/a.fits"},
             "mast:JWST/product/b.fits": {"status_code": 404, "path": null},
-            "mast:HST/product/c.fits": null
+            "mast:HST/product/c.fits": null,
+            "mast:HST/product/d.fits": {"status_code": 500, "path": null}
         }"#;
         let a = parse_answer(body).unwrap();
         assert_eq!(
@@ -400,6 +444,10 @@ mod tests {
         );
         assert_eq!(a["mast:JWST/product/b.fits"], None);
         assert_eq!(a["mast:HST/product/c.fits"], None);
+        assert!(
+            !a.contains_key("mast:HST/product/d.fits"),
+            "a failure is not a no"
+        );
         assert!(parse_answer(b"[1, 2]").is_err());
         assert!(parse_answer(b"<html>").is_err());
     }

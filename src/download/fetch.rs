@@ -371,7 +371,9 @@ impl Transfer {
         }
         // The token goes to the MAST host only; reqwest drops these headers on a redirect elsewhere.
         let token = self.token.read().map(|t| t.clone()).unwrap_or_default();
-        if let Some(token) = token.filter(|_| url.origin() == self.mast_origin) {
+        if let Some(token) =
+            token.filter(|_| origin.source == "mast" && url.origin() == self.mast_origin)
+        {
             let mut auth = HeaderValue::from_str(&format!("token {token}")).map_err(|_| {
                 FetchError::Protocol("the MAST token holds characters a header cannot carry".into())
             })?;
@@ -598,7 +600,11 @@ impl Transfer {
     ) -> Result<Fetched, FetchError> {
         let mut small = Some(small);
         let route = match &self.cloud {
-            Some(cloud) => cloud.route(job).await?,
+            // A look-up that hangs must not hold a shutdown.
+            Some(cloud) => tokio::select! {
+                _ = cancel.cancelled() => return Err(FetchError::Interrupted),
+                route = cloud.route(job) => route?,
+            },
             None => Route::Mast,
         };
         let first = self.fetch_from(job, cancel, &mut small, &route).await;
@@ -606,10 +612,13 @@ impl Transfer {
             return first;
         };
         match first {
-            // Not in the bucket after all, or only in an older copy: MAST at once, in the same attempt.
-            Err(e @ (FetchError::NotInBucket { .. } | FetchError::StaleInBucket { .. }))
-                if !cloud.only() =>
-            {
+            // Not in the bucket after all, only in an older copy, or an answer no retry would change (a
+            // bucket URL in the wrong region answers 301, say): MAST at once, in the same attempt.
+            Err(
+                e @ (FetchError::NotInBucket { .. }
+                | FetchError::StaleInBucket { .. }
+                | FetchError::Bucket { .. }),
+            ) if !cloud.only() && !e.is_transient() => {
                 if matches!(e, FetchError::NotInBucket { .. }) {
                     cloud.forget(uri).await;
                 }
@@ -666,14 +675,24 @@ impl Transfer {
         };
         let (rel_dir, name) = split(&job.local_path);
         let part = part_name(&name);
-        // The `.part` file's validator holds only where its bytes came from: a `.part` of the other
-        // source is started over. (Jobs from before [cloud] existed came from MAST.)
-        let stored = if job.source.as_deref().unwrap_or("mast") == route.source() {
-            Validator {
-                etag: job.etag.clone(),
-                last_modified: job.last_modified.clone(),
-                origin: Some(origin.clone()),
-            }
+        // What the store says of the `.part` file's bytes. (Jobs from before [cloud] existed came from
+        // MAST.)
+        let recorded = Validator {
+            etag: job.etag.clone(),
+            last_modified: job.last_modified.clone(),
+            origin: Some(Origin {
+                source: if job.source.as_deref() == Some("cloud") {
+                    "cloud"
+                } else {
+                    "mast"
+                },
+                url: String::new(),
+            }),
+        };
+        // Its validator holds only where its bytes came from: a `.part` of the other source is started
+        // over.
+        let stored = if recorded.origin.as_ref().map(|o| o.source) == Some(route.source()) {
+            recorded.clone()
         } else {
             Validator::default()
         };
@@ -781,7 +800,9 @@ impl Transfer {
         let mut pending = None;
         if !out.holds_whole_body() {
             pending = Some(self.report_in_background(job, start, total, &validator));
-            if stored.if_range().is_some() && !stored.same_bytes(&validator) {
+            // Against what the store holds (not `stored`, which forgets a record of the other source): a
+            // crash must never leave these bytes under another version's or source's validator.
+            if recorded.if_range().is_some() && !recorded.same_bytes(&validator) {
                 settle(&mut pending).await?;
             }
         }

@@ -198,7 +198,7 @@ pub async fn run(
         Arc::new(cloud::Cloud::new(
             client.clone(),
             &base,
-            &config.cloud,
+            config,
             store.clone(),
         ))
     });

@@ -61,6 +61,9 @@ pub struct Faults {
     /// A 200 without a length (with `no_length`) goes on with filler bytes after the product's until the
     /// client closes the connection.
     pub endless: bool,
+    /// Answer every product request with this status and no body (a bucket URL in the wrong region
+    /// answers 301 with no Location, say).
+    pub status: Option<u16>,
 }
 
 /// The total a lying 206 announces in its Content-Range.
@@ -521,7 +524,9 @@ fn decide(s: &mut State, product: Option<String>, headers: &HashMap<String, Stri
         .as_ref()
         .is_none_or(|t| seen.authorization.as_deref() == Some(format!("token {t}").as_str()));
     let retry_after = vec![format!("Retry-After: {}", faults.retry_after)];
-    let mut answer = if !authorized {
+    let mut answer = if let Some(status) = faults.status.filter(|_| product.is_some()) {
+        Answer::empty(status, vec![])
+    } else if !authorized {
         Answer::empty(401, vec![])
     } else if s.faults.errors_500_next > 0 {
         s.faults.errors_500_next -= 1;
