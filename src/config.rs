@@ -249,6 +249,10 @@ pub struct DownloadConfig {
     /// No body is written while it would leave the download file system with less than this free:
     /// such a job waits (never fails) until room appears.
     pub min_free_space: ByteSize,
+    /// How long a claim on a job lasts unless renewed (workers renew it every third of it): a job whose
+    /// holder is gone, and cannot be seen to be, is taken over once its lease has run out.
+    #[serde(with = "humantime_serde")]
+    pub lease: Duration,
 }
 
 /// Bytes per second, written like `"50MB/s"` or `"1KiB/s"` (SI and binary units; `/s` may be left out).
@@ -314,6 +318,7 @@ impl Default for DownloadConfig {
             accept_unsized_bodies: false,
             max_rate: None,
             min_free_space: ByteSize::gib(1),
+            lease: Duration::from_secs(60),
         }
     }
 }
@@ -754,6 +759,12 @@ impl Config {
         }
         if self.mast.token.is_some() && self.mast.token_file.is_some() {
             problems.push("mast.token and mast.token_file are both set: keep one".into());
+        }
+        if self.download.lease < Duration::from_secs(3) {
+            problems.push(format!(
+                "download.lease = {}: at least 3s (workers renew it every third of it)",
+                humantime::format_duration(self.download.lease)
+            ));
         }
         if self.download.workers == 0 {
             problems.push("download.workers = 0: at least one worker is needed".into());

@@ -660,3 +660,34 @@ fn a_notice_queues_its_downloads_at_once_not_at_the_next_sweep() {
     wait_done(&ws, &d, 1, Duration::from_secs(10));
     assert_identical(&ws, &files);
 }
+
+#[test]
+fn a_job_held_out_of_sight_is_taken_over_once_download_lease_has_run_out() {
+    let mast = MastStandIn::start();
+    let (notice, files) = serve_products(&mast, 1, 1, 10);
+    let ws = Workspace::with_base(&mast.base_url, "");
+    let path = ws.write_notice("n.json", &notice);
+    ws.cmd().arg("ingest").arg(&path).assert().success();
+    // Held by a worker on another host (which no process check here can see), its lease 4 s from now.
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64;
+    ws.execute(&format!(
+        "UPDATE downloads SET state = 'running', attempts = 1, lease_owner = 'elsewhere:4242:0000abcd', \
+         lease_expires_at = {}",
+        now + 4000
+    ));
+    let started = Instant::now();
+    let d = Daemon::start_with_env(&ws, &[("MASTSUB_DOWNLOAD__LEASE", "3s")]);
+    d.wait_for_log("watching inbox", Duration::from_secs(20));
+    std::thread::sleep(Duration::from_secs(2).saturating_sub(started.elapsed()));
+    assert_eq!(ws.jobs_in("running"), 1, "taken before its lease ran out");
+    assert!(mast.seen().is_empty());
+    wait_done(&ws, &d, 1, Duration::from_secs(20));
+    assert_identical(&ws, &files);
+    assert!(
+        started.elapsed() >= Duration::from_secs(4),
+        "taken before its lease ran out"
+    );
+}

@@ -41,9 +41,8 @@ use crate::store::{DaemonState, DownloadState, Finish, Job, Store};
 use error::FetchError;
 use fetch::Transfer;
 
-/// How long a lease lasts; workers renew it every third of that.
-const LEASE: Duration = Duration::from_secs(60);
-/// A lease expiring further ahead than `LEASE` plus this was written under a clock since set back.
+/// A lease expiring further ahead than `download.lease` plus this was written under a clock since set
+/// back.
 const LEASE_CLOCK_MARGIN: Duration = Duration::from_secs(60);
 /// The fallback sweep for due jobs and orphaned leases.
 const SWEEP: Duration = Duration::from_secs(5);
@@ -123,8 +122,8 @@ fn runs_this_program(pid: i32) -> bool {
 /// would make every lease look expired, and the sweep would take the jobs of a live pool); out of sight,
 /// its lease does, and a lease that expires further ahead than a lease lasts was written under a clock
 /// since set back, so it counts as expired. Times in ms since the epoch.
-fn lease_orphaned(holder: Holder, expires: i64, now: i64) -> bool {
-    let longest = i64::try_from((LEASE + LEASE_CLOCK_MARGIN).as_millis()).unwrap_or(i64::MAX);
+fn lease_orphaned(holder: Holder, expires: i64, now: i64, lease: Duration) -> bool {
+    let longest = i64::try_from((lease + LEASE_CLOCK_MARGIN).as_millis()).unwrap_or(i64::MAX);
     match holder {
         Holder::Alive => false,
         Holder::Gone => true,
@@ -190,7 +189,7 @@ pub async fn run(
         store: store.clone(),
         owner: owner.clone(),
         config: config.download.clone(),
-        lease: LEASE,
+        lease: config.download.lease,
         vitals: vitals.clone(),
     });
     let client = http_client(&config.download)?;
@@ -211,7 +210,7 @@ pub async fn run(
             keep_previous: config.download.keep_previous,
             store: store.clone(),
             owner,
-            lease: LEASE,
+            lease: config.download.lease,
             vitals: vitals.clone(),
             limits: fetch::Limits::from_config(&config.download),
             throttle: Arc::new(throttle::Throttle::new(
@@ -318,7 +317,7 @@ pub async fn run(
         };
         if free > 0 {
             let now = now_ms();
-            let lease_until = now + LEASE.as_millis() as i64;
+            let lease_until = now + pool.config.lease.as_millis() as i64;
             match store
                 .end_and_claim(&pool.transfer.owner, &[], free, now, lease_until)
                 .await
@@ -441,7 +440,9 @@ impl Pool {
     ) -> Result<u64, crate::store::StoreError> {
         let now = now_ms();
         let me = self.transfer.owner.as_str();
-        let orphaned = |owner: &str, expires: i64| lease_orphaned(holder(owner, me), expires, now);
+        let lease = self.config.lease;
+        let orphaned =
+            |owner: &str, expires: i64| lease_orphaned(holder(owner, me), expires, now, lease);
         let orphans = store.requeue_orphans(now, &orphaned).await?;
         let horizon_ms = i64::try_from(horizon.as_millis()).unwrap_or(i64::MAX);
         let pulled_in = store.due_now_beyond(now, horizon_ms).await?;
@@ -521,10 +522,14 @@ impl Pool {
         );
         let renew = async {
             loop {
-                tokio::time::sleep(LEASE / 3).await;
+                tokio::time::sleep(self.config.lease / 3).await;
                 match t
                     .store
-                    .renew_lease(job.id, &t.owner, now_ms() + LEASE.as_millis() as i64)
+                    .renew_lease(
+                        job.id,
+                        &t.owner,
+                        now_ms() + self.config.lease.as_millis() as i64,
+                    )
                     .await
                 {
                     Ok(true) => {}
@@ -687,19 +692,24 @@ mod tests {
         assert_eq!(holder("garbage", &me), Holder::Unseen);
     }
 
+    const LEASE: Duration = Duration::from_secs(60);
+
     #[test]
     fn a_lease_is_judged_by_its_holder_when_seen_and_by_its_clock_only_out_of_sight() {
         let now = 10_000_000_000;
         let hour = 3_600_000;
         // The clock stepped forward an hour: every lease looks expired. A live holder keeps its jobs.
-        assert!(!lease_orphaned(Holder::Alive, now - hour, now));
-        assert!(lease_orphaned(Holder::Gone, now + 30_000, now));
+        assert!(!lease_orphaned(Holder::Alive, now - hour, now, LEASE));
+        assert!(lease_orphaned(Holder::Gone, now + 30_000, now, LEASE));
         assert!(
-            !lease_orphaned(Holder::Unseen, now + 30_000, now),
+            !lease_orphaned(Holder::Unseen, now + 30_000, now, LEASE),
             "a fresh lease"
         );
-        assert!(lease_orphaned(Holder::Unseen, now - 1, now), "run out");
+        assert!(
+            lease_orphaned(Holder::Unseen, now - 1, now, LEASE),
+            "run out"
+        );
         // The clock set back an hour: the lease of a holder out of sight would look fresh for an hour.
-        assert!(lease_orphaned(Holder::Unseen, now + hour, now));
+        assert!(lease_orphaned(Holder::Unseen, now + hour, now, LEASE));
     }
 }
