@@ -629,6 +629,41 @@ impl CloudConfig {
     }
 }
 
+/// A `storage.database` that is a URL rather than a file path: said, with any password in it hidden,
+/// instead of being taken for a file name (a SQLite file called `postgresql:` would be made without a
+/// word).
+fn database_url_problem(database: &Path) -> Option<String> {
+    let text = database.to_str()?;
+    let (scheme, _) = text.split_once("://")?;
+    if scheme.is_empty()
+        || !scheme
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "+-.".contains(c))
+    {
+        return None;
+    }
+    let shown = match url::Url::parse(text) {
+        Ok(mut u) => {
+            if u.password().is_some() {
+                let _ = u.set_password(Some("***"));
+            }
+            u.to_string()
+        }
+        Err(_) => format!("{scheme}://..."),
+    };
+    Some(if matches!(scheme, "postgres" | "postgresql") {
+        format!(
+            "storage.database = {shown}: a PostgreSQL store (several daemons sharing one database) is not \
+             in this version of mastsub yet; give the path of a SQLite file, such as mastsub.db"
+        )
+    } else {
+        format!(
+            "storage.database = {shown}: a {scheme}:// URL is not a database mastsub can open; give the \
+             path of a SQLite file, such as mastsub.db"
+        )
+    })
+}
+
 /// Whether an environment variable is a configuration override: `MASTSUB_<SECTION>__<KEY>`.
 pub fn is_override(name: &str) -> bool {
     name.strip_prefix(ENV_PREFIX)
@@ -759,6 +794,9 @@ impl Config {
         }
         if self.mast.token.is_some() && self.mast.token_file.is_some() {
             problems.push("mast.token and mast.token_file are both set: keep one".into());
+        }
+        if let Some(problem) = database_url_problem(&self.storage.database) {
+            problems.push(problem);
         }
         if self.download.lease < Duration::from_secs(3) {
             problems.push(format!(
@@ -1086,6 +1124,27 @@ mod tests {
         };
         assert_eq!(problems.len(), 1, "{problems:?}");
         assert!(problems[0].contains("no product could use the bucket"));
+    }
+
+    #[test]
+    fn a_database_url_is_refused_with_its_password_hidden() {
+        let mut c = Config::default();
+        c.storage.database =
+            PathBuf::from("postgresql://mastsub:s3cr3t-pw@db.example:5432/mastsub");
+        let Err(ConfigError::Invalid(problems)) = c.validate() else {
+            panic!("expected invalid")
+        };
+        let all = problems.join("\n");
+        assert!(all.contains("db.example:5432/mastsub"), "{all}");
+        assert!(all.contains("PostgreSQL store"), "{all}");
+        assert!(!all.contains("s3cr3t-pw"), "{all}");
+        c.storage.database = PathBuf::from("mysql://u@h/db");
+        assert!(c.validate().is_err());
+        // Paths, however odd, are paths.
+        for path in ["mastsub.db", "/var/lib/mastsub/x:y.db", "data/a://b.db"] {
+            c.storage.database = PathBuf::from(path);
+            c.validate().unwrap();
+        }
     }
 
     #[test]

@@ -319,3 +319,36 @@ fn a_next_attempt_further_ahead_than_any_delay_is_due_now_and_one_within_retry_m
     );
     assert_identical(&ws, &files);
 }
+
+#[test]
+fn a_database_url_is_refused_not_taken_for_a_file_name_and_its_password_never_shown() {
+    let ws = Workspace::new();
+    let url = "postgresql://mastsub:pw-never-shown@127.0.0.1:5432/mastsub";
+    for args in [vec!["run"], vec!["status"], vec!["check-config"]] {
+        let out = ws
+            .cmd()
+            .args(&args)
+            .env("MASTSUB_STORAGE__DATABASE", url)
+            .timeout(Duration::from_secs(20))
+            .output()
+            .unwrap();
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(!out.status.success(), "{args:?}: {text}");
+        assert!(
+            text.contains("storage.database = postgresql://mastsub:***@127.0.0.1:5432/mastsub"),
+            "{text}"
+        );
+        assert!(!text.contains("pw-never-shown"), "{args:?}: {text}");
+    }
+    let made: Vec<String> = ws
+        .files_in(".")
+        .into_iter()
+        .filter(|f| f.starts_with("postgres"))
+        .collect();
+    assert!(made.is_empty(), "{made:?}");
+    assert!(!ws.path("postgresql:").exists());
+}
