@@ -56,6 +56,18 @@ fn cloud_config(bucket_url: &str, extra: &str) -> String {
     format!("[cloud]\nenabled = true\nbucket_url = {bucket_url:?}\n{extra}\n")
 }
 
+/// A workspace on `mast` with `[cloud]` on `bucket`.
+fn workspace(mast: &MastStandIn, bucket: &MastStandIn) -> Workspace {
+    Workspace::with_base(&mast.base_url, &cloud_config(&bucket.base_url, ""))
+}
+
+/// ...and its daemon, watching its inbox.
+fn watching(mast: &MastStandIn, bucket: &MastStandIn) -> (Workspace, Daemon) {
+    let ws = workspace(mast, bucket);
+    let d = Daemon::start_watching(&ws);
+    (ws, d)
+}
+
 fn list(ws: &Workspace) -> Vec<Value> {
     let out = ws.cmd().args(["list", "--json"]).output().unwrap();
     assert!(out.status.success());
@@ -175,8 +187,7 @@ fn a_product_the_bucket_lacks_comes_from_mast_and_one_not_in_the_cloud_never_ask
         ),
         None,
     );
-    let ws = Workspace::with_base(&mast.base_url, &cloud_config(&bucket.base_url, ""));
-    let d = Daemon::start_watching(&ws);
+    let (ws, d) = watching(&mast, &bucket);
     ws.drop_notice("three.json", &notice);
     wait_done(&ws, &d, 3, Duration::from_secs(30));
     assert_identical(&ws, &files);
@@ -328,8 +339,7 @@ fn bucket_bytes_that_do_not_match_its_etag_or_checksum_are_refused_and_mast_give
         };
         bucket.put_object(key, damaged, object);
     }
-    let ws = Workspace::with_base(&mast.base_url, &cloud_config(&bucket.base_url, ""));
-    let d = Daemon::start_watching(&ws);
+    let (ws, d) = watching(&mast, &bucket);
     ws.drop_notice("damaged.json", &notice);
     wait_done(&ws, &d, 2, Duration::from_secs(30));
     assert_identical(&ws, &files);
@@ -399,8 +409,7 @@ fn a_kill_9_mid_transfer_from_the_bucket_resumes_from_the_bucket() {
         slow: Some(Duration::from_millis(20)),
         ..Faults::default()
     });
-    let ws = Workspace::with_base(&mast.base_url, &cloud_config(&bucket.base_url, ""));
-    let mut d = Daemon::start_watching(&ws);
+    let (ws, mut d) = watching(&mast, &bucket);
     ws.drop_notice("big.json", &notice);
     let part = ws.path("mastDownload").join(format!("{}.part", files[0].0));
     assert!(
@@ -459,8 +468,7 @@ fn a_public_event_for_a_product_already_from_mast_is_not_fetched_again_and_a_sta
             ..Object::default()
         },
     );
-    let ws = Workspace::with_base(&mast.base_url, &cloud_config(&bucket.base_url, ""));
-    let d = Daemon::start_watching(&ws);
+    let (ws, d) = watching(&mast, &bucket);
     ws.drop_notice("new.json", &new);
     wait_done(&ws, &d, 1, Duration::from_secs(20));
     assert_eq!(product_requests(&mast), 1);
@@ -503,8 +511,7 @@ fn a_broken_path_look_up_sends_products_to_mast_unless_cloud_only() {
         Some(Object::default())
     });
     mast.break_lookups(true);
-    let ws = Workspace::with_base(&mast.base_url, &cloud_config(&bucket.base_url, ""));
-    let d = Daemon::start_watching(&ws);
+    let (ws, d) = watching(&mast, &bucket);
     ws.drop_notice("n.json", &notice);
     wait_done(&ws, &d, 3, Duration::from_secs(20));
     assert_identical(&ws, &files);
@@ -597,7 +604,7 @@ fn a_bucket_that_is_down_gets_its_attempts_then_mast_gives_the_product(
         retry_after: 0,
         ..Faults::default()
     });
-    let ws = Workspace::with_base(&mast.base_url, &cloud_config(&bucket.base_url, ""));
+    let ws = workspace(&mast, &bucket);
     let d = Daemon::start_with_env(
         &ws,
         &[("MASTSUB_DOWNLOAD__MAX_ATTEMPTS", &max_attempts.to_string())],
@@ -636,8 +643,7 @@ fn an_answer_no_retry_would_change_sends_the_attempt_to_mast_at_once() {
         status: Some(301),
         ..Faults::default()
     });
-    let ws = Workspace::with_base(&mast.base_url, &cloud_config(&bucket.base_url, ""));
-    let d = Daemon::start_watching(&ws);
+    let (ws, d) = watching(&mast, &bucket);
     ws.drop_notice("n.json", &notice);
     wait_done(&ws, &d, 2, Duration::from_secs(20));
     assert_identical(&ws, &files);
@@ -669,7 +675,7 @@ fn a_part_file_from_one_source_is_never_continued_from_the_other() {
     bucket.set_faults(slow);
     // 1. MAST (the look-up fails), killed mid-transfer.
     mast.break_lookups(true);
-    let ws = Workspace::with_base(&mast.base_url, &cloud_config(&bucket.base_url, ""));
+    let ws = workspace(&mast, &bucket);
     let part = ws.path("mastDownload").join(format!("{}.part", files[0].0));
     let mid_transfer = |ws: &Workspace| {
         wait_until(Duration::from_secs(30), || {
