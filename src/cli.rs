@@ -124,7 +124,10 @@ pub fn main(cli: Cli) -> ExitCode {
     match result {
         Ok(code) => code,
         Err(e) => {
-            tracing::error!("{e:#}");
+            // The daemon's log (the journal) gets it too; a command's log is this same terminal.
+            if daemon {
+                tracing::error!("{e:#}");
+            }
             eprintln!("mastsub: {e:#}");
             ExitCode::from(2)
         }

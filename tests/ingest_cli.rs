@@ -247,4 +247,19 @@ fn status_and_list_never_create_a_database() {
         !ws.db().exists(),
         "a read-only command created the database"
     );
+    // Said once, not once per layer of the error.
+    let out = ws.cmd().arg("status").output().unwrap();
+    let text = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(text.contains("mastsub.db: run `mastsub run` or `mastsub ingest` first"), "{text}");
+    assert_eq!(text.matches("no such database").count(), 1, "{text}");
+    // An empty file, or another program's SQLite database, is not taken for one.
+    std::fs::write(ws.db(), b"").unwrap();
+    for args in [&["status"][..], &["list"]] {
+        ws.cmd()
+            .args(args)
+            .assert()
+            .code(2)
+            .stderr(predicates::str::contains("is not a mastsub database"));
+    }
+    assert_eq!(std::fs::metadata(ws.db()).unwrap().len(), 0);
 }

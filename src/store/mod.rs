@@ -532,6 +532,24 @@ pub enum StoreError {
         #[source]
         source: sqlx::Error,
     },
+    /// A command that only reads found no database at the path.
+    #[error(
+        "no such database {path}: run `mastsub run` or `mastsub ingest` first, or check storage.database \
+         (and --config)"
+    )]
+    Missing {
+        /// The file.
+        path: String,
+    },
+    /// The file at the path is not a mastsub database (another program's SQLite file, an empty file).
+    #[error(
+        "{path} is not a mastsub database (it has none of mastsub's tables); check storage.database \
+         (and --config)"
+    )]
+    NotOurs {
+        /// The file.
+        path: String,
+    },
     /// Applying migrations.
     #[error("cannot bring the database {path} up to date: {source}")]
     Migrate {

@@ -147,10 +147,7 @@ impl SqliteStore {
             source,
         };
         if !path.is_file() {
-            return Err(open_err(sqlx::Error::Io(std::io::Error::new(
-                std::io::ErrorKind::NotFound,
-                "no such database (run `mastsub run` or `mastsub ingest` first, or check storage.database)",
-            ))));
+            return Err(StoreError::Missing { path: shown });
         }
         let options = SqliteConnectOptions::from_str("sqlite:")
             .map_err(open_err)?
@@ -162,6 +159,16 @@ impl SqliteStore {
             .connect_with(options)
             .await
             .map_err(open_err)?;
+        // Another program's SQLite file (or an empty one) would fail later with "no such table".
+        let ours: Option<String> = sqlx::query_scalar(
+            "SELECT name FROM sqlite_master WHERE type = 'table' AND name = 'downloads'",
+        )
+        .fetch_optional(&readers)
+        .await
+        .map_err(open_err)?;
+        if ours.is_none() {
+            return Err(StoreError::NotOurs { path: shown });
+        }
         Ok(SqliteStore {
             path: path.to_path_buf(),
             writer: readers.clone(),
