@@ -250,7 +250,10 @@ fn status_and_list_never_create_a_database() {
     // Said once, not once per layer of the error.
     let out = ws.cmd().arg("status").output().unwrap();
     let text = String::from_utf8_lossy(&out.stderr).to_string();
-    assert!(text.contains("mastsub.db: run `mastsub run` or `mastsub ingest` first"), "{text}");
+    assert!(
+        text.contains("mastsub.db: run `mastsub run` or `mastsub ingest` first"),
+        "{text}"
+    );
     assert_eq!(text.matches("no such database").count(), 1, "{text}");
     // An empty file, or another program's SQLite database, is not taken for one.
     std::fs::write(ws.db(), b"").unwrap();

@@ -635,6 +635,7 @@ fn cloud_look_ups_are_kept_and_where_bytes_came_from_is_recorded(#[case] backend
             etag: Some("\"e\"".into()),
             last_modified: None,
             origin: Some(cloud.clone()),
+            checksum: Some("x-amz-checksum-crc64nvme:AAAAAAAAAAA=".into()),
         };
         assert!(
             store
@@ -671,6 +672,10 @@ fn cloud_look_ups_are_kept_and_where_bytes_came_from_is_recorded(#[case] backend
         assert_eq!(ended, vec![true, true]);
         assert_eq!(again[0].id, jobs[0].id);
         assert_eq!(again[0].source.as_deref(), Some("cloud"));
+        assert_eq!(
+            again[0].checksum.as_deref(),
+            Some("x-amz-checksum-crc64nvme:AAAAAAAAAAA=")
+        );
         let rows = store.list_downloads(None).await.unwrap();
         let row = |id| rows.iter().find(|r| r.id == id).unwrap();
         assert_eq!(

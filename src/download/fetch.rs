@@ -144,6 +144,9 @@ struct Validator {
     etag: Option<String>,
     last_modified: Option<String>,
     origin: Option<Origin>,
+    /// From the bucket: the cheapest whole-object checksum it gave (`header:value`), which a 206 does not
+    /// carry.
+    checksum: Option<String>,
 }
 
 impl Validator {
@@ -154,10 +157,22 @@ impl Validator {
                 .and_then(|v| v.to_str().ok())
                 .map(str::to_string)
         };
+        let checksum = (origin.source == "cloud")
+            .then(|| {
+                verify::digest::Algorithm::ALL.iter().find_map(|(_, name)| {
+                    headers
+                        .get(*name)
+                        .and_then(|v| v.to_str().ok())
+                        .filter(|v| !v.contains('-'))
+                        .map(|v| format!("{name}:{v}"))
+                })
+            })
+            .flatten();
         Validator {
             etag: get(header::ETAG),
             last_modified: get(header::LAST_MODIFIED),
             origin: Some(origin.clone()),
+            checksum,
         }
     }
 
@@ -491,24 +506,20 @@ impl Transfer {
                                 && (first_total.is_none() || total == first_total) =>
                         {
                             let response = self.refuse_wrong_body(job, response).await?;
+                            let validator = Validator {
+                                etag: fresh.etag.or(stored.etag.clone()),
+                                last_modified: fresh.last_modified.or(stored.last_modified.clone()),
+                                origin: Some(origin.clone()),
+                                // Of the same version (same ETag): the first answer's.
+                                checksum: stored.checksum.clone(),
+                            };
                             return Ok(Answer::Body {
                                 response,
                                 start,
                                 total,
                                 framed: true,
-                                expect: s3_digests(
-                                    route,
-                                    &fresh.etag.clone().or(stored.etag.clone()),
-                                    &headers,
-                                    false,
-                                ),
-                                validator: Validator {
-                                    etag: fresh.etag.or(stored.etag.clone()),
-                                    last_modified: fresh
-                                        .last_modified
-                                        .or(stored.last_modified.clone()),
-                                    origin: Some(origin.clone()),
-                                },
+                                expect: s3_digests(route, &validator, &headers, false),
+                                validator,
                             });
                         }
                         Some((Some(start), total)) if start == offset && same_version => {
@@ -537,7 +548,7 @@ impl Transfer {
                     return Ok(Answer::Body {
                         total: response.content_length(),
                         framed: response.content_length().is_some() || chunked(&headers),
-                        expect: s3_digests(route, &validator.etag, &headers, true),
+                        expect: s3_digests(route, &validator, &headers, true),
                         validator,
                         response,
                         start: 0,
@@ -549,7 +560,7 @@ impl Transfer {
                     {
                         return Ok(Answer::AlreadyWhole {
                             total,
-                            expect: s3_digests(route, &stored.etag, &headers, false),
+                            expect: s3_digests(route, stored, &headers, false),
                         });
                     }
                     _ => {
@@ -688,6 +699,7 @@ impl Transfer {
                 },
                 url: String::new(),
             }),
+            checksum: job.checksum.clone(),
         };
         // Its validator holds only where its bytes came from: a `.part` of the other source is started
         // over.
@@ -1005,6 +1017,7 @@ impl Transfer {
             etag: v.etag.clone(),
             last_modified: v.last_modified.clone(),
             origin: v.origin.clone(),
+            checksum: v.checksum.clone(),
         };
         let (store, owner, id, until) = (
             Arc::clone(&self.store),
@@ -1059,7 +1072,7 @@ impl Transfer {
 /// also on a 206) and, on a whole answer (`whole`), the `x-amz-checksum-*` headers.
 fn s3_digests(
     route: &Route,
-    etag: &Option<String>,
+    validator: &Validator,
     headers: &HeaderMap,
     whole: bool,
 ) -> Option<verify::digest::Expected> {
@@ -1073,10 +1086,16 @@ fn s3_digests(
             .filter_map(|(_, h)| text(h).map(|v| (*h, v)))
             .collect()
     } else {
-        Vec::new()
+        // A part of the object: the checksum the first, whole answer gave.
+        validator
+            .checksum
+            .as_deref()
+            .and_then(|c| c.split_once(':'))
+            .into_iter()
+            .collect()
     };
     Some(verify::digest::Expected::from_s3(
-        etag.as_deref(),
+        validator.etag.as_deref(),
         text("x-amz-server-side-encryption")
             .or(text("x-amz-server-side-encryption-customer-algorithm").map(|_| "customer")),
         &sums,
@@ -1501,12 +1520,14 @@ mod tests {
             etag: Some("W/\"x\"".into()),
             last_modified: Some("Tue, 01 Dec 2026 10:00:00 GMT".into()),
             origin: None,
+            checksum: None,
         };
         assert_eq!(v.if_range(), Some("Tue, 01 Dec 2026 10:00:00 GMT"));
         let none = Validator {
             etag: Some("W/\"x\"".into()),
             last_modified: None,
             origin: None,
+            checksum: None,
         };
         assert_eq!(none.if_range(), None);
     }

@@ -203,6 +203,7 @@ mod tests {
             not_found_since: None,
             waiting_reason: None,
             source: None,
+            checksum: None,
         }
     }
 

@@ -425,6 +425,9 @@ pub struct Job {
     pub waiting_reason: Option<String>,
     /// Where the bytes in its `.part` file came from (`cloud` or `mast`), if any were recorded.
     pub source: Option<String>,
+    /// The bucket's whole-object checksum of those bytes (`x-amz-checksum-crc64nvme:<base64>`), if it
+    /// gave one.
+    pub checksum: Option<String>,
 }
 
 impl Job {
@@ -450,6 +453,8 @@ pub struct Progress {
     pub last_modified: Option<String>,
     /// Where those bytes come from.
     pub origin: Option<Origin>,
+    /// The bucket's whole-object checksum of the object they are from (`header:value`), if any.
+    pub checksum: Option<String>,
 }
 
 /// Where a job's bytes come from: the source (`cloud`, the open-data bucket, or `mast`) and the URL.

@@ -334,6 +334,7 @@ impl SqliteStore {
             not_found_since: row.try_get("not_found_since").map_err(&err)?,
             waiting_reason: row.try_get("waiting_reason").map_err(&err)?,
             source: row.try_get("source").map_err(&err)?,
+            checksum: row.try_get("checksum").map_err(&err)?,
         })
     }
 
@@ -537,12 +538,12 @@ const CLAIM: &str = "
         LIMIT 1)
     RETURNING id, product, mission, filename, program, event_type, version, url, local_path, attempts,
               bytes_expected, bytes_done, etag, last_modified, verify_failures, not_found_since, waiting_reason,
-              source";
+              source, checksum";
 
 const PROGRESS: &str = "
     UPDATE downloads SET
         bytes_done = ?3, bytes_expected = ?4, etag = ?5, last_modified = ?6, lease_expires_at = ?7,
-        updated_at = ?8, source = ?9, fetched_from = ?10
+        updated_at = ?8, source = ?9, fetched_from = ?10, checksum = ?11
     WHERE id = ?1 AND lease_owner = ?2 AND state = 'running'";
 
 const RENEW_LEASE: &str = "
@@ -1321,6 +1322,7 @@ impl Store for SqliteStore {
             .bind(now_ms())
             .bind(p.origin.as_ref().map(|o| o.source))
             .bind(p.origin.as_ref().map(|o| o.url.as_str()))
+            .bind(&p.checksum)
             .execute(&self.writer)
             .await
             .map_err(self.query_err())?;
