@@ -200,19 +200,21 @@ pub fn render_list(rows: &[DownloadRow]) -> String {
         return "no downloads\n".to_string();
     }
     let mut out = format!(
-        "{:>6}  {:<10}  {:<11}  {:>7}  {:>8}  {:>10}  {}\n",
-        "ID", "STATE", "EVENT", "PROGRAM", "ATTEMPTS", "BYTES", "PATH"
+        "{:>6}  {:<10}  {:<11}  {:>7}  {:>8}  {:>10}  {:<5}  {}\n",
+        "ID", "STATE", "EVENT", "PROGRAM", "ATTEMPTS", "BYTES", "FROM", "PATH"
     );
     for r in rows {
         let _ = write!(
             out,
-            "{:>6}  {:<10}  {:<11}  {:>7}  {:>8}  {:>10}  {}",
+            "{:>6}  {:<10}  {:<11}  {:>7}  {:>8}  {:>10}  {:<5}  {}",
             r.id,
             r.state.as_str(),
             r.event_type,
             r.program,
             r.attempts,
             human_bytes(r.bytes_done as u64),
+            // Where its bytes came from: the cloud bucket or MAST ("-": none yet).
+            r.source.as_deref().unwrap_or("-"),
             r.local_path
         );
         if let (Some(e), DownloadState::Failed | DownloadState::NeedsAuth) =

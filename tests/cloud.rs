@@ -222,6 +222,16 @@ fn a_product_the_bucket_lacks_comes_from_mast_and_one_not_in_the_cloud_never_ask
         ]
         .map(|(a, b)| (a.to_string(), b.to_string()))
     );
+    // `list` for a terminal says it too, in its FROM column (before the path).
+    let out = ws.cmd().arg("list").output().unwrap();
+    let table = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(table.lines().next().unwrap().contains(" FROM "), "{table}");
+    let from: Vec<&str> = table
+        .lines()
+        .skip(1)
+        .map(|l| l.split_whitespace().rev().nth(1).unwrap_or(""))
+        .collect();
+    assert_eq!(from, ["cloud", "mast", "mast"], "{table}");
     let log = d.log();
     assert_eq!(
         log.matches("the cloud bucket has no object").count(),
