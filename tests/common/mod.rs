@@ -10,6 +10,7 @@ pub mod imap_server;
 pub mod mast;
 pub mod moto;
 pub mod nginx;
+pub mod postgres;
 pub mod smtp;
 
 use std::io::{BufRead, BufReader, Read, Write};
