@@ -99,6 +99,8 @@ pub struct Config {
     pub hooks: HooksConfig,
     /// Public products from STScI's open-data bucket first, MAST as the fall-back.
     pub cloud: CloudConfig,
+    /// This daemon as a member of several sharing one store.
+    pub cluster: ClusterConfig,
     /// Logging.
     pub log: LogConfig,
 }
@@ -590,6 +592,27 @@ impl Default for HooksConfig {
     }
 }
 
+/// `[cluster]`
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ClusterConfig {
+    /// This member's name (unset: the host name): the first part of its lease owner names.
+    pub node: Option<String>,
+}
+
+impl ClusterConfig {
+    /// `node`, or the host name.
+    pub fn node_name(&self) -> String {
+        self.node.clone().unwrap_or_else(|| {
+            nix::unistd::gethostname()
+                .ok()
+                .and_then(|h| h.into_string().ok())
+                .filter(|h| !h.is_empty() && !h.contains(':'))
+                .unwrap_or_else(|| "localhost".into())
+        })
+    }
+}
+
 /// `[cloud]`: public products from an S3 bucket (STScI's open-data bucket by default) instead of MAST's
 /// servers, as astroquery's `Observations.enable_cloud_dataset()` does.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -794,6 +817,18 @@ impl Config {
         }
         if self.mast.token.is_some() && self.mast.token_file.is_some() {
             problems.push("mast.token and mast.token_file are both set: keep one".into());
+        }
+        if let Some(node) = &self.cluster.node
+            && (node.is_empty()
+                || node.len() > 64
+                || node
+                    .chars()
+                    .any(|c| c == ':' || c.is_whitespace() || c.is_control()))
+        {
+            problems.push(format!(
+                "cluster.node = {node:?}: a name of 1 to 64 characters without ':', spaces or control \
+                 characters"
+            ));
         }
         if let Some(problem) = database_url_problem(&self.storage.database) {
             problems.push(problem);

@@ -661,20 +661,28 @@ fn a_notice_queues_its_downloads_at_once_not_at_the_next_sweep() {
     assert_identical(&ws, &files);
 }
 
-#[test]
-fn a_job_held_out_of_sight_is_taken_over_once_download_lease_has_run_out() {
+/// Held by a worker on another host; by one of this host's name on another machine (a container, a
+/// cluster member named alike), whose pid means nothing here though no such process exists here; and by
+/// an owner named before machines were.
+#[rstest::rstest]
+#[case::another_host("elsewhere:4242:0000abcd:0123456789abcdef")]
+#[case::this_host_name_another_machine("{host}:4194305:0000abcd:0000000000000000")]
+#[case::an_older_owner_name("{host}:4194305:0000abcd")]
+fn a_job_held_out_of_sight_is_taken_over_once_download_lease_has_run_out(#[case] owner: &str) {
+    let host = nix::unistd::gethostname().unwrap().into_string().unwrap();
+    let owner = owner.replace("{host}", &host);
     let mast = MastStandIn::start();
     let (notice, files) = serve_products(&mast, 1, 1, 10);
     let ws = Workspace::with_base(&mast.base_url, "");
     let path = ws.write_notice("n.json", &notice);
     ws.cmd().arg("ingest").arg(&path).assert().success();
-    // Held by a worker on another host (which no process check here can see), its lease 4 s from now.
+    // Its lease runs out 4 s from now.
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .as_millis() as i64;
     ws.execute(&format!(
-        "UPDATE downloads SET state = 'running', attempts = 1, lease_owner = 'elsewhere:4242:0000abcd', \
+        "UPDATE downloads SET state = 'running', attempts = 1, lease_owner = '{owner}', \
          lease_expires_at = {}",
         now + 4000
     ));

@@ -53,13 +53,45 @@ const ROOM_LOOK: Duration = Duration::from_secs(1);
 /// A summary line this often while there is work.
 const SUMMARY_EVERY: Duration = Duration::from_secs(60);
 
-/// `host:pid:nonce`: the lease owner name of this process's pool.
-fn owner_name() -> String {
-    let host = nix::unistd::gethostname()
-        .ok()
-        .and_then(|h| h.into_string().ok())
-        .unwrap_or_else(|| "localhost".into());
-    format!("{host}:{}:{:08x}", std::process::id(), now_ms() as u32)
+/// `node:pid:nonce:machine`: the lease owner name of this process's pool, `node` being `[cluster] node`
+/// (the host name by default) and `machine` [`this_machine`].
+fn owner_name(node: &str) -> String {
+    format!(
+        "{node}:{}:{:08x}:{}",
+        std::process::id(),
+        now_ms() as u32,
+        this_machine().unwrap_or("unknown")
+    )
+}
+
+/// What makes a pid mean this process table: the machine (`/etc/machine-id`), its boot
+/// (`/proc/sys/kernel/random/boot_id`) and the pid namespace (`/proc/self/ns/pid`), as 16 hex digits of
+/// their SHA-256. A host name is no such thing (two containers, or two hosts of a cluster, may share
+/// one), nor is a machine-id alone (a copied image, a reboot). `None` when any of them cannot be read:
+/// then no holder is ever judged by its pid.
+fn this_machine() -> Option<&'static str> {
+    static MACHINE: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+    MACHINE
+        .get_or_init(|| {
+            use sha2::Digest;
+            let machine_id = std::fs::read_to_string("/etc/machine-id")
+                .or_else(|_| std::fs::read_to_string("/var/lib/dbus/machine-id"))
+                .ok()
+                .filter(|m| !m.trim().is_empty())?;
+            let boot_id = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").ok()?;
+            let pid_ns = std::fs::read_link("/proc/self/ns/pid").ok()?;
+            let digest = sha2::Sha256::digest(
+                format!(
+                    "{}\n{}\n{}",
+                    machine_id.trim(),
+                    boot_id.trim(),
+                    pid_ns.display()
+                )
+                .as_bytes(),
+            );
+            Some(hex::encode(&digest[..8]))
+        })
+        .as_deref()
 }
 
 /// What the pool can tell of the holder of a lease.
@@ -76,18 +108,18 @@ enum Holder {
     Unseen,
 }
 
-/// Who holds a lease named `owner` (`host:pid:nonce`), seen from the pool named `me`.
+/// Who holds a lease named `owner` (`node:pid:nonce:machine`), seen from the pool named `me`. Its pid
+/// is looked at only when its machine is certainly this one (the same machine, boot and pid namespace);
+/// any other holder, an older owner name without a machine among them, is judged by its lease.
 fn holder(owner: &str, me: &str) -> Holder {
     if owner == me {
         return Holder::Alive;
     }
-    let mut parts = owner.rsplitn(3, ':');
-    let (_nonce, pid, host) = (parts.next(), parts.next(), parts.next());
-    let this_host = nix::unistd::gethostname()
-        .ok()
-        .and_then(|h| h.into_string().ok());
-    match (host, pid.and_then(|p| p.parse::<i32>().ok())) {
-        (Some(host), Some(pid)) if Some(host) == this_host.as_deref() => {
+    let mut parts = owner.rsplitn(4, ':');
+    let (machine, _nonce, pid) = (parts.next(), parts.next(), parts.next());
+    let here = this_machine().is_some_and(|m| machine == Some(m)) && parts.next().is_some();
+    match pid.and_then(|p| p.parse::<i32>().ok()) {
+        Some(pid) if here => {
             if pid as u32 == std::process::id() {
                 return Holder::Unseen;
             }
@@ -184,7 +216,7 @@ pub async fn run(
         }
     };
     let base = url::Url::parse(&config.mast.base_url)?;
-    let owner = owner_name();
+    let owner = owner_name(&config.cluster.node_name());
     let publication = publish::Publication::start(publish::Context {
         store: store.clone(),
         owner: owner.clone(),
@@ -668,26 +700,41 @@ mod tests {
     use super::*;
 
     #[test]
-    fn only_a_vanished_process_on_this_host_is_gone_and_this_pool_is_alive() {
+    fn only_a_vanished_process_of_this_machine_is_gone_and_this_pool_is_alive() {
         let host = nix::unistd::gethostname().unwrap().into_string().unwrap();
-        let me = owner_name();
+        let here = this_machine().expect("this machine can be told");
+        assert_eq!(here.len(), 16);
+        let me = owner_name("node-a");
+        assert!(me.starts_with("node-a:") && me.ends_with(here), "{me}");
         assert_eq!(holder(&me, &me), Holder::Alive, "this very pool");
         assert_eq!(
-            holder(&format!("{host}:{}:0000abcd", std::process::id()), &me),
+            holder(
+                &format!("node-a:{}:0000abcd:{here}", std::process::id()),
+                &me
+            ),
             Holder::Unseen,
             "an earlier pool of this process"
         );
         // Pid 2^22 + 1 is above Linux's pid_max: no such process.
         assert_eq!(
-            holder(&format!("{host}:4194305:0000abcd"), &me),
+            holder(&format!("node-b:4194305:0000abcd:{here}"), &me),
             Holder::Gone
         );
         // Pid 1 lives, but runs another program: a pid taken by someone else since.
-        assert_eq!(holder(&format!("{host}:1:0000abcd"), &me), Holder::Gone);
         assert_eq!(
-            holder("another-host:4194305:0000abcd", &me),
+            holder(&format!("node-b:1:0000abcd:{here}"), &me),
+            Holder::Gone
+        );
+        // The same host name on another machine (or boot, or container): its pids are not ours.
+        assert_eq!(
+            holder(&format!("{host}:4194305:0000abcd:0000000000000000"), &me),
             Holder::Unseen,
             "a process elsewhere is not ours to judge"
+        );
+        // An owner name from before machines were named: by its lease only, whatever its host.
+        assert_eq!(
+            holder(&format!("{host}:4194305:0000abcd"), &me),
+            Holder::Unseen
         );
         assert_eq!(holder("garbage", &me), Holder::Unseen);
     }
