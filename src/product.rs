@@ -59,6 +59,11 @@ impl UrlBuilder {
         }
     }
 
+    /// MAST's path look-up, which says where products are in the cloud bucket (`[cloud]`).
+    pub fn path_lookup(&self) -> String {
+        format!("{}/api/v0.1/path_lookup/", self.prefix)
+    }
+
     /// The URL of the product on MAST: `retrieve_product` for the missions served by it, else
     /// `Download/file` with the record's own `mast:` URI or one made from mission and file name.
     pub fn url(&self, event: &Event) -> String {
@@ -156,6 +161,11 @@ mod tests {
         assert_eq!(
             u.as_str(),
             "http://127.0.0.1:8080/mast/api/v0.1/Download/file?uri=mast%3ATESS%2Fproduct%2Ft.fits"
+        );
+        // The path look-up moves with the base, a mirror's prefix kept.
+        assert_eq!(
+            UrlBuilder::new(&base).path_lookup(),
+            "http://127.0.0.1:8080/mast/api/v0.1/path_lookup/"
         );
     }
 

@@ -76,6 +76,14 @@ pub struct Live {
 }
 
 impl Vitals {
+    /// The products published from `source`.
+    pub fn published_from(&self, source: crate::store::Provenance) -> &Published {
+        match source {
+            crate::store::Provenance::Cloud => &self.from_cloud,
+            crate::store::Provenance::Mast => &self.from_mast,
+        }
+    }
+
     /// Records a turn of the download pool.
     pub fn downloads_alive(&self) {
         self.downloads_beat.store(now_ms(), Ordering::Relaxed);

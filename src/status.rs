@@ -214,7 +214,7 @@ pub fn render_list(rows: &[DownloadRow]) -> String {
             r.attempts,
             human_bytes(r.bytes_done as u64),
             // Where its bytes came from: the cloud bucket or MAST ("-": none yet).
-            r.source.as_deref().unwrap_or("-"),
+            r.source.map_or("-", |s| s.as_str()),
             r.local_path
         );
         if let (Some(e), DownloadState::Failed | DownloadState::NeedsAuth) =

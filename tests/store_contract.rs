@@ -10,8 +10,8 @@ use mastsub::categorize::Categorizer;
 use mastsub::config::EventsConfig;
 use mastsub::notice::{self, Event, Limits};
 use mastsub::store::{
-    DownloadState, Finish, IngestOutcome, NoticeMeta, NoticeStatus, SourceHealth, SourceKind,
-    SqliteStore, Store,
+    DownloadState, Finish, IngestOutcome, NoticeMeta, NoticeStatus, Provenance, SourceHealth,
+    SourceKind, SqliteStore, Store,
 };
 use rstest::rstest;
 use serde_json::{Value, json};
@@ -626,7 +626,7 @@ fn cloud_look_ups_are_kept_and_where_bytes_came_from_is_recorded(#[case] backend
         assert_eq!(jobs.len(), 2);
         assert!(jobs.iter().all(|j| j.source.is_none()));
         let cloud = mastsub::store::Origin {
-            source: "cloud",
+            source: Provenance::Cloud,
             url: "https://bucket.example/jwst/public/a.fits".into(),
         };
         let progress = mastsub::store::Progress {
@@ -655,7 +655,7 @@ fn cloud_look_ups_are_kept_and_where_bytes_came_from_is_recorded(#[case] backend
             bytes: 10,
             verified: "FITS".into(),
             origin: Some(mastsub::store::Origin {
-                source: "mast",
+                source: Provenance::Mast,
                 url: jobs[1].url.clone(),
             }),
         };
@@ -671,7 +671,7 @@ fn cloud_look_ups_are_kept_and_where_bytes_came_from_is_recorded(#[case] backend
             .unwrap();
         assert_eq!(ended, vec![true, true]);
         assert_eq!(again[0].id, jobs[0].id);
-        assert_eq!(again[0].source.as_deref(), Some("cloud"));
+        assert_eq!(again[0].source, Some(Provenance::Cloud));
         assert_eq!(
             again[0].checksum.as_deref(),
             Some("x-amz-checksum-crc64nvme:AAAAAAAAAAA=")
@@ -682,7 +682,7 @@ fn cloud_look_ups_are_kept_and_where_bytes_came_from_is_recorded(#[case] backend
             row(jobs[0].id).fetched_from.as_deref(),
             Some(cloud.url.as_str())
         );
-        assert_eq!(row(jobs[1].id).source.as_deref(), Some("mast"));
+        assert_eq!(row(jobs[1].id).source, Some(Provenance::Mast));
         assert_eq!(
             row(jobs[1].id).fetched_from.as_deref(),
             Some(jobs[1].url.as_str())

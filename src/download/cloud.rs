@@ -26,7 +26,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::config::CloudConfig;
-use crate::store::{CloudPath, Job, Store, now_ms};
+use crate::store::{CloudPath, Job, Provenance, Store, now_ms};
 
 use super::error::FetchError;
 
@@ -76,11 +76,11 @@ impl Route {
         }
     }
 
-    /// `cloud` or `mast`, as stored in `downloads.source`.
-    pub fn source(&self) -> &'static str {
+    /// MAST or the bucket.
+    pub fn source(&self) -> Provenance {
         match self {
-            Route::Mast => "mast",
-            Route::Cloud { .. } => "cloud",
+            Route::Mast => Provenance::Mast,
+            Route::Cloud { .. } => Provenance::Cloud,
         }
     }
 }
@@ -112,15 +112,9 @@ impl Cloud {
     ) -> Cloud {
         let max_attempts = i64::from(config.download.max_attempts);
         let config = &config.cloud;
-        let mut base = mast_base.clone();
-        base.set_query(None);
-        base.set_fragment(None);
         Cloud {
             client,
-            lookup_url: format!(
-                "{}/api/v0.1/path_lookup/",
-                base.as_str().trim_end_matches('/')
-            ),
+            lookup_url: crate::product::UrlBuilder::new(mast_base).path_lookup(),
             bucket: config.bucket_url.trim_end_matches('/').to_string(),
             config: config.clone(),
             store,
@@ -171,7 +165,7 @@ impl Cloud {
         }
         let uri = crate::product::mast_uri(&job.mission, &job.filename, &job.url);
         match self.key_of(&uri).await {
-            Ok(Some(key)) => match self.object_url(&key) {
+            Ok(Some(key)) => match object_url(&self.bucket, &key) {
                 Some(url) => Ok(Route::Cloud { url, key, uri }),
                 None => {
                     tracing::warn!(
@@ -219,11 +213,6 @@ impl Cloud {
         {
             tracing::warn!("cannot record that {uri} is not in the cloud bucket: {e}");
         }
-    }
-
-    /// The URL of `key`'s object, or `None` for a key that is not a plain relative path.
-    pub fn object_url(&self, key: &str) -> Option<String> {
-        object_url(&self.bucket, key)
     }
 
     /// What the look-up says of `uri` (asking MAST if the store has no answer young enough).

@@ -33,7 +33,7 @@ use tokio_util::sync::CancellationToken;
 use super::cloud::Route;
 use super::error::FetchError;
 use crate::fsutil::{PlaceError, SafeDir};
-use crate::store::{Job, Origin, Progress, Store};
+use crate::store::{Job, Origin, Progress, Provenance, Store};
 use crate::verify::{self, Problem, Verified};
 
 /// Progress is stored at least this often while bytes arrive.
@@ -157,22 +157,11 @@ impl Validator {
                 .and_then(|v| v.to_str().ok())
                 .map(str::to_string)
         };
-        let checksum = (origin.source == "cloud")
-            .then(|| {
-                verify::digest::Algorithm::ALL.iter().find_map(|(_, name)| {
-                    headers
-                        .get(*name)
-                        .and_then(|v| v.to_str().ok())
-                        .filter(|v| !v.contains('-'))
-                        .map(|v| format!("{name}:{v}"))
-                })
-            })
-            .flatten();
         Validator {
             etag: get(header::ETAG),
             last_modified: get(header::LAST_MODIFIED),
             origin: Some(origin.clone()),
-            checksum,
+            checksum: None,
         }
     }
 
@@ -380,14 +369,14 @@ impl Transfer {
             .client
             .get(url.clone())
             .header(header::ACCEPT_ENCODING, "identity");
-        if origin.source == "cloud" {
+        if origin.source == Provenance::Cloud {
             // S3's checksums of the object, checked as the bytes pass.
             request = request.header("x-amz-checksum-mode", "ENABLED");
         }
         // The token goes to the MAST host only; reqwest drops these headers on a redirect elsewhere.
         let token = self.token.read().map(|t| t.clone()).unwrap_or_default();
         if let Some(token) =
-            token.filter(|_| origin.source == "mast" && url.origin() == self.mast_origin)
+            token.filter(|_| origin.source == Provenance::Mast && url.origin() == self.mast_origin)
         {
             let mut auth = HeaderValue::from_str(&format!("token {token}")).map_err(|_| {
                 FetchError::Protocol("the MAST token holds characters a header cannot carry".into())
@@ -480,17 +469,8 @@ impl Transfer {
             let response = self.send(origin, offset, stored).await?;
             let status = response.status().as_u16();
             let headers = response.headers().clone();
-            if let Route::Cloud { key, .. } = route {
-                match status {
-                    200 | 206 | 416 => self.fresh_in_bucket(job, &headers)?,
-                    401 | 403 | 404 => {
-                        return Err(FetchError::NotInBucket {
-                            status,
-                            key: key.clone(),
-                        });
-                    }
-                    _ => {}
-                }
+            if matches!(route, Route::Cloud { .. }) && matches!(status, 200 | 206 | 416) {
+                fresh_in_bucket(job, &headers)?;
             }
             match status {
                 206 if offset > 0 => {
@@ -544,11 +524,16 @@ impl Transfer {
                 }
                 200 => {
                     let response = self.refuse_wrong_body(job, response).await?;
-                    let validator = Validator::from_headers(&headers, origin);
+                    let mut validator = Validator::from_headers(&headers, origin);
+                    let expect = s3_digests(route, &validator, &headers, true);
+                    // What a 206 of this object, which carries no checksum, is checked against later.
+                    validator.checksum = expect
+                        .as_ref()
+                        .and_then(verify::digest::Expected::checksum_header);
                     return Ok(Answer::Body {
                         total: response.content_length(),
                         framed: response.content_length().is_some() || chunked(&headers),
-                        expect: s3_digests(route, &validator, &headers, true),
+                        expect,
                         validator,
                         response,
                         start: 0,
@@ -576,18 +561,24 @@ impl Transfer {
                         "MAST answered HTTP {status} to a request for the whole file"
                     )));
                 }
-                _ if matches!(route, Route::Cloud { .. }) => {
-                    return Err(FetchError::Bucket {
-                        status,
-                        retry_after: retry_after(&headers),
-                    });
-                }
-                401 | 403 => return Err(FetchError::Auth { status }),
-                404 => return Err(FetchError::NotFound),
                 _ => {
-                    return Err(FetchError::Http {
-                        status,
-                        retry_after: retry_after(&headers),
+                    let retry_after = retry_after(&headers);
+                    return Err(match (route, status) {
+                        // Anonymous S3 answers 403 for a key it does not have (without ListBucket).
+                        (Route::Cloud { key, .. }, 401 | 403 | 404) => FetchError::NotInBucket {
+                            status,
+                            key: key.clone(),
+                        },
+                        (Route::Cloud { .. }, _) => FetchError::Bucket {
+                            status,
+                            retry_after,
+                        },
+                        (Route::Mast, 401 | 403) => FetchError::Auth { status },
+                        (Route::Mast, 404) => FetchError::NotFound,
+                        (Route::Mast, _) => FetchError::Http {
+                            status,
+                            retry_after,
+                        },
                     });
                 }
             }
@@ -640,36 +631,6 @@ impl Transfer {
         }
     }
 
-    /// The bucket's copy must not be older than the version asked for: a Reprocessed product is copied to
-    /// the bucket some time after MAST has it, and until then the bucket holds the version before. (Its
-    /// Last-Modified is when the copy was made, after the version was archived.)
-    fn fresh_in_bucket(&self, job: &Job, headers: &HeaderMap) -> Result<(), FetchError> {
-        if crate::notice::EventType::parse(&job.event_type)
-            .is_none_or(|t| t != crate::notice::EventType::Reprocessed)
-        {
-            return Ok(());
-        }
-        let modified = headers
-            .get(header::LAST_MODIFIED)
-            .and_then(|v| v.to_str().ok());
-        let (Some(text), Ok(version)) = (modified, crate::notice::MastTime::parse(&job.version))
-        else {
-            return Ok(());
-        };
-        let Ok(at) = httpdate::parse_http_date(text) else {
-            return Ok(());
-        };
-        let at = chrono::DateTime::<chrono::Utc>::from(at);
-        // Last-Modified has whole seconds.
-        if at.timestamp() < version.unix_seconds() {
-            return Err(FetchError::StaleInBucket {
-                modified: text.to_string(),
-                version: job.version.clone(),
-            });
-        }
-        Ok(())
-    }
-
     /// One attempt at `job` along `route`.
     async fn fetch_from(
         &self,
@@ -692,11 +653,7 @@ impl Transfer {
             etag: job.etag.clone(),
             last_modified: job.last_modified.clone(),
             origin: Some(Origin {
-                source: if job.source.as_deref() == Some("cloud") {
-                    "cloud"
-                } else {
-                    "mast"
-                },
+                source: job.source.unwrap_or(Provenance::Mast),
                 url: String::new(),
             }),
             checksum: job.checksum.clone(),
@@ -1066,6 +1023,35 @@ impl Transfer {
             },
         ))
     }
+}
+
+/// The bucket's copy must not be older than the version asked for: a Reprocessed product is copied to the
+/// bucket some time after MAST has it, and until then the bucket holds the version before. (Its
+/// Last-Modified is when the copy was made, after the version was archived.)
+fn fresh_in_bucket(job: &Job, headers: &HeaderMap) -> Result<(), FetchError> {
+    if crate::notice::EventType::parse(&job.event_type)
+        .is_none_or(|t| t != crate::notice::EventType::Reprocessed)
+    {
+        return Ok(());
+    }
+    let modified = headers
+        .get(header::LAST_MODIFIED)
+        .and_then(|v| v.to_str().ok());
+    let (Some(text), Ok(version)) = (modified, crate::notice::MastTime::parse(&job.version)) else {
+        return Ok(());
+    };
+    let Ok(at) = httpdate::parse_http_date(text) else {
+        return Ok(());
+    };
+    let at = chrono::DateTime::<chrono::Utc>::from(at);
+    // Last-Modified has whole seconds.
+    if at.timestamp() < version.unix_seconds() {
+        return Err(FetchError::StaleInBucket {
+            modified: text.to_string(),
+            version: job.version.clone(),
+        });
+    }
+    Ok(())
 }
 
 /// What S3 says of the object's digests, for an answer from the bucket: the ETag (of the whole object,

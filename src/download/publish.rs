@@ -28,7 +28,7 @@ use super::error::FetchError;
 use super::fetch::{Fetched, Staged, place_error};
 use super::{log_failure, policy};
 use crate::config::DownloadConfig;
-use crate::store::{Finish, Job, Store, now_ms};
+use crate::store::{Finish, Job, Provenance, Store, now_ms};
 use crate::verify::Verified;
 
 /// The most files in one batch.
@@ -341,10 +341,7 @@ fn count(vitals: &crate::service::Vitals, finish: &Finish) {
             a.done.fetch_add(1, Relaxed);
             let bytes = u64::try_from(*bytes).unwrap_or(0);
             vitals.published.fetch_add(bytes, Relaxed);
-            let by = match origin.as_ref().map(|o| o.source) {
-                Some("cloud") => &vitals.from_cloud,
-                _ => &vitals.from_mast,
-            };
+            let by = vitals.published_from(origin.as_ref().map_or(Provenance::Mast, |o| o.source));
             by.products.fetch_add(1, Relaxed);
             by.bytes.fetch_add(bytes, Relaxed);
         }
@@ -370,8 +367,8 @@ fn log_done(job: &Job, s: &Summary) {
         job.about(),
         s.bytes,
         match s.origin.source {
-            "cloud" => format!("the cloud bucket ({})", s.origin.url),
-            _ => "MAST".to_string(),
+            Provenance::Cloud => format!("the cloud bucket ({})", s.origin.url),
+            Provenance::Mast => "MAST".to_string(),
         },
         secs,
         s.fetched as f64 / secs.max(1e-3) / 1e6,

@@ -111,8 +111,9 @@ pub fn render(s: &StatusSnapshot, vitals: &Vitals, cx: &Context<'_>) -> String {
         Family::<Labels, Counter>::default(),
         Family::<Labels, Counter>::default(),
     );
-    for (source, p) in [("cloud", &vitals.from_cloud), ("mast", &vitals.from_mast)] {
-        let label = vec![("source", source.to_string())];
+    for source in crate::store::Provenance::ALL {
+        let p = vitals.published_from(source);
+        let label = vec![("source", source.as_str().to_string())];
         products
             .get_or_create(&label)
             .inc_by(p.products.load(Ordering::Relaxed));

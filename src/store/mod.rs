@@ -227,9 +227,8 @@ pub struct DownloadRow {
     pub verified: Option<String>,
     /// Why a queued job waits beyond its time (no room on the disk for it), if it does.
     pub waiting_reason: Option<String>,
-    /// Where its bytes came from: `cloud` (the open-data bucket) or `mast`; for a done job, those of the
-    /// published file.
-    pub source: Option<String>,
+    /// Where its bytes came from; for a done job, those of the published file.
+    pub source: Option<Provenance>,
     /// The URL they came from (MAST's, or the bucket object's).
     pub fetched_from: Option<String>,
     /// Last change, ms since the epoch.
@@ -423,8 +422,8 @@ pub struct Job {
     pub not_found_since: Option<i64>,
     /// Why it was waiting (no room on the disk), if it was, when it was claimed.
     pub waiting_reason: Option<String>,
-    /// Where the bytes in its `.part` file came from (`cloud` or `mast`), if any were recorded.
-    pub source: Option<String>,
+    /// Where the bytes in its `.part` file came from, if any were recorded.
+    pub source: Option<Provenance>,
     /// The bucket's whole-object checksum of those bytes (`x-amz-checksum-crc64nvme:<base64>`), if it
     /// gave one.
     pub checksum: Option<String>,
@@ -457,11 +456,39 @@ pub struct Progress {
     pub checksum: Option<String>,
 }
 
-/// Where a job's bytes come from: the source (`cloud`, the open-data bucket, or `mast`) and the URL.
+/// Where a job's bytes come from: MAST, or the cloud bucket (`[cloud]`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Provenance {
+    /// MAST's own URL.
+    Mast,
+    /// The open-data bucket.
+    Cloud,
+}
+
+impl Provenance {
+    /// Both, in report order.
+    pub const ALL: [Provenance; 2] = [Provenance::Cloud, Provenance::Mast];
+
+    /// The stored spelling (`downloads.source`), also the metrics' label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Provenance::Mast => "mast",
+            Provenance::Cloud => "cloud",
+        }
+    }
+
+    /// Parses the stored spelling.
+    pub fn parse(s: &str) -> Option<Provenance> {
+        Provenance::ALL.into_iter().find(|p| p.as_str() == s)
+    }
+}
+
+/// Where a job's bytes come from, and the URL asked.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Origin {
-    /// `cloud` or `mast`.
-    pub source: &'static str,
+    /// MAST or the bucket.
+    pub source: Provenance,
     /// The URL asked.
     pub url: String,
 }

@@ -22,8 +22,8 @@ use super::guard::FileIdentity;
 use super::{CloudPath, DigestItem, NewMail, NoticeDigest, OutMail, Upcoming};
 use super::{
     DaemonState, DownloadRow, DownloadState, EventConflict, Finish, HookEnd, HookFailure, HookKind,
-    HookRun, IngestOutcome, Job, NoticeMeta, NoticeRow, NoticeStatus, Progress, SourceHealth,
-    StatusSnapshot, Store, StoreError,
+    HookRun, IngestOutcome, Job, NoticeMeta, NoticeRow, NoticeStatus, Progress, Provenance,
+    SourceHealth, StatusSnapshot, Store, StoreError,
 };
 use crate::categorize::{Categorizer, Disposition, JobRef, LatestJob};
 use crate::notice::{Event, EventType};
@@ -333,9 +333,22 @@ impl SqliteStore {
             verify_failures: row.try_get("verify_failures").map_err(&err)?,
             not_found_since: row.try_get("not_found_since").map_err(&err)?,
             waiting_reason: row.try_get("waiting_reason").map_err(&err)?,
-            source: row.try_get("source").map_err(&err)?,
+            source: self.provenance(row)?,
             checksum: row.try_get("checksum").map_err(&err)?,
         })
+    }
+
+    /// `downloads.source`.
+    fn provenance(&self, row: &SqliteRow) -> Result<Option<Provenance>, StoreError> {
+        let text: Option<String> = row.try_get("source").map_err(self.query_err())?;
+        text.map(|t| {
+            Provenance::parse(&t).ok_or_else(|| StoreError::Corrupt {
+                path: self.path.display().to_string(),
+                column: "downloads.source",
+                value: t,
+            })
+        })
+        .transpose()
     }
 
     fn download_row(&self, row: &SqliteRow) -> Result<DownloadRow, StoreError> {
@@ -363,7 +376,7 @@ impl SqliteStore {
             last_error: row.try_get("last_error").map_err(&err)?,
             verified: row.try_get("verified").map_err(&err)?,
             waiting_reason: row.try_get("waiting_reason").map_err(&err)?,
-            source: row.try_get("source").map_err(&err)?,
+            source: self.provenance(row)?,
             fetched_from: row.try_get("fetched_from").map_err(&err)?,
             updated_at: row.try_get("updated_at").map_err(&err)?,
         })
@@ -587,7 +600,7 @@ fn finish_query<'q>(
             .bind(bytes)
             .bind(now)
             .bind(verified)
-            .bind(origin.as_ref().map(|o| o.source))
+            .bind(origin.as_ref().map(|o| o.source.as_str()))
             .bind(origin.as_ref().map(|o| o.url.as_str())),
         Finish::Retry {
             at,
@@ -1196,7 +1209,7 @@ impl Store for SqliteStore {
                     id,
                     bytes,
                     verified,
-                    origin.as_ref().map(|o| o.source),
+                    origin.as_ref().map(|o| o.source.as_str()),
                     origin.as_ref().map(|o| o.url.as_str())
                 ])),
                 other => others.push((*id, other)),
@@ -1320,7 +1333,7 @@ impl Store for SqliteStore {
             .bind(&p.last_modified)
             .bind(lease_until)
             .bind(now_ms())
-            .bind(p.origin.as_ref().map(|o| o.source))
+            .bind(p.origin.as_ref().map(|o| o.source.as_str()))
             .bind(p.origin.as_ref().map(|o| o.url.as_str()))
             .bind(&p.checksum)
             .execute(&self.writer)

@@ -40,6 +40,13 @@ impl Algorithm {
         (Algorithm::Sha1, "x-amz-checksum-sha1"),
     ];
 
+    fn header(self) -> &'static str {
+        Algorithm::ALL
+            .iter()
+            .find(|(a, _)| *a == self)
+            .map_or("", |(_, h)| h)
+    }
+
     fn name(self) -> &'static str {
         match self {
             Algorithm::Crc32 => "CRC32",
@@ -148,6 +155,18 @@ impl Expected {
             e.md5 = None;
         }
         e
+    }
+
+    /// The whole-object checksum kept, as `header:base64` (what [`Expected::from_s3`] takes back as a
+    /// header), to check a later partial answer of the same object, which carries none.
+    pub fn checksum_header(&self) -> Option<String> {
+        self.checksums.first().map(|(a, value)| {
+            format!(
+                "{}:{}",
+                a.header(),
+                base64::engine::general_purpose::STANDARD.encode(value)
+            )
+        })
     }
 
     /// Whether anything can be checked.
@@ -304,6 +323,12 @@ mod tests {
                 "{err}"
             );
         }
+        // The checksum kept for a later partial answer reads back as the same expectation.
+        let kept = Expected::from_s3(None, None, &headers[1..]);
+        let header = kept.checksum_header().unwrap();
+        assert_eq!(header, format!("x-amz-checksum-crc32c:{crc32c}"));
+        let (name, value) = header.split_once(':').unwrap();
+        assert_eq!(Expected::from_s3(None, None, &[(name, value)]), kept);
         // With a checksum, the ETag's MD5 (the dearest) is not computed.
         let both = Expected::from_s3(
             Some("\"00000000000000000000000000000000\""),
