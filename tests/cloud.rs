@@ -739,3 +739,49 @@ fn a_part_file_from_one_source_is_never_continued_from_the_other() {
     );
     assert_eq!(ws.query_string("SELECT source FROM downloads"), "mast");
 }
+
+#[test]
+fn only_the_event_types_cloud_event_types_names_use_the_bucket() {
+    let mast = MastStandIn::start();
+    let bucket = MastStandIn::start_bucket();
+    let (new, new_files, new_keys) = cloud_products(&mast, &bucket, 1, 2, 6, "New", |_, _| {
+        Some(Object::default())
+    });
+    let (public, public_files, _) = cloud_products(&mast, &bucket, 3, 2, 6, "Public", |_, _| {
+        Some(Object::default())
+    });
+    let ws = Workspace::with_base(
+        &mast.base_url,
+        &cloud_config(&bucket.base_url, "event_types = [\"Public\"]"),
+    );
+    let d = Daemon::start_watching(&ws);
+    ws.drop_notice("new.json", &new);
+    ws.drop_notice("public.json", &public);
+    wait_done(&ws, &d, 4, Duration::from_secs(20));
+    let mut files = new_files.clone();
+    files.extend(public_files);
+    assert_identical(&ws, &files);
+    // By file (the two notices may be taken in either order): jw00001-2 New, jw00003-4 Public.
+    let mut sources: Vec<(String, String)> = list(&ws)
+        .iter()
+        .map(|r| {
+            (
+                r["filename"].as_str().unwrap()[..7].to_string(),
+                r["source"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    sources.sort();
+    let from: Vec<&str> = sources.iter().map(|(_, s)| s.as_str()).collect();
+    assert_eq!(from, ["mast", "mast", "cloud", "cloud"], "{sources:?}");
+    // The New products were neither looked up nor asked of the bucket.
+    let asked: Vec<String> = mast.lookups().into_iter().flat_map(|(u, _)| u).collect();
+    assert!(
+        new_files.iter().all(|(p, _)| !asked
+            .iter()
+            .any(|u| u.ends_with(p.rsplit('/').next().unwrap()))),
+        "{asked:?}"
+    );
+    assert!(bucket.seen().iter().all(|s| !new_keys.contains(&s.product)));
+    assert_eq!(product_requests(&mast), 2);
+}
