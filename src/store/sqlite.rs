@@ -116,7 +116,7 @@ impl SqliteStore {
             .map_err(open_err)?;
         // The file SQLite opened, as its path names it now; `check_identity` compares against it.
         let identity = FileIdentity::of(path).map_err(|e| open_err(sqlx::Error::Io(e)))?;
-        sqlx::migrate!("./migrations")
+        sqlx::migrate!("./migrations/sqlite")
             .run(&writer)
             .await
             .map_err(|source| StoreError::Migrate {
