@@ -13,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::Config;
 use crate::ingest::{IngestError, Ingestor};
 use crate::status::{self, StatusReport};
-use crate::store::{DownloadState, NoticeStatus, SourceKind, SqliteStore, Store};
+use crate::store::{DownloadState, NoticeStatus, SourceKind, Store};
 
 /// Command-line arguments.
 #[derive(Debug, Parser)]
@@ -193,14 +193,12 @@ async fn wait_for_stop_signal() {
 }
 
 async fn open_store(config: &Config) -> anyhow::Result<Arc<dyn Store>> {
-    Ok(Arc::new(SqliteStore::open(&config.storage.database).await?))
+    Ok(crate::store::open(&config.storage).await?)
 }
 
 /// For commands that only read: never creates or migrates the database.
 async fn open_store_read_only(config: &Config) -> anyhow::Result<Arc<dyn Store>> {
-    Ok(Arc::new(
-        SqliteStore::open_read_only(&config.storage.database).await?,
-    ))
+    Ok(crate::store::open_read_only(&config.storage).await?)
 }
 
 async fn ingest(config: Config, files: Vec<PathBuf>) -> anyhow::Result<ExitCode> {
@@ -245,9 +243,10 @@ async fn ingest(config: Config, files: Vec<PathBuf>) -> anyhow::Result<ExitCode>
 
 async fn show_status(config: Config, json: bool) -> anyhow::Result<ExitCode> {
     let store = open_store_read_only(&config).await?;
-    let snapshot = store.status(status::RECENT_FAILURES).await?;
+    let mut snapshot = store.status(status::RECENT_FAILURES).await?;
     store.close().await;
-    let database = config.storage.database.display().to_string();
+    status::judge_members(&mut snapshot, config.download.lease, crate::store::now_ms());
+    let database = config.storage.database_shown();
     if json {
         let report = StatusReport {
             database,

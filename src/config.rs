@@ -111,11 +111,13 @@ pub struct Config {
 pub type Reload = tokio::sync::watch::Receiver<std::sync::Arc<Config>>;
 
 /// `[storage]`
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct StorageConfig {
-    /// The SQLite database file.
+    /// The SQLite database file, or a `postgresql://` URL: a store shared by several daemons.
     pub database: PathBuf,
+    /// The PostgreSQL password, read from this file (instead of the URL, `PGPASSWORD` or `PGPASSFILE`).
+    pub password_file: Option<PathBuf>,
     /// The root of downloaded products: `<downloads>/<mission>/<fileset>/<filename>`.
     pub downloads: PathBuf,
 }
@@ -124,8 +126,116 @@ impl Default for StorageConfig {
     fn default() -> Self {
         StorageConfig {
             database: PathBuf::from("mastsub.db"),
+            password_file: None,
             downloads: PathBuf::from("mastDownload"),
         }
+    }
+}
+
+/// Without the password a PostgreSQL URL may hold.
+impl fmt::Debug for StorageConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("StorageConfig")
+            .field("database", &self.database_shown())
+            .field("password_file", &self.password_file)
+            .field("downloads", &self.downloads)
+            .finish()
+    }
+}
+
+/// What `storage.database` names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DatabaseTarget {
+    /// A SQLite file.
+    Sqlite(PathBuf),
+    /// A PostgreSQL database (the URL as given, password included: never shown).
+    Postgres(url::Url),
+}
+
+/// Whether `text` starts like a URL (`scheme://`), which a file path is not taken to be.
+fn url_scheme(text: &str) -> Option<&str> {
+    let (scheme, _) = text.split_once("://")?;
+    (!scheme.is_empty()
+        && scheme.starts_with(|c: char| c.is_ascii_alphabetic())
+        && scheme
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "+-.".contains(c)))
+    .then_some(scheme)
+}
+
+/// A database URL as it may be shown: without a password, in the user part or as a `password`
+/// parameter. Text that is not a URL is returned as it is.
+pub fn database_shown(text: &str) -> String {
+    let Some(scheme) = url_scheme(text) else {
+        return text.to_string();
+    };
+    match url::Url::parse(text) {
+        Ok(mut u) => {
+            let _ = u.set_password(None);
+            if u.query_pairs().any(|(k, _)| k == "password") {
+                let kept: Vec<(String, String)> = u
+                    .query_pairs()
+                    .filter(|(k, _)| k != "password")
+                    .map(|(k, v)| (k.into_owned(), v.into_owned()))
+                    .collect();
+                if kept.is_empty() {
+                    u.set_query(None);
+                } else {
+                    u.query_pairs_mut().clear().extend_pairs(kept);
+                }
+            }
+            u.to_string()
+        }
+        Err(_) => format!("{scheme}://..."),
+    }
+}
+
+impl StorageConfig {
+    /// `storage.database` as it may be shown (in logs, `check-config`, `status`, errors): a URL's
+    /// password removed.
+    pub fn database_shown(&self) -> String {
+        database_shown(&self.database.to_string_lossy())
+    }
+
+    /// What `storage.database` names, or why it names nothing mastsub can open.
+    pub fn target(&self) -> Result<DatabaseTarget, String> {
+        let Some(text) = self.database.to_str() else {
+            return Ok(DatabaseTarget::Sqlite(self.database.clone()));
+        };
+        let Some(scheme) = url_scheme(text) else {
+            return Ok(DatabaseTarget::Sqlite(self.database.clone()));
+        };
+        let shown = database_shown(text);
+        if !matches!(scheme, "postgres" | "postgresql") {
+            return Err(format!(
+                "storage.database = {shown}: a {scheme}:// URL is not a database mastsub can open; give \
+                 the path of a SQLite file, such as mastsub.db, or a postgresql://user@host:port/database \
+                 URL"
+            ));
+        }
+        let url = url::Url::parse(text).map_err(|e| {
+            format!(
+                "storage.database = {shown}: not a valid PostgreSQL URL ({e}); the form is \
+                 postgresql://user@host:port/database"
+            )
+        })?;
+        if url.path().trim_start_matches('/').is_empty()
+            && !url.query_pairs().any(|(k, _)| k == "dbname")
+        {
+            return Err(format!(
+                "storage.database = {shown}: the URL names no database; the form is \
+                 postgresql://user@host:port/database"
+            ));
+        }
+        if self.password_file.is_some()
+            && (url.password().is_some() || url.query_pairs().any(|(k, _)| k == "password"))
+        {
+            return Err(format!(
+                "storage.database = {shown} has a password, and storage.password_file is set too: give \
+                 the password in one place (the file keeps it out of the configuration)"
+            ));
+        }
+        Ok(DatabaseTarget::Postgres(url))
     }
 }
 
@@ -652,41 +762,6 @@ impl CloudConfig {
     }
 }
 
-/// A `storage.database` that is a URL rather than a file path: said, with any password in it hidden,
-/// instead of being taken for a file name (a SQLite file called `postgresql:` would be made without a
-/// word).
-fn database_url_problem(database: &Path) -> Option<String> {
-    let text = database.to_str()?;
-    let (scheme, _) = text.split_once("://")?;
-    if scheme.is_empty()
-        || !scheme
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || "+-.".contains(c))
-    {
-        return None;
-    }
-    let shown = match url::Url::parse(text) {
-        Ok(mut u) => {
-            if u.password().is_some() {
-                let _ = u.set_password(Some("***"));
-            }
-            u.to_string()
-        }
-        Err(_) => format!("{scheme}://..."),
-    };
-    Some(if matches!(scheme, "postgres" | "postgresql") {
-        format!(
-            "storage.database = {shown}: a PostgreSQL store (several daemons sharing one database) is not \
-             in this version of mastsub yet; give the path of a SQLite file, such as mastsub.db"
-        )
-    } else {
-        format!(
-            "storage.database = {shown}: a {scheme}:// URL is not a database mastsub can open; give the \
-             path of a SQLite file, such as mastsub.db"
-        )
-    })
-}
-
 /// Whether an environment variable is a configuration override: `MASTSUB_<SECTION>__<KEY>`.
 pub fn is_override(name: &str) -> bool {
     name.strip_prefix(ENV_PREFIX)
@@ -830,8 +905,14 @@ impl Config {
                  characters"
             ));
         }
-        if let Some(problem) = database_url_problem(&self.storage.database) {
-            problems.push(problem);
+        match self.storage.target() {
+            Err(problem) => problems.push(problem),
+            Ok(DatabaseTarget::Sqlite(_)) if self.storage.password_file.is_some() => problems.push(
+                "storage.password_file is set, but storage.database is a SQLite file, which has no \
+                 password: remove it, or give a postgresql:// URL"
+                    .into(),
+            ),
+            Ok(_) => {}
         }
         if self.download.lease < Duration::from_secs(3) {
             problems.push(format!(
@@ -1066,7 +1147,9 @@ impl Config {
     /// The effective configuration as TOML, with every secret shown as `(redacted)`.
     pub fn to_redacted_toml(&self) -> String {
         // Serialization cannot fail for these plain structs; Secret serializes as "(redacted)".
-        toml::to_string_pretty(self)
+        let mut shown = self.clone();
+        shown.storage.database = PathBuf::from(self.storage.database_shown());
+        toml::to_string_pretty(&shown)
             .unwrap_or_else(|e| format!("# cannot render the configuration: {e}\n"))
     }
 }
@@ -1162,23 +1245,73 @@ mod tests {
     }
 
     #[test]
-    fn a_database_url_is_refused_with_its_password_hidden() {
+    fn a_postgresql_url_is_a_database_and_its_password_is_never_shown() {
         let mut c = Config::default();
-        c.storage.database =
-            PathBuf::from("postgresql://mastsub:s3cr3t-pw@db.example:5432/mastsub");
+        c.storage.database = PathBuf::from(
+            "postgresql://mastsub:s3cr3t-pw@db.example:5432/mastsub?sslmode=verify-full",
+        );
+        c.validate().unwrap();
+        let Ok(DatabaseTarget::Postgres(url)) = c.storage.target() else {
+            panic!("expected a PostgreSQL URL")
+        };
+        assert_eq!(url.password(), Some("s3cr3t-pw"));
+        let shown = format!(
+            "{}\n{c:?}\n{}",
+            c.storage.database_shown(),
+            c.to_redacted_toml()
+        );
+        assert!(
+            shown.contains("postgresql://mastsub@db.example:5432/mastsub?sslmode=verify-full"),
+            "{shown}"
+        );
+        assert!(!shown.contains("s3cr3t-pw"), "{shown}");
+        // libpq's password parameter is hidden as well, and the other parameters kept.
+        assert_eq!(
+            database_shown("postgres://u@h/db?password=s3cr3t-pw&sslmode=require"),
+            "postgres://u@h/db?sslmode=require"
+        );
+        // Another scheme, a URL without a database, and a password given twice are refused, by name.
+        for (database, says) in [
+            (
+                "mysql://u:s3cr3t-pw@h/db",
+                "not a database mastsub can open",
+            ),
+            ("postgresql://u:s3cr3t-pw@h:5432", "names no database"),
+            ("postgresql://u:s3cr3t-pw@h:5432/", "names no database"),
+        ] {
+            c.storage.database = PathBuf::from(database);
+            let Err(ConfigError::Invalid(problems)) = c.validate() else {
+                panic!("{database}: expected invalid")
+            };
+            let all = problems.join("\n");
+            assert!(all.contains(says), "{database}: {all}");
+            assert!(!all.contains("s3cr3t-pw"), "{all}");
+        }
+        c.storage.database = PathBuf::from("postgresql://u:s3cr3t-pw@h/db");
+        c.storage.password_file = Some(PathBuf::from("/run/secrets/pg"));
         let Err(ConfigError::Invalid(problems)) = c.validate() else {
             panic!("expected invalid")
         };
-        let all = problems.join("\n");
-        assert!(all.contains("db.example:5432/mastsub"), "{all}");
-        assert!(all.contains("PostgreSQL store"), "{all}");
-        assert!(!all.contains("s3cr3t-pw"), "{all}");
-        c.storage.database = PathBuf::from("mysql://u@h/db");
+        assert!(problems.join("\n").contains("in one place"), "{problems:?}");
+        c.storage.database = PathBuf::from("postgresql://u@h/db");
+        c.validate().unwrap();
+        // A password file beside a SQLite file is a slip, said.
+        c.storage.database = PathBuf::from("mastsub.db");
         assert!(c.validate().is_err());
+        c.storage.password_file = None;
         // Paths, however odd, are paths.
-        for path in ["mastsub.db", "/var/lib/mastsub/x:y.db", "data/a://b.db"] {
+        for path in [
+            "mastsub.db",
+            "/var/lib/mastsub/x:y.db",
+            "data/a://b.db",
+            "1x://y.db",
+        ] {
             c.storage.database = PathBuf::from(path);
             c.validate().unwrap();
+            assert_eq!(
+                c.storage.target(),
+                Ok(DatabaseTarget::Sqlite(PathBuf::from(path)))
+            );
         }
     }
 

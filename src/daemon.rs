@@ -18,13 +18,14 @@ use tokio::sync::Notify;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
+use crate::cluster::Membership;
 use crate::config::Config;
 use crate::download;
 use crate::ingest::Ingestor;
 use crate::service::{self, Vitals};
 use crate::sources::imap::ImapSource;
 use crate::sources::inbox;
-use crate::store::{RunLock, RunLockError, SqliteStore, Store};
+use crate::store::{RunLock, RunLockError, Store};
 
 /// Pause before a crashed source is started again.
 const RESTART_PAUSE: Duration = Duration::from_secs(1);
@@ -43,17 +44,40 @@ pub async fn run(
     tracing::info!(
         "mastsub {} starting: database {}, downloads under {}",
         env!("CARGO_PKG_VERSION"),
-        config.storage.database.display(),
+        config.storage.database_shown(),
         config.storage.downloads.display()
     );
-    // Taken before anything is opened, and held (by this binding) until the store is closed.
-    let _run_lock = RunLock::acquire(&config.storage.database, "run").map_err(|e| match e {
-        e @ RunLockError::Held { .. } => anyhow::anyhow!(
-            "{e}; stop it first (systemctl stop mastsub) or point this one at another [storage] database"
-        ),
-        e => e.into(),
-    })?;
-    let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&config.storage.database).await?);
+    // SQLite: one daemon per database file, by the run lock, taken before anything is opened and held (by
+    // this binding) until the store is closed. PostgreSQL: many, each a member under its own name.
+    let shared = crate::store::is_shared(&config.storage);
+    let _run_lock = if shared {
+        None
+    } else {
+        Some(
+            RunLock::acquire(&config.storage.database, "run").map_err(|e| match e {
+                e @ RunLockError::Held { .. } => anyhow::anyhow!(
+                    "{e}; stop it first (systemctl stop mastsub) or point this one at another [storage] \
+                     database"
+                ),
+                e => e.into(),
+            })?,
+        )
+    };
+    let store: Arc<dyn Store> = crate::store::open(&config.storage).await?;
+    let node = config.cluster.node_name();
+    let membership = Membership::join(
+        store.clone(),
+        node.clone(),
+        download::owner_name(&node),
+        config.download.lease,
+    )
+    .await?;
+    if shared {
+        tracing::info!(
+            "cluster member {node:?}: jobs, the mailbox, mail and hooks are shared with the other members \
+             of this database"
+        );
+    }
     store.queue_product_hooks(config.hooks.on_product.is_some());
     if config.hooks.on_notice.is_none()
         && let Err(e) = store
@@ -81,17 +105,31 @@ pub async fn run(
                     (Loop::Inbox, Ok(()))
                 })
             }
+            // Mail, the mailbox and hooks: one member of the cluster at a time, the leader of each.
             Loop::Mailer => {
                 let (cfg, store) = (config.email.clone(), store.clone());
+                let member = membership.clone();
                 tasks.spawn(async move {
-                    crate::mailer::run(cfg, store, token).await;
+                    member
+                        .lead("mail", token, move |stop| {
+                            crate::mailer::run(cfg.clone(), store.clone(), stop)
+                        })
+                        .await;
                     (Loop::Mailer, Ok(()))
                 })
             }
             Loop::Imap => {
-                let source = ImapSource::new(config.imap.clone(), store.clone(), ingestor.clone());
+                let (cfg, store, ingestor) = (config.imap.clone(), store.clone(), ingestor.clone());
+                let member = membership.clone();
                 tasks.spawn(async move {
-                    source.run(reload, token).await;
+                    member
+                        .lead("imap", token, move |stop| {
+                            let source =
+                                ImapSource::new(cfg.clone(), store.clone(), ingestor.clone());
+                            let reload = reload.clone();
+                            async move { source.run(reload, stop).await }
+                        })
+                        .await;
                     (Loop::Imap, Ok(()))
                 })
             }
@@ -101,8 +139,19 @@ pub async fn run(
                     config.storage.downloads.clone(),
                     store.clone(),
                 );
+                let member = membership.clone();
                 tasks.spawn(async move {
-                    crate::hooks::run(cfg, root, store, vitals, token).await;
+                    member
+                        .lead("hooks", token, move |stop| {
+                            crate::hooks::run(
+                                cfg.clone(),
+                                root.clone(),
+                                store.clone(),
+                                vitals.clone(),
+                                stop,
+                            )
+                        })
+                        .await;
                     (Loop::Hooks, Ok(()))
                 })
             }
@@ -155,6 +204,7 @@ pub async fn run(
         };
         service::ready(&first);
     }
+    let mut beat = tokio::spawn(membership.clone().beat(vitals.clone(), shutdown.clone()));
     let notifier = tokio::spawn(service::run(
         store.clone(),
         vitals.clone(),
@@ -168,6 +218,17 @@ pub async fn run(
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => break,
+            ended = &mut beat => {
+                let e = match ended {
+                    Ok(Ok(())) => anyhow::anyhow!("the cluster heartbeat stopped unexpectedly"),
+                    Ok(Err(e)) => e,
+                    Err(e) => anyhow::anyhow!("the cluster heartbeat crashed: {e}"),
+                };
+                tracing::error!("{e:#}");
+                fatal = Some(e);
+                shutdown.cancel();
+                break;
+            }
             _ = identity.tick() => {
                 if let Err(e) = store.check_identity().await {
                     tracing::error!("{e}");
@@ -225,6 +286,10 @@ pub async fn run(
             config.download.drain_timeout.as_secs()
         );
         tasks.abort_all();
+    }
+    if !beat.is_finished() {
+        // It records that this member stopped, and gives up its leases.
+        let _ = tokio::time::timeout(Duration::from_secs(5), &mut beat).await;
     }
     store.close().await;
     match fatal {

@@ -8,6 +8,7 @@
 
 pub mod categorize;
 pub mod cli;
+pub mod cluster;
 pub mod config;
 pub mod daemon;
 pub mod download;

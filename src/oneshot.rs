@@ -116,7 +116,9 @@ pub async fn run(mut config: Config, args: Args) -> anyhow::Result<ExitCode> {
     }
     let state_dir = args.dir.join(".mastsub");
     std::fs::create_dir_all(&state_dir)?;
+    // Its own embedded store, whatever the daemon's is (a shared PostgreSQL store included).
     config.storage.database = state_dir.join("mastsub.db");
+    config.storage.password_file = None;
     config.storage.downloads = if args.flat {
         args.dir.clone()
     } else {

@@ -46,6 +46,9 @@ pub fn render_text(database: &str, s: &StatusSnapshot) -> String {
         }
         None => out.push_str("  daemon:     never ran on this database\n"),
     }
+    if s.members.len() > 1 || s.members.iter().any(|m| !m.leads.is_empty()) {
+        out.push_str(&render_members(&s.members, now));
+    }
     let counts = |pairs: Vec<(String, u64)>| {
         pairs
             .into_iter()
@@ -178,6 +181,76 @@ pub fn counts_line(s: &StatusSnapshot, rate: f64) -> String {
         n(DownloadState::NeedsAuth),
         rate / 1e6
     )
+}
+
+/// Members not heard from for this many leases are gone.
+pub const MEMBER_GONE_AFTER_LEASES: u32 = 3;
+
+/// Judges each member `up`, `stopped` or `gone` (not heard from for [`MEMBER_GONE_AFTER_LEASES`]
+/// leases of `lease`) at `now`.
+pub fn judge_members(s: &mut StatusSnapshot, lease: std::time::Duration, now: i64) {
+    let gone_after =
+        i64::try_from((lease * MEMBER_GONE_AFTER_LEASES).as_millis()).unwrap_or(i64::MAX);
+    for m in &mut s.members {
+        m.state = if m.stopped_at.is_some() {
+            "stopped"
+        } else if now.saturating_sub(m.last_heartbeat) > gone_after {
+            "gone"
+        } else {
+            "up"
+        }
+        .into();
+        if m.state != "up" {
+            // What a stopped or gone member led has run out or was given up.
+            m.leads.clear();
+        }
+    }
+}
+
+/// The members, a line each: "host-a: up (pid 12, heard from 2s ago), 3 running, 1.2 MiB/s, leads imap".
+fn render_members(members: &[crate::store::Member], now: i64) -> String {
+    let mut out = String::new();
+    for (i, m) in members.iter().enumerate() {
+        let label = if i == 0 {
+            "  members:    "
+        } else {
+            "              "
+        };
+        let _ = write!(out, "{label}{}: {}", m.node, m.state);
+        match m.state.as_str() {
+            "up" => {
+                let _ = write!(
+                    out,
+                    " (pid {}, up {}, heard from {} ago), {} running, {}/s",
+                    m.pid,
+                    human_age(now - m.started_at),
+                    human_age(now - m.last_heartbeat),
+                    m.running,
+                    human_bytes(m.rate as u64)
+                );
+                if !m.leads.is_empty() {
+                    let _ = write!(out, ", leads {}", m.leads.join(", "));
+                }
+                if m.clock_skew.abs() > 2000 {
+                    let _ = write!(
+                        out,
+                        " (its clock is {:.1}s off the database's: leases need synchronised clocks)",
+                        m.clock_skew as f64 / 1000.0
+                    );
+                }
+            }
+            _ => {
+                let _ = write!(
+                    out,
+                    " (last heard from {} ago, pid {})",
+                    human_age(now - m.last_heartbeat),
+                    m.pid
+                );
+            }
+        }
+        out.push('\n');
+    }
+    out
 }
 
 /// A daemon that has not written its figures for this long is not running (it writes every 5 s).

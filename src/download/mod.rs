@@ -55,7 +55,7 @@ const SUMMARY_EVERY: Duration = Duration::from_secs(60);
 
 /// `node:pid:nonce:machine`: the lease owner name of this process's pool, `node` being `[cluster] node`
 /// (the host name by default) and `machine` [`this_machine`].
-fn owner_name(node: &str) -> String {
+pub(crate) fn owner_name(node: &str) -> String {
     format!(
         "{node}:{}:{:08x}:{}",
         std::process::id(),
@@ -131,6 +131,13 @@ fn holder(owner: &str, me: &str) -> Holder {
         }
         _ => Holder::Unseen,
     }
+}
+
+/// Whether the holder named `owner` is certainly gone, seen from the process named `me`: a process of
+/// this very machine that no longer runs mastsub. Anyone else (another host, a live process) is judged
+/// by their lease or heartbeat.
+pub(crate) fn holder_is_gone(owner: &str, me: &str) -> bool {
+    holder(owner, me) == Holder::Gone
 }
 
 /// Whether process `pid` runs the program this one runs (by `/proc/<pid>/comm`), so that a pid reused by

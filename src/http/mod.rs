@@ -90,14 +90,20 @@ pub async fn run(
 
 impl Shared {
     async fn snapshot(&self, recent: usize) -> Result<StatusSnapshot, Response> {
-        self.store.status(recent).await.map_err(|e| {
+        let mut snap = self.store.status(recent).await.map_err(|e| {
             (
                 StatusCode::SERVICE_UNAVAILABLE,
                 [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
                 format!("mastsub cannot read its database: {e}\n"),
             )
                 .into_response()
-        })
+        })?;
+        crate::status::judge_members(
+            &mut snap,
+            self.config.download.lease,
+            crate::store::now_ms(),
+        );
+        Ok(snap)
     }
 
     /// Free bytes on the download file system.
@@ -141,7 +147,7 @@ async fn api_status(State(s): State<Arc<Shared>>) -> Response {
         Err(e) => return e,
     };
     let report = StatusReport {
-        database: s.config.storage.database.display().to_string(),
+        database: s.config.storage.database_shown(),
         snapshot: &snap,
     };
     match serde_json::to_string_pretty(&report) {

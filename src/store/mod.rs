@@ -9,6 +9,7 @@ mod sqlite;
 
 use std::collections::BTreeMap;
 use std::fmt;
+use std::sync::Arc;
 
 use async_trait::async_trait;
 use serde::Serialize;
@@ -268,6 +269,8 @@ pub struct StatusSnapshot {
     pub recent_notices: Vec<NoticeRow>,
     /// The hook runs.
     pub hooks: HookCounts,
+    /// The members of the cluster (one, on a single host), by node.
+    pub members: Vec<Member>,
 }
 
 /// A notice as reports show it.
@@ -515,6 +518,104 @@ pub struct Upcoming {
     pub event_type: String,
 }
 
+/// What a member of the cluster records of itself at every heartbeat.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MemberBeat {
+    /// `[cluster] node`.
+    pub node: String,
+    /// `node:pid:nonce:machine` of this process.
+    pub owner: String,
+    /// Its process id.
+    pub pid: i64,
+    /// When it started, ms since the epoch.
+    pub started_at: i64,
+    /// Bytes per second received lately.
+    pub rate: f64,
+    /// Now, ms since the epoch, by its clock.
+    pub now: i64,
+}
+
+/// A member of the cluster, as `status` shows it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Member {
+    /// `[cluster] node`.
+    pub node: String,
+    /// The process that is (or was) the member.
+    pub pid: i64,
+    /// When it started, ms since the epoch.
+    pub started_at: i64,
+    /// When it was last heard from, ms since the epoch (by its clock).
+    pub last_heartbeat: i64,
+    /// Its clock minus the database's at that heartbeat, ms (0 where the store has no clock of its own).
+    pub clock_skew: i64,
+    /// Downloads it holds now.
+    pub running: u64,
+    /// Bytes per second it received lately.
+    pub rate: f64,
+    /// The roles it holds a live leader lease for: `imap` (reads the mailbox), `mail` (sends mail),
+    /// `hooks` (runs the hooks).
+    pub leads: Vec<String>,
+    /// When it stopped cleanly, if it did.
+    pub stopped_at: Option<i64>,
+    /// `up`, `stopped` (cleanly), or `gone` (not heard from for 3 leases): as `status` judges it with
+    /// its `download.lease` ([`crate::status::judge_members`]); `up` as the store reads it.
+    pub state: String,
+}
+
+/// The node of a lease or member owner name (`node:pid:nonce:machine`; the node may hold colons).
+pub fn owner_node(owner: &str) -> &str {
+    let mut parts = owner.rsplitn(4, ':');
+    match (parts.next(), parts.next(), parts.next(), parts.next()) {
+        (Some(_), Some(_), Some(_), Some(node)) => node,
+        _ => owner,
+    }
+}
+
+/// The members as the backends read them: their rows (node, owner, pid, started_at, heartbeat_at,
+/// clock_skew, rate, stopped_at), the running jobs by lease owner, and the live leader leases (role,
+/// owner).
+#[allow(clippy::type_complexity)]
+fn assemble_members(
+    rows: Vec<(String, String, i64, i64, i64, i64, f64, Option<i64>)>,
+    running: Vec<(String, i64)>,
+    leaders: Vec<(String, String)>,
+) -> Vec<Member> {
+    let mut members: Vec<Member> = rows
+        .into_iter()
+        .map(
+            |(node, owner, pid, started_at, last_heartbeat, clock_skew, rate, stopped_at)| {
+                let leads = leaders
+                    .iter()
+                    .filter(|(_, o)| *o == owner)
+                    .map(|(role, _)| role.clone())
+                    .collect();
+                Member {
+                    node,
+                    pid,
+                    started_at,
+                    last_heartbeat,
+                    clock_skew,
+                    running: 0,
+                    rate,
+                    leads,
+                    stopped_at,
+                    state: "up".into(),
+                }
+            },
+        )
+        .collect();
+    for (owner, n) in running {
+        let node = owner_node(&owner);
+        if let Some(m) = members.iter_mut().find(|m| m.node == node) {
+            m.running += n as u64;
+        }
+    }
+    members
+}
+
+/// The leader roles: what one member of the cluster does for all.
+pub const ROLES: [&str; 3] = ["imap", "mail", "hooks"];
+
 /// How an attempt ended, as the store records it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Finish {
@@ -623,6 +724,73 @@ pub enum StoreError {
         /// The value.
         value: String,
     },
+}
+
+/// Opens (creating or migrating) the store `storage.database` names: a SQLite file, or a PostgreSQL
+/// database (`storage.password_file` read for its password).
+pub async fn open(storage: &crate::config::StorageConfig) -> Result<Arc<dyn Store>, StoreError> {
+    match target(storage)? {
+        Target::Sqlite(path) => Ok(Arc::new(SqliteStore::open(&path).await?)),
+        Target::Postgres(options, shown) => Ok(Arc::new(PgStore::open(*options, &shown).await?)),
+    }
+}
+
+/// Opens the existing store `storage.database` names, for reading only: no file or schema is made.
+pub async fn open_read_only(
+    storage: &crate::config::StorageConfig,
+) -> Result<Arc<dyn Store>, StoreError> {
+    match target(storage)? {
+        Target::Sqlite(path) => Ok(Arc::new(SqliteStore::open_read_only(&path).await?)),
+        Target::Postgres(options, shown) => {
+            Ok(Arc::new(PgStore::open_read_only(*options, &shown).await?))
+        }
+    }
+}
+
+/// Whether `storage.database` is a PostgreSQL database (a store several daemons may share).
+pub fn is_shared(storage: &crate::config::StorageConfig) -> bool {
+    matches!(
+        storage.target(),
+        Ok(crate::config::DatabaseTarget::Postgres(_))
+    )
+}
+
+enum Target {
+    Sqlite(std::path::PathBuf),
+    Postgres(Box<sqlx::postgres::PgConnectOptions>, String),
+}
+
+fn target(storage: &crate::config::StorageConfig) -> Result<Target, StoreError> {
+    use crate::config::DatabaseTarget;
+    let shown = storage.database_shown();
+    let invalid = |why: String| StoreError::Open {
+        path: shown.clone(),
+        source: sqlx::Error::Configuration(why.into()),
+    };
+    match storage.target().map_err(invalid)? {
+        DatabaseTarget::Sqlite(path) => Ok(Target::Sqlite(path)),
+        DatabaseTarget::Postgres(url) => {
+            use sqlx::ConnectOptions;
+            // sqlx's own message may quote the URL: it is replaced by one that names the parameter.
+            let mut options = sqlx::postgres::PgConnectOptions::from_url(&url).map_err(|e| {
+                let why = e.to_string().replace(url.as_str(), &shown);
+                invalid(format!("cannot read the URL's parameters: {why}"))
+            })?;
+            if let Some(file) = &storage.password_file {
+                let password = std::fs::read_to_string(file).map_err(|e| {
+                    invalid(format!(
+                        "cannot read storage.password_file {}: {e}",
+                        file.display()
+                    ))
+                })?;
+                let password = password.lines().next().unwrap_or_default();
+                options = options.password(password);
+            }
+            // The server's log and pg_stat_activity name the program.
+            options = options.application_name("mastsub");
+            Ok(Target::Postgres(Box::new(options), shown))
+        }
+    }
 }
 
 /// Now, in milliseconds since the epoch: the unit of every time in the store.
@@ -854,6 +1022,40 @@ pub trait Store: Send + Sync + 'static {
     /// Up to `n` queued jobs, the next due first.
     async fn upcoming(&self, n: usize) -> Result<Vec<Upcoming>, StoreError>;
 
+    /// Joins the cluster as `me.node`: refused, with the member in the way returned, when another process
+    /// is recorded under that name, was heard from at or after `live_since`, has not stopped, and
+    /// `gone(its owner)` does not say it is certainly dead. Otherwise the row is this process's, and the
+    /// leader leases of the process that had it are given up.
+    async fn join_member(
+        &self,
+        me: &MemberBeat,
+        live_since: i64,
+        gone: &(dyn for<'a> Fn(&'a str) -> bool + Send + Sync),
+    ) -> Result<Option<Member>, StoreError>;
+
+    /// A heartbeat of `me`; false when its row now names another process (which judged it gone).
+    async fn member_beat(&self, me: &MemberBeat) -> Result<bool, StoreError>;
+
+    /// Records that `owner` stopped cleanly, and gives up its leader leases.
+    async fn leave_member(&self, node: &str, owner: &str, now: i64) -> Result<(), StoreError>;
+
+    /// Takes or renews the leader lease of `role` for `owner` until `until` (the lease lasting
+    /// `until - now`); false when another owner holds a lease not run out.
+    async fn lead(
+        &self,
+        role: &str,
+        node: &str,
+        owner: &str,
+        now: i64,
+        until: i64,
+    ) -> Result<bool, StoreError>;
+
+    /// Gives up the leader lease of `role` if `owner` holds it.
+    async fn resign(&self, role: &str, owner: &str) -> Result<(), StoreError>;
+
+    /// The members, by node, with their running jobs and the roles they lead at `now`.
+    async fn members(&self, now: i64) -> Result<Vec<Member>, StoreError>;
+
     async fn close(&self);
 }
 
@@ -958,4 +1160,21 @@ pub struct HookFailure {
     pub error: String,
     /// When, ms since the epoch.
     pub updated_at: i64,
+}
+
+// TEMPORARY until the PostgreSQL adapter lands.
+struct PgStore;
+impl PgStore {
+    async fn open(
+        _options: sqlx::postgres::PgConnectOptions,
+        shown: &str,
+    ) -> Result<SqliteStore, StoreError> {
+        Err(StoreError::Missing { path: shown.into() })
+    }
+    async fn open_read_only(
+        _options: sqlx::postgres::PgConnectOptions,
+        shown: &str,
+    ) -> Result<SqliteStore, StoreError> {
+        Err(StoreError::Missing { path: shown.into() })
+    }
 }

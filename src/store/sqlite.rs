@@ -19,7 +19,7 @@ use sqlx::sqlite::{
 use sqlx::{QueryBuilder, Row, Sqlite};
 
 use super::guard::FileIdentity;
-use super::{CloudPath, DigestItem, NewMail, NoticeDigest, OutMail, Upcoming};
+use super::{CloudPath, DigestItem, Member, MemberBeat, NewMail, NoticeDigest, OutMail, Upcoming};
 use super::{
     DaemonState, DownloadRow, DownloadState, EventConflict, Finish, HookEnd, HookFailure, HookKind,
     HookRun, IngestOutcome, Job, NoticeMeta, NoticeRow, NoticeStatus, Progress, Provenance,
@@ -1175,6 +1175,7 @@ impl Store for SqliteStore {
             .iter()
             .map(|r| self.download_row(r))
             .collect::<Result<_, _>>()?;
+        snap.members = self.members(now_ms()).await?;
         Ok(snap)
     }
 
@@ -1962,6 +1963,169 @@ impl Store for SqliteStore {
                 event_type,
             })
             .collect())
+    }
+
+    async fn join_member(
+        &self,
+        me: &MemberBeat,
+        live_since: i64,
+        gone: &(dyn for<'a> Fn(&'a str) -> bool + Send + Sync),
+    ) -> Result<Option<Member>, StoreError> {
+        let err = self.query_err();
+        let mut tx = self.writer.begin().await.map_err(&err)?;
+        let row: Option<(String, String, i64, i64, i64, i64, f64, Option<i64>)> = sqlx::query_as(
+            "SELECT node, owner, pid, started_at, heartbeat_at, clock_skew, rate, stopped_at
+             FROM members WHERE node = ?1",
+        )
+        .bind(&me.node)
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(&err)?;
+        if let Some(row) = row {
+            let (owner, heartbeat_at, stopped_at) = (&row.1, row.4, row.7);
+            if *owner != me.owner
+                && stopped_at.is_none()
+                && heartbeat_at >= live_since
+                && !gone(owner)
+            {
+                return Ok(super::assemble_members(vec![row], vec![], vec![]).pop());
+            }
+            // The process that had the name is gone (or silent for a lease): so are its leader leases.
+            sqlx::query("DELETE FROM leaders WHERE owner = ?1 AND owner != ?2")
+                .bind(owner)
+                .bind(&me.owner)
+                .execute(&mut *tx)
+                .await
+                .map_err(&err)?;
+        }
+        sqlx::query(
+            "INSERT INTO members (node, owner, pid, started_at, heartbeat_at, rate)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+             ON CONFLICT (node) DO UPDATE SET owner = excluded.owner, pid = excluded.pid,
+                 started_at = excluded.started_at, heartbeat_at = excluded.heartbeat_at, clock_skew = 0,
+                 rate = excluded.rate, stopped_at = NULL",
+        )
+        .bind(&me.node)
+        .bind(&me.owner)
+        .bind(me.pid)
+        .bind(me.started_at)
+        .bind(me.now)
+        .bind(me.rate)
+        .execute(&mut *tx)
+        .await
+        .map_err(&err)?;
+        tx.commit().await.map_err(&err)?;
+        Ok(None)
+    }
+
+    async fn member_beat(&self, me: &MemberBeat) -> Result<bool, StoreError> {
+        let done = sqlx::query(
+            "UPDATE members SET heartbeat_at = ?3, rate = ?4, pid = ?5
+             WHERE node = ?1 AND owner = ?2",
+        )
+        .bind(&me.node)
+        .bind(&me.owner)
+        .bind(me.now)
+        .bind(me.rate)
+        .bind(me.pid)
+        .execute(&self.writer)
+        .await
+        .map_err(self.query_err())?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    async fn leave_member(&self, node: &str, owner: &str, now: i64) -> Result<(), StoreError> {
+        let err = self.query_err();
+        let mut tx = self.writer.begin().await.map_err(&err)?;
+        sqlx::query(
+            "UPDATE members SET stopped_at = ?3, heartbeat_at = ?3, rate = 0
+             WHERE node = ?1 AND owner = ?2",
+        )
+        .bind(node)
+        .bind(owner)
+        .bind(now)
+        .execute(&mut *tx)
+        .await
+        .map_err(&err)?;
+        sqlx::query("DELETE FROM leaders WHERE owner = ?1")
+            .bind(owner)
+            .execute(&mut *tx)
+            .await
+            .map_err(&err)?;
+        tx.commit().await.map_err(&err)
+    }
+
+    async fn lead(
+        &self,
+        role: &str,
+        node: &str,
+        owner: &str,
+        now: i64,
+        until: i64,
+    ) -> Result<bool, StoreError> {
+        let done = sqlx::query(
+            "INSERT INTO leaders (role, node, owner, since, expires_at) VALUES (?1, ?2, ?3, ?4, ?5)
+             ON CONFLICT (role) DO UPDATE SET node = excluded.node, owner = excluded.owner,
+                 since = CASE WHEN leaders.owner = excluded.owner THEN leaders.since ELSE excluded.since END,
+                 expires_at = excluded.expires_at
+             WHERE leaders.owner = excluded.owner OR leaders.expires_at <= ?4",
+        )
+        .bind(role)
+        .bind(node)
+        .bind(owner)
+        .bind(now)
+        .bind(until)
+        .execute(&self.writer)
+        .await
+        .map_err(self.query_err())?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    async fn resign(&self, role: &str, owner: &str) -> Result<(), StoreError> {
+        sqlx::query("DELETE FROM leaders WHERE role = ?1 AND owner = ?2")
+            .bind(role)
+            .bind(owner)
+            .execute(&self.writer)
+            .await
+            .map_err(self.query_err())?;
+        Ok(())
+    }
+
+    async fn members(&self, now: i64) -> Result<Vec<Member>, StoreError> {
+        let err = self.query_err();
+        let mut conn = self.readers.begin().await.map_err(&err)?;
+        // `status` on a database that no daemon of this version has opened yet (read-only, unmigrated).
+        let has_members: Option<String> = sqlx::query_scalar(
+            "SELECT name FROM sqlite_master WHERE type = 'table' AND name = 'members'",
+        )
+        .fetch_optional(&mut *conn)
+        .await
+        .map_err(&err)?;
+        if has_members.is_none() {
+            return Ok(Vec::new());
+        }
+        let rows = sqlx::query_as(
+            "SELECT node, owner, pid, started_at, heartbeat_at, clock_skew, rate, stopped_at
+             FROM members ORDER BY node",
+        )
+        .fetch_all(&mut *conn)
+        .await
+        .map_err(&err)?;
+        let running = sqlx::query_as(
+            "SELECT coalesce(lease_owner, ''), count(*) FROM downloads WHERE state = 'running'
+             GROUP BY lease_owner",
+        )
+        .fetch_all(&mut *conn)
+        .await
+        .map_err(&err)?;
+        let leaders =
+            sqlx::query_as("SELECT role, owner FROM leaders WHERE expires_at > ?1 ORDER BY role")
+                .bind(now)
+                .fetch_all(&mut *conn)
+                .await
+                .map_err(&err)?;
+        conn.commit().await.map_err(&err)?;
+        Ok(super::assemble_members(rows, running, leaders))
     }
 
     async fn close(&self) {
