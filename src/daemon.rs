@@ -100,8 +100,9 @@ pub async fn run(
         let handle = match which {
             Loop::Inbox => {
                 let (cfg, ingestor) = (config.inbox.clone(), ingestor.clone());
+                let claim_as = shared.then(|| node.clone());
                 tasks.spawn(async move {
-                    inbox::run(cfg, ingestor, vitals, token).await;
+                    inbox::run(cfg, claim_as, ingestor, vitals, token).await;
                     (Loop::Inbox, Ok(()))
                 })
             }
@@ -220,6 +221,8 @@ pub async fn run(
             _ = shutdown.cancelled() => break,
             ended = &mut beat => {
                 let e = match ended {
+                    // It ends by itself on the shutdown this loop has not seen yet.
+                    Ok(Ok(())) if shutdown.is_cancelled() => break,
                     Ok(Ok(())) => anyhow::anyhow!("the cluster heartbeat stopped unexpectedly"),
                     Ok(Err(e)) => e,
                     Err(e) => anyhow::anyhow!("the cluster heartbeat crashed: {e}"),

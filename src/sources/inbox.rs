@@ -44,6 +44,8 @@ use crate::store::SourceKind;
 
 /// Handled notices go here, inside the inbox.
 pub const PROCESSED_DIR: &str = "processed";
+/// In a cluster, each member's claimed files are in `<inbox>/.claimed/<node>/` while they are read.
+pub const CLAIMED_DIR: &str = ".claimed";
 /// Refused notices go here, inside the inbox, each beside `<name>.error.txt`.
 pub const REJECTED_DIR: &str = "rejected";
 
@@ -132,6 +134,12 @@ struct Inbox {
     candidates: HashMap<PathBuf, Candidate>,
     /// Entries the inbox never takes that were named in the log already, so that each is named once.
     untaken: HashMap<PathBuf, UntakenId>,
+    /// In a cluster, `<inbox>/.claimed/<node>/`: a file is taken by an atomic rename into it before it is
+    /// read, so that members watching one shared inbox never read one file twice.
+    claim_dir: Option<PathBuf>,
+    /// Files in `claim_dir` still to be recorded (left by a crash, or not recorded for a failure), and
+    /// when each is tried next.
+    claimed: HashMap<PathBuf, Instant>,
 }
 
 /// The file-system watcher and when to (re)start it.
@@ -155,8 +163,11 @@ impl Watch {
 }
 
 /// Watches `config.dir` and ingests what arrives, until `shutdown`.
+/// `claim_as`: this member's `[cluster] node` when the store is shared, so that the inbox folder may be
+/// shared too (each file claimed by an atomic rename into `.claimed/<node>/` before it is read).
 pub async fn run(
     config: InboxConfig,
+    claim_as: Option<String>,
     ingestor: Arc<Ingestor>,
     vitals: Arc<crate::service::Vitals>,
     shutdown: CancellationToken,
@@ -164,6 +175,10 @@ pub async fn run(
     // The watcher reports absolute paths; a relative `inbox.dir` (the default) must be made absolute the
     // same way, or no event would ever match the folder.
     let dir = std::path::absolute(&config.dir).unwrap_or_else(|_| config.dir.clone());
+    let claim_dir = claim_as.map(|node| {
+        let node = node.replace(['/', '\0'], "_");
+        dir.join(CLAIMED_DIR).join(node.trim_start_matches('.'))
+    });
     let mut inbox = Inbox {
         processed: dir.join(PROCESSED_DIR),
         rejected: dir.join(REJECTED_DIR),
@@ -173,6 +188,8 @@ pub async fn run(
         ingestor,
         candidates: HashMap::new(),
         untaken: HashMap::new(),
+        claim_dir,
+        claimed: HashMap::new(),
     };
     let (tx, mut rx) = mpsc::unbounded_channel::<DebounceEventResult>();
     let mut watch = Watch {
@@ -254,7 +271,8 @@ pub async fn run(
                         watch.failed();
                     }
                 }
-                inbox.handle_ready(&shutdown).await
+                inbox.handle_ready(&shutdown).await;
+                inbox.handle_claimed(&shutdown).await;
             }
             _ = rescan.tick() => {
                 if !inbox.dir.is_dir() && watch.watcher.is_some() {
@@ -414,6 +432,18 @@ impl Inbox {
         }
         // Gone since (or now a regular file): named again if it comes back.
         self.untaken.retain(|path, _| present.contains(path));
+        // This member's claimed files not recorded yet (a crash between the claim and the move).
+        if let Some(claims) = self
+            .claim_dir
+            .as_ref()
+            .and_then(|d| std::fs::read_dir(d).ok())
+        {
+            for entry in claims.flatten() {
+                if entry.file_type().is_ok_and(|t| t.is_file()) {
+                    self.claimed.entry(entry.path()).or_insert(Instant::now());
+                }
+            }
+        }
     }
 
     /// Names `path`, which the inbox never takes, in the log with the reason and what to do: once, and
@@ -574,6 +604,40 @@ impl Inbox {
         }
     }
 
+    /// Records the claimed files that are due (left by a crash, or tried again after a failure).
+    async fn handle_claimed(&mut self, shutdown: &CancellationToken) {
+        let now = Instant::now();
+        let mut due: Vec<PathBuf> = self
+            .claimed
+            .iter()
+            .filter(|(_, at)| **at <= now)
+            .map(|(p, _)| p.clone())
+            .collect();
+        due.sort();
+        for path in due {
+            if shutdown.is_cancelled() {
+                return;
+            }
+            match self.handle_at(&path).await {
+                Ok(Handled::Done) => {
+                    self.claimed.remove(&path);
+                }
+                Ok(Handled::Changed) => {
+                    // Nothing but this member writes there: read it again at the next turn.
+                    self.claimed.insert(path, now + TICK);
+                }
+                Err(e) => {
+                    tracing::error!(
+                        "{}: {e}; it stays there and is tried again in {}s",
+                        path.display(),
+                        RETRY_AFTER.as_secs()
+                    );
+                    self.claimed.insert(path, now + RETRY_AFTER);
+                }
+            }
+        }
+    }
+
     /// Records the watcher's health for `status` (`taken` notices are added to the count).
     async fn health(&self, state: &str, connected: bool, error: Option<String>, taken: u64) {
         let now = crate::store::now_ms();
@@ -593,8 +657,26 @@ impl Inbox {
         }
     }
 
+    /// Takes one file: in a cluster, first claimed by a rename into this member's folder (a member that
+    /// finds it gone lost the race, and is done with it), then recorded from there.
+    async fn handle(&mut self, path: &Path) -> Result<Handled, HandleError> {
+        let Some(claim_dir) = self.claim_dir.clone() else {
+            return self.handle_at(path).await;
+        };
+        std::fs::create_dir_all(&claim_dir).map_err(HandleError::Claim)?;
+        let claimed = match move_no_clobber(path, &claim_dir, None) {
+            Ok(claimed) => claimed,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Handled::Done),
+            Err(e) => return Err(HandleError::Claim(e)),
+        };
+        tracing::debug!("{} claimed as {}", path.display(), claimed.display());
+        self.claimed.insert(claimed, Instant::now());
+        self.handle_claimed(&CancellationToken::new()).await;
+        Ok(Handled::Done)
+    }
+
     /// Ingests one file and moves it to `processed/` or `rejected/`, if its name still holds what was read.
-    async fn handle(&self, path: &Path) -> Result<Handled, HandleError> {
+    async fn handle_at(&self, path: &Path) -> Result<Handled, HandleError> {
         let (report, read) = match self.ingestor.ingest_path(path, SourceKind::Inbox).await {
             Ok(done) => done,
             Err(IngestError::Read { source, .. }) if source.kind() == io::ErrorKind::NotFound => {
@@ -630,6 +712,8 @@ enum HandleError {
     Ingest(IngestError),
     #[error("recorded, but cannot move it out of the inbox: {0}")]
     Move(io::Error),
+    #[error("cannot claim it (move it into this member's folder of the shared inbox): {0}")]
+    Claim(io::Error),
 }
 
 /// `name` with `.<n>` before its extension: `notice.json` → `notice.1.json`.
