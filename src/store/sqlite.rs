@@ -212,93 +212,26 @@ impl SqliteStore {
         let err = self.query_err();
         let run = match (kind, download, notice) {
             ("product", Some(download), _) => {
-                type Row = (
-                    String,
-                    String,
-                    String,
-                    String,
-                    i64,
-                    String,
-                    String,
-                    Option<String>,
-                    Option<String>,
-                );
-                let row: Option<Row> = sqlx::query_as(PRODUCT_HOOK_ENV)
+                let row: Option<ProductHookRow> = sqlx::query_as(PRODUCT_HOOK_ENV)
                     .bind(download)
                     .fetch_optional(&self.writer)
                     .await
                     .map_err(&err)?;
-                let Some((
-                    path,
-                    mission,
-                    fileset,
-                    filename,
-                    program,
-                    event_type,
-                    version,
-                    raw,
-                    notice,
-                )) = row
-                else {
+                let Some(row) = row else {
                     return Ok(None);
                 };
-                // The values as the notice wrote them, where its record has them.
-                let raw: serde_json::Value = raw
-                    .as_deref()
-                    .and_then(|r| serde_json::from_str(r).ok())
-                    .unwrap_or_default();
-                let written = |key: &str, fallback: String| match raw.get(key) {
-                    Some(serde_json::Value::String(s)) => s.clone(),
-                    Some(v @ serde_json::Value::Number(_)) => v.to_string(),
-                    _ => fallback,
-                };
-                HookRun {
-                    id,
-                    kind: HookKind::OnProduct,
-                    attempt,
-                    about: path.clone(),
-                    env: vec![
-                        ("MASTSUB_PATH".into(), path),
-                        ("MASTSUB_MISSION".into(), written("mission", mission)),
-                        ("MASTSUB_FILESET".into(), written("fileset", fileset)),
-                        ("MASTSUB_FILENAME".into(), written("filename", filename)),
-                        (
-                            "MASTSUB_PROGRAM".into(),
-                            written("program", program.to_string()),
-                        ),
-                        (
-                            "MASTSUB_EVENT_TYPE".into(),
-                            written("event_type", event_type),
-                        ),
-                        (
-                            "MASTSUB_ARCHIVED_DATE".into(),
-                            written("archived_date", version),
-                        ),
-                        ("MASTSUB_NOTICE".into(), notice.unwrap_or_default()),
-                    ],
-                }
+                product_hook_run(id, attempt, row)
             }
             ("notice", _, Some(notice)) => {
-                let row: Option<(String, i64, i64, i64)> = sqlx::query_as(NOTICE_HOOK_ENV)
+                let row: Option<NoticeHookRow> = sqlx::query_as(NOTICE_HOOK_ENV)
                     .bind(notice)
                     .fetch_optional(&self.writer)
                     .await
                     .map_err(&err)?;
-                let Some((name, done, failed, skipped)) = row else {
+                let Some(row) = row else {
                     return Ok(None);
                 };
-                HookRun {
-                    id,
-                    kind: HookKind::OnNotice,
-                    attempt,
-                    about: name.clone(),
-                    env: vec![
-                        ("MASTSUB_NOTICE".into(), name),
-                        ("MASTSUB_DONE".into(), done.to_string()),
-                        ("MASTSUB_FAILED".into(), failed.to_string()),
-                        ("MASTSUB_SKIPPED".into(), skipped.to_string()),
-                    ],
-                }
+                notice_hook_run(id, attempt, row)
             }
             _ => return Ok(None),
         };
@@ -403,7 +336,7 @@ const RECORDED_EVENTS: &str = "
     WHERE e.event_id IN (SELECT value FROM json_each(?1))";
 
 /// A recorded event found by `RECORDED_EVENTS`: id, notice name, record index, then what it named.
-type Recorded = (String, String, i64, String, String, String, String, String);
+pub(super) type Recorded = (String, String, i64, String, String, String, String, String);
 
 /// What makes two records with one `event_id` the same event: mission, fileset, filename, type, date.
 type Names<'a> = (&'a str, &'a str, &'a str, &'a str, &'a str);
@@ -437,6 +370,72 @@ fn describe_event(notice: &str, index: usize, names: Names) -> String {
         index + 1,
         names_text(names)
     )
+}
+
+/// The events of a notice to record now, given the events already recorded under any of their ids
+/// (`RECORDED_EVENTS`): the same id with the same content (recorded before, or earlier in this notice) is
+/// one event, counted in `already_recorded`; with other content it is a conflict, reported in
+/// `conflicts` and recorded all the same, so that nothing is silently dropped. Shared by every backend.
+pub(super) fn fresh_events<'e>(
+    events: &'e [Event],
+    recorded: &[Recorded],
+    notice_name: &str,
+    outcome: &mut IngestOutcome,
+) -> Vec<&'e Event> {
+    let mut before: HashMap<&str, Vec<&Recorded>> = HashMap::new();
+    for r in recorded {
+        before.entry(r.0.as_str()).or_default().push(r);
+    }
+    // This notice's own events by id; what they named is compared only when an id comes again.
+    let mut here: HashMap<&str, Vec<&Event>> = HashMap::with_capacity(events.len());
+    let mut fresh: Vec<&Event> = Vec::with_capacity(events.len());
+    for e in events {
+        let what = event_names(e);
+        let earlier = before.get(e.event_id.as_str());
+        let earlier_here = here.get(e.event_id.as_str());
+        let same = earlier.is_some_and(|v| v.iter().any(|r| recorded_names(r) == what))
+            || earlier_here.is_some_and(|v| v.iter().any(|o| event_names(o) == what));
+        if same {
+            outcome.already_recorded += 1;
+            continue;
+        }
+        let first = earlier
+            .and_then(|v| v.first())
+            .map(|r| describe_event(&r.1, r.2 as usize, recorded_names(r)))
+            .or_else(|| {
+                earlier_here
+                    .and_then(|v| v.first())
+                    .map(|o| describe_event(notice_name, o.index, event_names(o)))
+            });
+        if let Some(earlier) = first {
+            outcome.conflicts.push(EventConflict {
+                event_id: e.event_id.clone(),
+                record: e.index + 1,
+                now: names_text(what),
+                earlier,
+            });
+        }
+        here.entry(e.event_id.as_str()).or_default().push(e);
+        fresh.push(e);
+    }
+    fresh
+}
+
+/// Counts what each planned event did into `outcome`. Shared by every backend.
+pub(super) fn tally(plan: &crate::categorize::Plan<'_>, outcome: &mut IngestOutcome) {
+    for planned in &plan.events {
+        *outcome
+            .recorded
+            .entry(planned.event.event_type.clone())
+            .or_default() += 1;
+        match planned.disposition {
+            Disposition::Queued => outcome.queued += 1,
+            Disposition::Joined => outcome.joined += 1,
+            Disposition::Requeued => outcome.requeued += 1,
+            Disposition::AlreadyDone => outcome.already_done += 1,
+            Disposition::RecordOnly => outcome.record_only += 1,
+        }
+    }
 }
 
 /// One index seek per product on `downloads_by_product (product, id)`.
@@ -802,42 +801,7 @@ impl SqliteStore {
             .fetch_all(&mut *tx)
             .await
             .map_err(&err)?;
-        let mut before: HashMap<&str, Vec<&Recorded>> = HashMap::new();
-        for r in &recorded {
-            before.entry(r.0.as_str()).or_default().push(r);
-        }
-        // This notice's own events by id; what they named is compared only when an id comes again.
-        let mut here: HashMap<&str, Vec<&Event>> = HashMap::with_capacity(events.len());
-        let mut fresh: Vec<&Event> = Vec::with_capacity(events.len());
-        for e in events {
-            let what = event_names(e);
-            let earlier = before.get(e.event_id.as_str());
-            let earlier_here = here.get(e.event_id.as_str());
-            let same = earlier.is_some_and(|v| v.iter().any(|r| recorded_names(r) == what))
-                || earlier_here.is_some_and(|v| v.iter().any(|o| event_names(o) == what));
-            if same {
-                outcome.already_recorded += 1;
-                continue;
-            }
-            let first = earlier
-                .and_then(|v| v.first())
-                .map(|r| describe_event(&r.1, r.2 as usize, recorded_names(r)))
-                .or_else(|| {
-                    earlier_here
-                        .and_then(|v| v.first())
-                        .map(|o| describe_event(&notice.name, o.index, event_names(o)))
-                });
-            if let Some(earlier) = first {
-                outcome.conflicts.push(EventConflict {
-                    event_id: e.event_id.clone(),
-                    record: e.index + 1,
-                    now: names_text(what),
-                    earlier,
-                });
-            }
-            here.entry(e.event_id.as_str()).or_default().push(e);
-            fresh.push(e);
-        }
+        let fresh = fresh_events(events, &recorded, &notice.name, &mut outcome);
 
         let products: HashSet<String> = fresh
             .iter()
@@ -900,19 +864,7 @@ impl SqliteStore {
                 .map_err(&err)?;
         }
 
-        for planned in &plan.events {
-            *outcome
-                .recorded
-                .entry(planned.event.event_type.clone())
-                .or_default() += 1;
-            match planned.disposition {
-                Disposition::Queued => outcome.queued += 1,
-                Disposition::Joined => outcome.joined += 1,
-                Disposition::Requeued => outcome.requeued += 1,
-                Disposition::AlreadyDone => outcome.already_done += 1,
-                Disposition::RecordOnly => outcome.record_only += 1,
-            }
-        }
+        tally(&plan, &mut outcome);
         for chunk in plan.events.chunks(ROWS_PER_INSERT) {
             let mut insert = QueryBuilder::<Sqlite>::new(INSERT_EVENTS);
             insert.push_values(chunk, |mut row, planned| {
@@ -1979,6 +1931,80 @@ impl Store for SqliteStore {
             );
         }
         self.writer.close().await;
+    }
+}
+
+/// What `PRODUCT_HOOK_ENV` reads: the job's path, mission, fileset, filename, program, event type and
+/// version, the raw record of its first event and that event's notice name.
+pub(super) type ProductHookRow = (
+    String,
+    String,
+    String,
+    String,
+    i64,
+    String,
+    String,
+    Option<String>,
+    Option<String>,
+);
+
+/// What `NOTICE_HOOK_ENV` reads: the notice's name, its products done, failed and recorded only.
+pub(super) type NoticeHookRow = (String, i64, i64, i64);
+
+/// An `on_product` run with its environment. Shared by every backend.
+pub(super) fn product_hook_run(id: i64, attempt: i64, row: ProductHookRow) -> HookRun {
+    let (path, mission, fileset, filename, program, event_type, version, raw, notice) = row;
+    // The values as the notice wrote them, where its record has them.
+    let raw: serde_json::Value = raw
+        .as_deref()
+        .and_then(|r| serde_json::from_str(r).ok())
+        .unwrap_or_default();
+    let written = |key: &str, fallback: String| match raw.get(key) {
+        Some(serde_json::Value::String(s)) => s.clone(),
+        Some(v @ serde_json::Value::Number(_)) => v.to_string(),
+        _ => fallback,
+    };
+    HookRun {
+        id,
+        kind: HookKind::OnProduct,
+        attempt,
+        about: path.clone(),
+        env: vec![
+            ("MASTSUB_PATH".into(), path),
+            ("MASTSUB_MISSION".into(), written("mission", mission)),
+            ("MASTSUB_FILESET".into(), written("fileset", fileset)),
+            ("MASTSUB_FILENAME".into(), written("filename", filename)),
+            (
+                "MASTSUB_PROGRAM".into(),
+                written("program", program.to_string()),
+            ),
+            (
+                "MASTSUB_EVENT_TYPE".into(),
+                written("event_type", event_type),
+            ),
+            (
+                "MASTSUB_ARCHIVED_DATE".into(),
+                written("archived_date", version),
+            ),
+            ("MASTSUB_NOTICE".into(), notice.unwrap_or_default()),
+        ],
+    }
+}
+
+/// An `on_notice` run with its environment. Shared by every backend.
+pub(super) fn notice_hook_run(id: i64, attempt: i64, row: NoticeHookRow) -> HookRun {
+    let (name, done, failed, skipped) = row;
+    HookRun {
+        id,
+        kind: HookKind::OnNotice,
+        attempt,
+        about: name.clone(),
+        env: vec![
+            ("MASTSUB_NOTICE".into(), name),
+            ("MASTSUB_DONE".into(), done.to_string()),
+            ("MASTSUB_FAILED".into(), failed.to_string()),
+            ("MASTSUB_SKIPPED".into(), skipped.to_string()),
+        ],
     }
 }
 
