@@ -1,10 +1,13 @@
 //! The store: the only shared state of mastsub, behind one narrow trait.
 //!
 //! Sources only insert (through [`Store::ingest_notice`]); workers only claim and update jobs; the CLI only
-//! reads. Every backend (today SQLite, in `sqlite.rs`) implements [`Store`] and runs the same contract tests.
-//! All SQL lives in the backend modules.
+//! reads. Every backend implements [`Store`] and runs the same contract tests (`tests/store_contract.rs`):
+//! SQLite (`sqlite.rs`), one file that one daemon writes, and PostgreSQL (`postgres.rs`), one database that
+//! several daemons on several hosts share. Each has its own migrations (`migrations/sqlite/`,
+//! `migrations/postgres/`). All SQL lives in the backend modules.
 
 mod guard;
+mod postgres;
 mod sqlite;
 
 use std::collections::BTreeMap;
@@ -17,6 +20,7 @@ use crate::categorize::Categorizer;
 use crate::notice::{Event, EventType};
 
 pub use guard::{RunLock, RunLockError, run_lock_path};
+pub use postgres::PgStore;
 pub use sqlite::SqliteStore;
 
 /// A download job's state: `queued → running → done | failed | needs_auth`.
