@@ -1,23 +1,101 @@
-//! The store's contract, run against every backend (rstest cases; SQLite today): de-duplication, one job
-//! per product version, re-queueing, and several processes writing one database at once.
+//! The store's contract, run against every backend (rstest cases: SQLite, and PostgreSQL where it is
+//! installed): de-duplication, one job per product version, re-queueing, claims racing on many connections,
+//! the status counts, and several stores writing one database at once.
 
 mod common;
 
-use std::sync::Arc;
+use std::collections::HashSet;
+use std::str::FromStr;
+use std::sync::{Arc, Mutex};
 
+use common::postgres::Postgres;
 use common::{Workspace, record};
 use mastsub::categorize::Categorizer;
 use mastsub::config::EventsConfig;
-use mastsub::notice::{self, Event, Limits};
+use mastsub::notice::{self, Event, EventType, Limits};
 use mastsub::store::{
-    DownloadState, Finish, IngestOutcome, NoticeMeta, NoticeStatus, Provenance, SourceHealth,
-    SourceKind, SqliteStore, Store,
+    DownloadState, Finish, IngestOutcome, NoticeMeta, NoticeStatus, PgStore, Provenance,
+    SourceHealth, SourceKind, SqliteStore, Store, StoreError,
 };
 use rstest::rstest;
 use serde_json::{Value, json};
+use sqlx::postgres::PgConnectOptions;
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Backend {
     Sqlite,
+    Postgres,
+}
+
+/// One test's database: a SQLite file in a workspace, or a PostgreSQL database of its own on this test
+/// binary's server.
+struct Db {
+    backend: Backend,
+    ws: Workspace,
+    /// The server and the database's name.
+    pg: Option<(&'static Postgres, String)>,
+}
+
+impl Db {
+    /// `None` (the test says SKIPPED and returns) for PostgreSQL when it is not installed.
+    fn new(backend: Backend) -> Option<Db> {
+        let ws = Workspace::new();
+        let pg = match backend {
+            Backend::Sqlite => None,
+            Backend::Postgres => {
+                let Some(pg) = Postgres::shared() else {
+                    eprintln!("SKIPPED: this case needs PostgreSQL");
+                    return None;
+                };
+                let url = pg.database("contract");
+                let name = url.rsplit('/').next().unwrap().to_string();
+                Some((pg, name))
+            }
+        };
+        Some(Db { backend, ws, pg })
+    }
+
+    /// The PostgreSQL database's URL (no password: the harness trusts local connections).
+    fn url(&self) -> String {
+        let (pg, name) = self.pg.as_ref().expect("a PostgreSQL case");
+        pg.url(name)
+    }
+
+    /// A store on the database (a new one each time, as another process would open it).
+    async fn open(&self) -> Arc<dyn Store> {
+        match self.backend {
+            Backend::Sqlite => Arc::new(SqliteStore::open(&self.ws.db()).await.unwrap()),
+            Backend::Postgres => Arc::new(self.open_pg().await.unwrap()),
+        }
+    }
+
+    async fn open_pg(&self) -> Result<PgStore, StoreError> {
+        let url = self.url();
+        PgStore::open(PgConnectOptions::from_str(&url).unwrap(), &url).await
+    }
+
+    /// One integer from a query, outside the store.
+    fn query_i64(&self, sql: &str) -> i64 {
+        match &self.pg {
+            None => self.ws.query_i64(sql),
+            Some((pg, name)) => {
+                let out = pg.psql(name, sql).unwrap_or_else(|e| panic!("{sql}: {e}"));
+                out.trim()
+                    .parse()
+                    .unwrap_or_else(|e| panic!("{sql}: {out:?}: {e}"))
+            }
+        }
+    }
+
+    /// One write statement, outside the store (to put a job in a state no API sets).
+    fn execute(&self, sql: &str) {
+        match &self.pg {
+            None => self.ws.execute(sql),
+            Some((pg, name)) => {
+                pg.psql(name, sql).unwrap_or_else(|e| panic!("{sql}: {e}"));
+            }
+        }
+    }
 }
 
 fn runtime() -> tokio::runtime::Runtime {
@@ -27,10 +105,13 @@ fn runtime() -> tokio::runtime::Runtime {
         .unwrap()
 }
 
-async fn open(backend: &Backend, ws: &Workspace) -> Arc<dyn Store> {
-    match backend {
-        Backend::Sqlite => Arc::new(SqliteStore::open(&ws.db()).await.unwrap()),
-    }
+/// For the cases where tasks race on several threads.
+fn threaded_runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(4)
+        .enable_all()
+        .build()
+        .unwrap()
 }
 
 fn categorizer() -> Categorizer {
@@ -49,6 +130,16 @@ fn events(records: &[Value]) -> Vec<Event> {
 
 /// Ingests `records` as a notice whose content hash is `tag` (distinct tags are distinct notices).
 async fn ingest(store: &Arc<dyn Store>, tag: &str, records: &[Value]) -> IngestOutcome {
+    ingest_with(store, tag, records, &categorizer()).await
+}
+
+/// `ingest` with a categorizer of the test's.
+async fn ingest_with(
+    store: &Arc<dyn Store>,
+    tag: &str,
+    records: &[Value],
+    categorizer: &Categorizer,
+) -> IngestOutcome {
     let evs = events(records);
     let meta = NoticeMeta {
         sha256: format!("{tag:0>64}"),
@@ -60,10 +151,7 @@ async fn ingest(store: &Arc<dyn Store>, tag: &str, records: &[Value]) -> IngestO
         status: NoticeStatus::Accepted,
         error: None,
     };
-    store
-        .ingest_notice(&meta, &evs, &categorizer())
-        .await
-        .unwrap()
+    store.ingest_notice(&meta, &evs, categorizer).await.unwrap()
 }
 
 /// Record `n` as another type and version of the same product.
@@ -94,10 +182,13 @@ fn same_product(n: u64, id: u64, event_type: &str, archived: &str) -> Value {
 
 #[rstest]
 #[case::sqlite(Backend::Sqlite)]
+#[case::postgres(Backend::Postgres)]
 fn the_same_event_in_two_notices_is_recorded_once(#[case] backend: Backend) {
-    let ws = Workspace::new();
+    let Some(db) = Db::new(backend) else {
+        return;
+    };
     runtime().block_on(async {
-        let store = open(&backend, &ws).await;
+        let store = db.open().await;
         let a = ingest(&store, "a", &[record(1, "New"), record(2, "New")]).await;
         assert_eq!((a.recorded_total(), a.queued), (2, 2));
         let b = ingest(
@@ -115,16 +206,19 @@ fn the_same_event_in_two_notices_is_recorded_once(#[case] backend: Backend) {
         assert_eq!(again.recorded_total(), 0);
         store.close().await;
     });
-    assert_eq!(ws.query_i64("SELECT count(*) FROM events"), 3);
-    assert_eq!(ws.query_i64("SELECT count(*) FROM notices"), 2);
+    assert_eq!(db.query_i64("SELECT count(*) FROM events"), 3);
+    assert_eq!(db.query_i64("SELECT count(*) FROM notices"), 2);
 }
 
 #[rstest]
 #[case::sqlite(Backend::Sqlite)]
+#[case::postgres(Backend::Postgres)]
 fn new_then_public_in_separate_notices_share_one_job(#[case] backend: Backend) {
-    let ws = Workspace::new();
+    let Some(db) = Db::new(backend) else {
+        return;
+    };
     runtime().block_on(async {
-        let store = open(&backend, &ws).await;
+        let store = db.open().await;
         ingest(
             &store,
             "a",
@@ -140,20 +234,23 @@ fn new_then_public_in_separate_notices_share_one_job(#[case] backend: Backend) {
         assert_eq!((o.queued, o.joined), (0, 1));
         store.close().await;
     });
-    assert_eq!(ws.query_i64("SELECT count(*) FROM downloads"), 1);
+    assert_eq!(db.query_i64("SELECT count(*) FROM downloads"), 1);
     assert_eq!(
-        ws.query_i64("SELECT count(DISTINCT download_id) FROM events"),
+        db.query_i64("SELECT count(DISTINCT download_id) FROM events"),
         1
     );
 }
 
 #[rstest]
 #[case::sqlite(Backend::Sqlite)]
+#[case::postgres(Backend::Postgres)]
 fn a_newer_version_raises_a_queued_job_and_queues_after_a_done_one(#[case] backend: Backend) {
-    let ws = Workspace::new();
+    let Some(db) = Db::new(backend) else {
+        return;
+    };
     let rt = runtime();
     rt.block_on(async {
-        let store = open(&backend, &ws).await;
+        let store = db.open().await;
         ingest(
             &store,
             "a",
@@ -172,9 +269,9 @@ fn a_newer_version_raises_a_queued_job_and_queues_after_a_done_one(#[case] backe
         assert_eq!(rows[0].version, "2026-02-01T00:00:00.5000000");
         store.close().await;
     });
-    ws.execute("UPDATE downloads SET state = 'done'");
+    db.execute("UPDATE downloads SET state = 'done'");
     rt.block_on(async {
-        let store = open(&backend, &ws).await;
+        let store = db.open().await;
         let same = ingest(
             &store,
             "c",
@@ -197,16 +294,19 @@ fn a_newer_version_raises_a_queued_job_and_queues_after_a_done_one(#[case] backe
         assert_eq!(queued[0].event_type, "Reprocessed");
         store.close().await;
     });
-    assert_eq!(ws.query_i64("SELECT count(*) FROM downloads"), 2);
+    assert_eq!(db.query_i64("SELECT count(*) FROM downloads"), 2);
 }
 
 #[rstest]
 #[case::sqlite(Backend::Sqlite)]
+#[case::postgres(Backend::Postgres)]
 fn public_requeues_a_job_waiting_for_a_token_and_any_event_a_failed_one(#[case] backend: Backend) {
-    let ws = Workspace::new();
+    let Some(db) = Db::new(backend) else {
+        return;
+    };
     let rt = runtime();
     rt.block_on(async {
-        let store = open(&backend, &ws).await;
+        let store = db.open().await;
         ingest(
             &store,
             "a",
@@ -221,13 +321,13 @@ fn public_requeues_a_job_waiting_for_a_token_and_any_event_a_failed_one(#[case] 
         .await;
         store.close().await;
     });
-    ws.execute(
+    db.execute(
         "UPDATE downloads SET state = 'needs_auth', attempts = 1, last_error = 'HTTP 401', lease_owner = 'w1', \
          lease_expires_at = 1, next_attempt_at = 9999999999999 WHERE filename LIKE 'jw00001%'",
     );
-    ws.execute("UPDATE downloads SET state = 'failed', attempts = 8, last_error = 'HTTP 404' WHERE filename LIKE 'jw00002%'");
+    db.execute("UPDATE downloads SET state = 'failed', attempts = 8, last_error = 'HTTP 404' WHERE filename LIKE 'jw00002%'");
     rt.block_on(async {
-        let store = open(&backend, &ws).await;
+        let store = db.open().await;
         let joined = ingest(
             &store,
             "c",
@@ -262,23 +362,26 @@ fn public_requeues_a_job_waiting_for_a_token_and_any_event_a_failed_one(#[case] 
         store.close().await;
     });
     assert_eq!(
-        ws.query_i64("SELECT count(*) FROM downloads WHERE lease_owner IS NOT NULL"),
+        db.query_i64("SELECT count(*) FROM downloads WHERE lease_owner IS NOT NULL"),
         0
     );
     assert_eq!(
-        ws.query_i64("SELECT count(*) FROM downloads WHERE next_attempt_at = 9999999999999"),
+        db.query_i64("SELECT count(*) FROM downloads WHERE next_attempt_at = 9999999999999"),
         0
     );
 }
 
 #[rstest]
 #[case::sqlite(Backend::Sqlite)]
+#[case::postgres(Backend::Postgres)]
 fn ending_a_job_and_claiming_the_next_checks_the_lease_and_keeps_products_apart(
     #[case] backend: Backend,
 ) {
-    let ws = Workspace::new();
+    let Some(db) = Db::new(backend) else {
+        return;
+    };
     runtime().block_on(async {
-        let store = open(&backend, &ws).await;
+        let store = db.open().await;
         // Products 1 and 2, and a newer version of product 1 queued behind the first.
         ingest(
             &store,
@@ -357,7 +460,7 @@ fn ending_a_job_and_claiming_the_next_checks_the_lease_and_keeps_products_apart(
         store.close().await;
     });
     assert_eq!(
-        ws.query_i64(
+        db.query_i64(
             "SELECT count(*) FROM downloads WHERE state = 'needs_auth' AND last_error = 'HTTP 401'"
         ),
         1
@@ -366,10 +469,13 @@ fn ending_a_job_and_claiming_the_next_checks_the_lease_and_keeps_products_apart(
 
 #[rstest]
 #[case::sqlite(Backend::Sqlite)]
+#[case::postgres(Backend::Postgres)]
 fn a_batch_records_every_end_and_claims_only_distinct_paths(#[case] backend: Backend) {
-    let ws = Workspace::new();
+    let Some(db) = Db::new(backend) else {
+        return;
+    };
     runtime().block_on(async {
-        let store = open(&backend, &ws).await;
+        let store = db.open().await;
         let first_versions: Vec<Value> = (1..=5)
             .map(|n| same_product(n, n, "New", "2026-01-01T00:00:00"))
             .collect();
@@ -452,11 +558,11 @@ fn a_batch_records_every_end_and_claims_only_distinct_paths(#[case] backend: Bac
         store.close().await;
     });
     assert_eq!(
-        ws.query_i64("SELECT count(*) FROM downloads WHERE state = 'done'"),
+        db.query_i64("SELECT count(*) FROM downloads WHERE state = 'done'"),
         2
     );
     assert_eq!(
-        ws.query_i64(
+        db.query_i64(
             "SELECT count(*) FROM downloads WHERE state = 'running' AND lease_owner = 'w1'"
         ),
         3
@@ -465,10 +571,13 @@ fn a_batch_records_every_end_and_claims_only_distinct_paths(#[case] backend: Bac
 
 #[rstest]
 #[case::sqlite(Backend::Sqlite)]
+#[case::postgres(Backend::Postgres)]
 fn hook_runs_are_queued_with_the_ends_that_publish_and_claimed_once_each(#[case] backend: Backend) {
-    let ws = Workspace::new();
+    let Some(db) = Db::new(backend) else {
+        return;
+    };
     runtime().block_on(async {
-        let store = open(&backend, &ws).await;
+        let store = db.open().await;
         let mut records: Vec<Value> = (1..=3)
             .map(|n| same_product(n, n, "New", "2026-01-01T00:00:00.5"))
             .collect();
@@ -578,10 +687,13 @@ fn hook_runs_are_queued_with_the_ends_that_publish_and_claimed_once_each(#[case]
 
 #[rstest]
 #[case::sqlite(Backend::Sqlite)]
+#[case::postgres(Backend::Postgres)]
 fn cloud_look_ups_are_kept_and_where_bytes_came_from_is_recorded(#[case] backend: Backend) {
-    let ws = Workspace::new();
+    let Some(db) = Db::new(backend) else {
+        return;
+    };
     runtime().block_on(async {
-        let store = open(&backend, &ws).await;
+        let store = db.open().await;
         ingest(&store, "a", &[record(1, "Public"), record(2, "New")]).await;
         let up = store.upcoming(10).await.unwrap();
         assert_eq!(up.len(), 2);
@@ -693,10 +805,13 @@ fn cloud_look_ups_are_kept_and_where_bytes_came_from_is_recorded(#[case] backend
 
 #[rstest]
 #[case::sqlite(Backend::Sqlite)]
+#[case::postgres(Backend::Postgres)]
 fn two_jobs_of_one_local_path_never_run_at_once(#[case] backend: Backend) {
-    let ws = Workspace::new();
+    let Some(db) = Db::new(backend) else {
+        return;
+    };
     runtime().block_on(async {
-        let store = open(&backend, &ws).await;
+        let store = db.open().await;
         // Two products of one file name in other filesets: in the --flat layout, one local path.
         let a = same_product(1, 1, "New", "2026-01-01T00:00:00");
         let mut b = same_product(2, 2, "New", "2026-01-01T00:00:00");
@@ -744,10 +859,13 @@ fn two_jobs_of_one_local_path_never_run_at_once(#[case] backend: Backend) {
 
 #[rstest]
 #[case::sqlite(Backend::Sqlite)]
+#[case::postgres(Backend::Postgres)]
 fn mailbox_positions_and_source_health_are_kept(#[case] backend: Backend) {
-    let ws = Workspace::new();
+    let Some(db) = Db::new(backend) else {
+        return;
+    };
     runtime().block_on(async {
-        let store = open(&backend, &ws).await;
+        let store = db.open().await;
         assert_eq!(store.imap_position("u@h:993", "INBOX").await.unwrap(), None);
         store
             .set_imap_position("u@h:993", "INBOX", 7, 41)
@@ -806,10 +924,13 @@ fn mailbox_positions_and_source_health_are_kept(#[case] backend: Backend) {
 
 #[rstest]
 #[case::sqlite(Backend::Sqlite)]
+#[case::postgres(Backend::Postgres)]
 fn status_counts_every_state_type_and_notice_status(#[case] backend: Backend) {
-    let ws = Workspace::new();
+    let Some(db) = Db::new(backend) else {
+        return;
+    };
     runtime().block_on(async {
-        let store = open(&backend, &ws).await;
+        let store = db.open().await;
         ingest(
             &store,
             "a",
