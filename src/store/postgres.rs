@@ -197,8 +197,8 @@ impl PgStore {
     }
 
     /// One claim on `conn`: the next due job on a free path, or `None`. Inside a transaction (`in_tx`)
-    /// each try runs in a savepoint, so that a try that hits the running-path index leaves the
-    /// transaction usable.
+    /// each try runs in a savepoint, so that a try refused by the running-path index (or chosen to break
+    /// a deadlock) leaves the transaction and its other writes usable.
     async fn claim_on(
         &self,
         conn: &mut PgConnection,
@@ -227,8 +227,13 @@ impl PgStore {
             match claimed {
                 Ok(Some(row)) => return self.job(&row).map(Some),
                 Ok(None) => return Ok(None),
-                Err(e) if path_taken(&e) => continue,
-                Err(e) => return Err(err(e)),
+                Err(e) => match refusal(&e) {
+                    Some(Refusal::PathTaken) => continue,
+                    // This transaction's claims and another's wait for each other's paths: trying again
+                    // would wait again, so this call claims no more (the other goes on).
+                    Some(Refusal::Deadlock) => return Ok(None),
+                    None => return Err(err(e)),
+                },
             }
         }
         tracing::debug!("no claim after {CLAIM_TRIES} tries: other claimers kept taking its paths");
@@ -475,17 +480,26 @@ async fn connect(options: PgConnectOptions, shown: &str) -> Result<PgPool, Store
         })
 }
 
-/// A claim that failed because another connection has a job of the same path running (committed since
-/// the claim's snapshot: the running-path index), or that PostgreSQL chose to break a wait cycle between
-/// claimers: another try, with a fresh snapshot, skips that path.
-fn path_taken(e: &sqlx::Error) -> bool {
+/// Why PostgreSQL refused a claim that SQLite, with its one writer, never meets.
+enum Refusal {
+    /// Another connection has a job of the same path running, committed since the claim's snapshot (the
+    /// running-path index): another try, with a fresh snapshot, skips that path.
+    PathTaken,
+    /// PostgreSQL broke a wait cycle between claimers (each waiting at the running-path index for a path
+    /// the other's uncommitted claim holds) by failing this one.
+    Deadlock,
+}
+
+fn refusal(e: &sqlx::Error) -> Option<Refusal> {
     let sqlx::Error::Database(db) = e else {
-        return false;
+        return None;
     };
     match db.code().as_deref() {
-        Some("23505") => db.constraint() == Some("downloads_running_by_path"),
-        Some("40P01") => true,
-        _ => false,
+        Some("23505") if db.constraint() == Some("downloads_running_by_path") => {
+            Some(Refusal::PathTaken)
+        }
+        Some("40P01") => Some(Refusal::Deadlock),
+        _ => None,
     }
 }
 
