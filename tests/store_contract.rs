@@ -74,10 +74,11 @@ impl Db {
         PgStore::open(PgConnectOptions::from_str(&url).unwrap(), &url).await
     }
 
-    /// One integer from a query, outside the store.
+    /// One integer from a query, outside the store (callable inside a runtime too).
     fn query_i64(&self, sql: &str) -> i64 {
         match &self.pg {
-            None => self.ws.query_i64(sql),
+            // The workspace's query runs a runtime of its own: on a thread of its own.
+            None => std::thread::scope(|s| s.spawn(|| self.ws.query_i64(sql)).join().unwrap()),
             Some((pg, name)) => {
                 let out = pg.psql(name, sql).unwrap_or_else(|e| panic!("{sql}: {e}"));
                 out.trim()
@@ -90,7 +91,7 @@ impl Db {
     /// One write statement, outside the store (to put a job in a state no API sets).
     fn execute(&self, sql: &str) {
         match &self.pg {
-            None => self.ws.execute(sql),
+            None => std::thread::scope(|s| s.spawn(|| self.ws.execute(sql)).join().unwrap()),
             Some((pg, name)) => {
                 pg.psql(name, sql).unwrap_or_else(|e| panic!("{sql}: {e}"));
             }
@@ -978,4 +979,539 @@ fn several_processes_ingesting_into_one_database_lose_nothing() {
     }
     assert_eq!(ws.query_i64("SELECT count(*) FROM events"), 4 * 15 * 50);
     assert_eq!(ws.query_i64("SELECT count(*) FROM notices"), 60);
+}
+
+/// A done end of `bytes` bytes.
+fn done(bytes: i64) -> Finish {
+    Finish::Done {
+        bytes,
+        verified: "JSON: parses".into(),
+        origin: None,
+    }
+}
+
+/// Claims of one worker task until nothing is left to claim, each job ended done; the ids it claimed.
+/// `style` 0 claims and finishes one at a time, 1 ends and claims one per `end_and_claim`, 2 holds three
+/// and ends them and claims three more in one `end_and_claim`.
+async fn drain(store: Arc<dyn Store>, owner: String, style: usize, now: i64) -> Vec<i64> {
+    let lease = now + 600_000;
+    let mut claimed = Vec::new();
+    match style {
+        0 => {
+            while let Some(job) = store.claim(&owner, lease, now).await.unwrap() {
+                claimed.push(job.id);
+                assert!(store.finish(job.id, &owner, &done(10), now).await.unwrap());
+            }
+        }
+        _ => {
+            let batch = if style == 1 { 1 } else { 3 };
+            let (_, mut held) = store
+                .end_and_claim(&owner, &[], batch, now, lease)
+                .await
+                .unwrap();
+            while !held.is_empty() {
+                claimed.extend(held.iter().map(|j| j.id));
+                let ends: Vec<(i64, Finish)> = held.iter().map(|j| (j.id, done(10))).collect();
+                let (recorded, next) = store
+                    .end_and_claim(&owner, &ends, batch, now, lease)
+                    .await
+                    .unwrap();
+                assert!(recorded.iter().all(|r| *r), "{owner}: an end refused");
+                held = next;
+            }
+        }
+    }
+    claimed
+}
+
+#[rstest]
+#[case::sqlite(Backend::Sqlite)]
+#[case::postgres(Backend::Postgres)]
+fn concurrent_workers_claim_every_job_exactly_once(#[case] backend: Backend) {
+    const JOBS: u64 = 2_000;
+    const TASKS: usize = 32;
+    let Some(db) = Db::new(backend) else {
+        return;
+    };
+    let rt = threaded_runtime();
+    let claimed = rt.block_on(async {
+        let store = db.open().await;
+        let records: Vec<Value> = (1..=JOBS).map(|n| record(n, "New")).collect();
+        assert_eq!(ingest(&store, "many", &records).await.queued, JOBS as usize);
+        let now = mastsub::store::now_ms() + 1_000;
+        let tasks: Vec<_> = (0..TASKS)
+            .map(|t| tokio::spawn(drain(store.clone(), format!("w{t}"), t % 3, now)))
+            .collect();
+        let mut claimed = Vec::new();
+        for t in tasks {
+            claimed.extend(t.await.unwrap());
+        }
+        let s = store.status(0).await.unwrap();
+        assert_eq!(s.downloads[&DownloadState::Done], JOBS);
+        assert_eq!(s.downloads[&DownloadState::Queued], 0);
+        assert_eq!(s.downloads[&DownloadState::Running], 0);
+        assert_eq!(s.bytes_done, JOBS * 10);
+        assert_eq!(s.by_event_type[&EventType::New][&DownloadState::Done], JOBS);
+        store.close().await;
+        claimed
+    });
+    let distinct: HashSet<i64> = claimed.iter().copied().collect();
+    assert_eq!(distinct.len(), claimed.len(), "a job was claimed twice");
+    assert_eq!(claimed.len() as u64, JOBS);
+    assert_eq!(
+        db.query_i64("SELECT count(*) FROM downloads WHERE state = 'done' AND attempts = 1"),
+        JOBS as i64
+    );
+    if backend == Backend::Postgres {
+        assert_eq!(
+            db.query_i64("SELECT count(*) FROM downloads WHERE claims = 1"),
+            JOBS as i64
+        );
+    }
+}
+
+#[rstest]
+#[case::sqlite(Backend::Sqlite)]
+#[case::postgres(Backend::Postgres)]
+fn racing_claimers_never_run_two_jobs_of_one_path(#[case] backend: Backend) {
+    const PATHS: u64 = 100;
+    const TASKS: usize = 16;
+    let Some(db) = Db::new(backend) else {
+        return;
+    };
+    let rt = threaded_runtime();
+    rt.block_on(async {
+        let store = db.open().await;
+        // Two products per file name, in other filesets: in the --flat layout, two jobs per local path.
+        let mut records = Vec::new();
+        for n in 1..=PATHS {
+            let a = same_product(n, n, "New", "2026-01-01T00:00:00");
+            let mut b = same_product(n + 1_000, n + 1_000, "New", "2026-01-01T00:00:00");
+            b["filename"] = a["filename"].clone();
+            records.push(a);
+            records.push(b);
+        }
+        let outcome = ingest_with(&store, "flat", &records, &categorizer().flat(true)).await;
+        assert_eq!(outcome.queued as u64, 2 * PATHS);
+        let now = mastsub::store::now_ms() + 1_000;
+        // The paths held now, as the claimers see them: a path is let go before its end is recorded, so
+        // a claim of it can only succeed after that.
+        let held = Arc::new(Mutex::new(HashSet::<String>::new()));
+        let tasks: Vec<_> =
+            (0..TASKS)
+                .map(|t| {
+                    let (store, held) = (store.clone(), held.clone());
+                    tokio::spawn(async move {
+                        let owner = format!("w{t}");
+                        let lease = now + 600_000;
+                        let mut ended = 0u64;
+                        let claim = |store: Arc<dyn Store>,
+                                     owner: String,
+                                     ends: Vec<(i64, Finish)>| async move {
+                            if t % 2 == 0 {
+                                for (id, f) in &ends {
+                                    assert!(store.finish(*id, &owner, f, now).await.unwrap());
+                                }
+                                store.claim(&owner, lease, now).await.unwrap()
+                            } else {
+                                let (recorded, mut jobs) = store
+                                    .end_and_claim(&owner, &ends, 1, now, lease)
+                                    .await
+                                    .unwrap();
+                                assert!(recorded.iter().all(|r| *r));
+                                jobs.pop()
+                            }
+                        };
+                        let mut job = claim(store.clone(), owner.clone(), Vec::new()).await;
+                        while let Some(j) = job {
+                            assert!(
+                                held.lock().unwrap().insert(j.local_path.clone()),
+                                "two jobs of {} running at once",
+                                j.local_path
+                            );
+                            tokio::task::yield_now().await;
+                            held.lock().unwrap().remove(&j.local_path);
+                            ended += 1;
+                            job = claim(store.clone(), owner.clone(), vec![(j.id, done(1))]).await;
+                        }
+                        ended
+                    })
+                })
+                .collect();
+        let mut ended = 0;
+        for t in tasks {
+            ended += t.await.unwrap();
+        }
+        assert_eq!(ended, 2 * PATHS);
+        store.close().await;
+    });
+    assert_eq!(
+        db.query_i64("SELECT count(*) FROM downloads WHERE state = 'done' AND attempts = 1"),
+        2 * PATHS as i64
+    );
+}
+
+#[rstest]
+#[case::sqlite(Backend::Sqlite)]
+#[case::postgres(Backend::Postgres)]
+fn stores_opened_at_once_on_a_new_database_all_migrate_it_once(#[case] backend: Backend) {
+    let Some(db) = Db::new(backend) else {
+        return;
+    };
+    let db = Arc::new(db);
+    threaded_runtime().block_on(async {
+        let opening: Vec<_> = (0..4)
+            .map(|_| {
+                let db = db.clone();
+                tokio::spawn(async move { db.open().await })
+            })
+            .collect();
+        let mut stores = Vec::new();
+        for o in opening {
+            stores.push(o.await.unwrap());
+        }
+        // They share one database.
+        ingest(&stores[0], "a", &[record(1, "New")]).await;
+        for s in &stores {
+            assert_eq!(s.list_downloads(None).await.unwrap().len(), 1);
+            s.close().await;
+        }
+    });
+    let (migrations, tables) = match backend {
+        Backend::Sqlite => (
+            std::fs::read_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/migrations/sqlite"))
+                .unwrap()
+                .count() as i64,
+            "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = 'downloads'",
+        ),
+        Backend::Postgres => (
+            1,
+            "SELECT count(*) FROM pg_tables WHERE tablename = 'downloads'",
+        ),
+    };
+    assert_eq!(
+        db.query_i64("SELECT count(*) FROM _sqlx_migrations WHERE success"),
+        migrations
+    );
+    assert_eq!(db.query_i64(tables), 1);
+}
+
+#[rstest]
+#[case::sqlite(Backend::Sqlite)]
+#[case::postgres(Backend::Postgres)]
+fn several_stores_ingesting_into_one_database_at_once_lose_and_repeat_nothing(
+    #[case] backend: Backend,
+) {
+    const STORES: u64 = 4;
+    const NOTICES: u64 = 15;
+    let Some(db) = Db::new(backend) else {
+        return;
+    };
+    let db = Arc::new(db);
+    let already = threaded_runtime().block_on(async {
+        let mut stores = Vec::new();
+        for _ in 0..STORES {
+            stores.push(db.open().await);
+        }
+        let tasks: Vec<_> = stores
+            .iter()
+            .enumerate()
+            .map(|(p, store)| {
+                let store = store.clone();
+                let p = p as u64;
+                tokio::spawn(async move {
+                    let mut already = 0;
+                    for i in 0..NOTICES {
+                        // 50 events of this store's own, and 10 that every store's notice i holds.
+                        let mut records: Vec<Value> = (0..50)
+                            .map(|k| record(p * 10_000 + i * 100 + k + 1, "New"))
+                            .collect();
+                        records.extend((0..10).map(|k| record(900_000 + i * 10 + k, "New")));
+                        let o = ingest(&store, &format!("p{p}n{i}"), &records).await;
+                        already += o.already_recorded;
+                        // The same content from every store: one notice.
+                        ingest(
+                            &store,
+                            &format!("shared{i}"),
+                            &[record(800_000 + i, "Public")],
+                        )
+                        .await;
+                    }
+                    already
+                })
+            })
+            .collect();
+        let mut already = 0;
+        for t in tasks {
+            already += t.await.unwrap();
+        }
+        for s in &stores {
+            s.close().await;
+        }
+        already as i64
+    });
+    let (s, n) = (STORES as i64, NOTICES as i64);
+    assert_eq!(already, (s - 1) * n * 10, "shared events recorded again");
+    assert_eq!(
+        db.query_i64("SELECT count(*) FROM events"),
+        s * n * 50 + n * 10 + n
+    );
+    assert_eq!(
+        db.query_i64("SELECT count(DISTINCT event_id) FROM events"),
+        s * n * 50 + n * 10 + n
+    );
+    assert_eq!(db.query_i64("SELECT count(*) FROM notices"), s * n + n);
+    assert_eq!(
+        db.query_i64("SELECT sum(times_seen) FROM notices WHERE name LIKE 'shared%'"),
+        s * n
+    );
+    assert_eq!(
+        db.query_i64("SELECT count(*) FROM downloads"),
+        s * n * 50 + n * 10 + n
+    );
+    assert_eq!(
+        db.query_i64("SELECT count(DISTINCT product) FROM downloads"),
+        s * n * 50 + n * 10 + n
+    );
+}
+
+/// Asserts that `status` counts what a fresh count of the rows says: jobs by state and by type and
+/// state, bytes of done jobs, events by type.
+async fn assert_counts_match(db: &Db, store: &Arc<dyn Store>) {
+    let s = store.status(0).await.unwrap();
+    for state in DownloadState::ALL {
+        let counted = db.query_i64(&format!(
+            "SELECT count(*) FROM downloads WHERE state = '{state}'"
+        ));
+        assert_eq!(s.downloads[&state] as i64, counted, "{state}");
+        for t in EventType::KNOWN {
+            let counted = db.query_i64(&format!(
+                "SELECT count(*) FROM downloads WHERE state = '{state}' AND event_type = '{}'",
+                t.as_str()
+            ));
+            assert_eq!(
+                s.by_event_type[&t][&state] as i64,
+                counted,
+                "{state}, {}",
+                t.as_str()
+            );
+        }
+    }
+    assert_eq!(
+        s.bytes_done as i64,
+        db.query_i64("SELECT coalesce(sum(bytes_done), 0) FROM downloads WHERE state = 'done'")
+    );
+    for t in EventType::KNOWN {
+        assert_eq!(
+            s.events[&t] as i64,
+            db.query_i64(&format!(
+                "SELECT count(*) FROM events WHERE event_type = '{}'",
+                t.as_str()
+            )),
+            "{}",
+            t.as_str()
+        );
+    }
+}
+
+#[rstest]
+#[case::sqlite(Backend::Sqlite)]
+#[case::postgres(Backend::Postgres)]
+fn status_counts_stay_exact_through_claims_retries_give_ups_and_ends(#[case] backend: Backend) {
+    let Some(db) = Db::new(backend) else {
+        return;
+    };
+    let rt = threaded_runtime();
+    rt.block_on(async {
+        let store = db.open().await;
+        let types = ["New", "Reprocessed", "Public"];
+        let records: Vec<Value> = (1..=30).map(|n| record(n, types[n as usize % 3])).collect();
+        ingest(&store, "a", &records).await;
+        assert_counts_match(&db, &store).await;
+        let now = mastsub::store::now_ms() + 1_000;
+        let lease = now + 600_000;
+        let (_, jobs) = store
+            .end_and_claim("w1", &[], 30, now, lease)
+            .await
+            .unwrap();
+        assert_eq!(jobs.len(), 30);
+        assert_counts_match(&db, &store).await;
+        // Progress of a running job, or a renewed lease, changes no count (on PostgreSQL: adds no delta).
+        let deltas = || match backend {
+            Backend::Sqlite => 0,
+            Backend::Postgres => db.query_i64("SELECT count(*) FROM download_count_deltas"),
+        };
+        let before = deltas();
+        let progress = mastsub::store::Progress {
+            bytes_done: 5,
+            ..Default::default()
+        };
+        assert!(
+            store
+                .progress(jobs[4].id, "w1", lease, &progress)
+                .await
+                .unwrap()
+        );
+        assert!(
+            store
+                .renew_lease(jobs[4].id, "w1", lease + 1)
+                .await
+                .unwrap()
+        );
+        assert_eq!(deltas(), before, "a progress write added count deltas");
+        let mut ends = Vec::new();
+        for (i, j) in jobs.iter().enumerate() {
+            let end = match i % 5 {
+                0 => done(100 + i as i64),
+                1 => Finish::Retry {
+                    at: now,
+                    error: "HTTP 503".into(),
+                    refund: false,
+                    verify_failures: 0,
+                    not_found_since: None,
+                    waiting: None,
+                },
+                2 => Finish::GiveUp {
+                    state: DownloadState::Failed,
+                    error: "HTTP 404".into(),
+                },
+                3 => Finish::GiveUp {
+                    state: DownloadState::NeedsAuth,
+                    error: "HTTP 401".into(),
+                },
+                _ => continue,
+            };
+            ends.push((j.id, end));
+        }
+        // Half through `finish`, half in one batch that also claims the retried ones again.
+        let (one_by_one, batch) = ends.split_at(ends.len() / 2);
+        for (id, f) in one_by_one {
+            assert!(store.finish(*id, "w1", f, now).await.unwrap());
+        }
+        let (recorded, again) = store
+            .end_and_claim("w1", batch, 2, now, lease)
+            .await
+            .unwrap();
+        assert!(recorded.iter().all(|r| *r));
+        assert_eq!(again.len(), 2);
+        assert_counts_match(&db, &store).await;
+        // The jobs retried and claimed again end done; a failed one is retried; a done one redone; the
+        // ones waiting for a token queued again; the rest given back.
+        for j in &again {
+            assert!(store.finish(j.id, "w1", &done(7), now).await.unwrap());
+        }
+        let failed = store
+            .list_downloads(Some(DownloadState::Failed))
+            .await
+            .unwrap();
+        assert_eq!(store.retry(Some(&[failed[0].id]), now).await.unwrap(), 1);
+        let done_jobs = store
+            .list_downloads(Some(DownloadState::Done))
+            .await
+            .unwrap();
+        assert_eq!(store.redo(&[done_jobs[0].id], now).await.unwrap(), 1);
+        assert!(store.requeue_needs_auth(now).await.unwrap() > 0);
+        assert_counts_match(&db, &store).await;
+        assert!(store.release_leases("w1", now).await.unwrap() > 0);
+        assert_counts_match(&db, &store).await;
+        store.close().await;
+    });
+    if backend == Backend::Postgres {
+        // Many delta rows (that add up to nothing): the next status folds them into one per group, and
+        // two statuses folding at once count right as well.
+        db.execute(
+            "INSERT INTO download_count_deltas (event_type, state, n, bytes)
+             SELECT 'New', 'queued', CASE WHEN g % 2 = 0 THEN 1 ELSE -1 END, 0
+             FROM generate_series(1, 10002) AS g;
+             INSERT INTO event_count_deltas (event_type, n)
+             SELECT 'Public', CASE WHEN g % 2 = 0 THEN 1 ELSE -1 END FROM generate_series(1, 10002) AS g",
+        );
+        rt.block_on(async {
+            let store = db.open().await;
+            let (a, b) = tokio::join!(store.status(0), store.status(0));
+            assert_eq!(a.unwrap().downloads, b.unwrap().downloads);
+            assert_counts_match(&db, &store).await;
+            store.close().await;
+        });
+        let groups = db.query_i64(
+            "SELECT count(*) FROM (SELECT DISTINCT event_type, state FROM downloads) AS g",
+        );
+        assert!(
+            db.query_i64("SELECT count(*) FROM download_count_deltas") <= groups + 10,
+            "not folded"
+        );
+        assert!(db.query_i64("SELECT count(*) FROM event_count_deltas") <= 3 + 10);
+    }
+}
+
+#[test]
+fn a_lease_renewed_after_it_was_judged_orphaned_is_not_taken() {
+    let Some(db) = Db::new(Backend::Postgres) else {
+        return;
+    };
+    let db = Arc::new(db);
+    runtime().block_on(async {
+        let store = db.open().await;
+        ingest(&store, "a", &[record(1, "New"), record(2, "New")]).await;
+        let now = mastsub::store::now_ms() + 1_000;
+        let (_, jobs) = store
+            .end_and_claim("gone", &[], 2, now, now + 10)
+            .await
+            .unwrap();
+        assert_eq!(jobs.len(), 2);
+        let renewed = jobs[0].id;
+        // The holder of the first renews its lease between the judging and the requeue.
+        let side = db.clone();
+        let judge = move |owner: &str, _expires: i64| {
+            let sql = format!(
+                "UPDATE downloads SET lease_expires_at = lease_expires_at + 60000 WHERE id = {renewed}"
+            );
+            side.execute(&sql);
+            owner == "gone"
+        };
+        assert_eq!(store.requeue_orphans(now, &judge).await.unwrap(), 1);
+        let running = store
+            .list_downloads(Some(DownloadState::Running))
+            .await
+            .unwrap();
+        assert_eq!(running.len(), 1);
+        assert_eq!(running[0].id, renewed);
+        store.close().await;
+    });
+}
+
+#[test]
+fn a_read_only_store_refuses_a_database_that_is_not_ours_and_writes_nothing() {
+    let Some(db) = Db::new(Backend::Postgres) else {
+        return;
+    };
+    let url = db.url();
+    let options = || PgConnectOptions::from_str(&url).unwrap();
+    runtime().block_on(async {
+        match PgStore::open_read_only(options(), "the shown name").await {
+            Err(StoreError::NotOurs { path }) => assert_eq!(path, "the shown name"),
+            other => panic!("{other:?}"),
+        }
+        let store = db.open().await;
+        ingest(&store, "a", &[record(1, "New")]).await;
+        store.close().await;
+        let reader: Arc<dyn Store> =
+            Arc::new(PgStore::open_read_only(options(), &url).await.unwrap());
+        assert_eq!(
+            reader.status(0).await.unwrap().downloads[&DownloadState::Queued],
+            1
+        );
+        let refused = reader.retry(None, 0).await;
+        assert!(
+            matches!(refused, Err(StoreError::Query { .. })),
+            "{refused:?}"
+        );
+        let claimed = reader.claim("w1", i64::MAX, i64::MAX).await;
+        assert!(claimed.is_err(), "{claimed:?}");
+        reader.close().await;
+    });
+    assert_eq!(
+        db.query_i64("SELECT count(*) FROM downloads WHERE state = 'queued'"),
+        1
+    );
 }
