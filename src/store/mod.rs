@@ -841,7 +841,6 @@ pub trait Store: Send + Sync + 'static {
     /// When the next pending hook run is due.
     async fn next_hook_due(&self) -> Result<Option<i64>, StoreError>;
 
-    /// Closes connections cleanly (checkpoints the WAL).
     /// What MAST's path look-up said of each of `uris` that it was asked about.
     async fn cloud_paths(
         &self,
@@ -858,6 +857,7 @@ pub trait Store: Send + Sync + 'static {
     /// Up to `n` queued jobs, the next due first.
     async fn upcoming(&self, n: usize) -> Result<Vec<Upcoming>, StoreError>;
 
+    /// Closes connections cleanly (SQLite: checkpoints the WAL).
     async fn close(&self);
 }
 
