@@ -1515,3 +1515,57 @@ fn a_read_only_store_refuses_a_database_that_is_not_ours_and_writes_nothing() {
         1
     );
 }
+
+#[rstest]
+#[case::sqlite(Backend::Sqlite)]
+#[case::postgres(Backend::Postgres)]
+fn an_event_id_again_with_other_content_is_a_conflict_recorded_all_the_same(
+    #[case] backend: Backend,
+) {
+    let Some(db) = Db::new(backend) else {
+        return;
+    };
+    runtime().block_on(async {
+        let store = db.open().await;
+        ingest(&store, "a", &[record(1, "New"), record(2, "New")]).await;
+        // Record 2's id again naming product 3, and in the same notice once more with product 4.
+        let mut other = record(3, "Public");
+        other["event_id"] = record(2, "New")["event_id"].clone();
+        let mut again = record(4, "New");
+        again["event_id"] = record(7, "New")["event_id"].clone();
+        let o = ingest(
+            &store,
+            "b",
+            &[other, record(7, "New"), again, record(1, "New")],
+        )
+        .await;
+        assert_eq!((o.recorded_total(), o.already_recorded), (3, 1));
+        assert_eq!(o.conflicts.len(), 2, "{:?}", o.conflicts);
+        assert_eq!(o.conflicts[0].record, 1);
+        assert!(
+            o.conflicts[0]
+                .earlier
+                .starts_with("notice a.json, record 2: jwst/"),
+            "{}",
+            o.conflicts[0].earlier
+        );
+        assert!(
+            o.conflicts[0].now.contains(", Public, "),
+            "{}",
+            o.conflicts[0].now
+        );
+        assert!(
+            o.conflicts[1]
+                .earlier
+                .starts_with("notice b.json, record 2: "),
+            "{}",
+            o.conflicts[1].earlier
+        );
+        store.close().await;
+    });
+    assert_eq!(db.query_i64("SELECT count(*) FROM events"), 5);
+    assert_eq!(
+        db.query_i64("SELECT count(DISTINCT event_id) FROM events"),
+        3
+    );
+}
