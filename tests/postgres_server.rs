@@ -4,10 +4,18 @@
 
 mod common;
 
+use std::str::FromStr;
+use std::sync::Mutex;
+
 use common::postgres::Postgres;
+use mastsub::store::{PgStore, Store, StoreError};
+
+/// The tests that kill the server take turns.
+static KILLS: Mutex<()> = Mutex::new(());
 
 #[test]
 fn each_test_gets_its_own_database_and_a_killed_server_keeps_what_was_committed() {
+    let _turn = KILLS.lock().unwrap_or_else(|e| e.into_inner());
     let Some(pg) = Postgres::shared() else {
         return;
     };
@@ -47,4 +55,32 @@ fn each_test_gets_its_own_database_and_a_killed_server_keeps_what_was_committed(
         "{}",
         pg.log()
     );
+}
+
+#[test]
+fn a_store_whose_server_is_down_answers_errors_and_works_again_once_it_is_back() {
+    let _turn = KILLS.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(pg) = Postgres::shared() else {
+        return;
+    };
+    let url = pg.database("restart");
+    let options = sqlx::postgres::PgConnectOptions::from_str(&url).unwrap();
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(async {
+            let store = PgStore::open(options, &url).await.unwrap();
+            store.retry(None, 0).await.unwrap();
+            pg.kill();
+            // Every connection is gone, and no new one can be made: an error (after the pool's wait for
+            // a connection), not a panic.
+            match store.status(0).await {
+                Err(StoreError::Query { path, .. }) => assert_eq!(path, url),
+                other => panic!("{other:?}"),
+            }
+            pg.start_server();
+            assert_eq!(store.next_due().await.unwrap(), None);
+            store.close().await;
+        });
 }

@@ -1,23 +1,102 @@
-//! The store's contract, run against every backend (rstest cases; SQLite today): de-duplication, one job
-//! per product version, re-queueing, and several processes writing one database at once.
+//! The store's contract, run against every backend (rstest cases: SQLite, and PostgreSQL where it is
+//! installed): de-duplication, one job per product version, re-queueing, claims racing on many connections,
+//! the status counts, and several stores writing one database at once.
 
 mod common;
 
-use std::sync::Arc;
+use std::collections::HashSet;
+use std::str::FromStr;
+use std::sync::{Arc, Mutex};
 
+use common::postgres::Postgres;
 use common::{Workspace, record};
 use mastsub::categorize::Categorizer;
 use mastsub::config::EventsConfig;
-use mastsub::notice::{self, Event, Limits};
+use mastsub::notice::{self, Event, EventType, Limits};
 use mastsub::store::{
-    DownloadState, Finish, IngestOutcome, NoticeMeta, NoticeStatus, Provenance, SourceHealth,
-    SourceKind, SqliteStore, Store,
+    DownloadState, Finish, Held, IngestOutcome, MemberBeat, NoticeMeta, NoticeStatus, PgStore,
+    Provenance, SourceHealth, SourceKind, SqliteStore, Store, StoreError,
 };
 use rstest::rstest;
 use serde_json::{Value, json};
+use sqlx::postgres::PgConnectOptions;
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Backend {
     Sqlite,
+    Postgres,
+}
+
+/// One test's database: a SQLite file in a workspace, or a PostgreSQL database of its own on this test
+/// binary's server.
+struct Db {
+    backend: Backend,
+    ws: Workspace,
+    /// The server and the database's name.
+    pg: Option<(&'static Postgres, String)>,
+}
+
+impl Db {
+    /// `None` (the test says SKIPPED and returns) for PostgreSQL when it is not installed.
+    fn new(backend: Backend) -> Option<Db> {
+        let ws = Workspace::new();
+        let pg = match backend {
+            Backend::Sqlite => None,
+            Backend::Postgres => {
+                let Some(pg) = Postgres::shared() else {
+                    eprintln!("SKIPPED: this case needs PostgreSQL");
+                    return None;
+                };
+                let url = pg.database("contract");
+                let name = url.rsplit('/').next().unwrap().to_string();
+                Some((pg, name))
+            }
+        };
+        Some(Db { backend, ws, pg })
+    }
+
+    /// The PostgreSQL database's URL (no password: the harness trusts local connections).
+    fn url(&self) -> String {
+        let (pg, name) = self.pg.as_ref().expect("a PostgreSQL case");
+        pg.url(name)
+    }
+
+    /// A store on the database (a new one each time, as another process would open it).
+    async fn open(&self) -> Arc<dyn Store> {
+        match self.backend {
+            Backend::Sqlite => Arc::new(SqliteStore::open(&self.ws.db()).await.unwrap()),
+            Backend::Postgres => Arc::new(self.open_pg().await.unwrap()),
+        }
+    }
+
+    async fn open_pg(&self) -> Result<PgStore, StoreError> {
+        let url = self.url();
+        PgStore::open(PgConnectOptions::from_str(&url).unwrap(), &url).await
+    }
+
+    /// One integer from a query, outside the store (callable inside a runtime too).
+    fn query_i64(&self, sql: &str) -> i64 {
+        match &self.pg {
+            // The workspace's query runs a runtime of its own: on a thread of its own.
+            None => std::thread::scope(|s| s.spawn(|| self.ws.query_i64(sql)).join().unwrap()),
+            Some((pg, name)) => {
+                let out = pg.psql(name, sql).unwrap_or_else(|e| panic!("{sql}: {e}"));
+                out.trim()
+                    .parse()
+                    .unwrap_or_else(|e| panic!("{sql}: {out:?}: {e}"))
+            }
+        }
+    }
+
+    /// One write statement, outside the store (to put a job in a state no API sets).
+    fn execute(&self, sql: &str) {
+        match &self.pg {
+            None => std::thread::scope(|s| s.spawn(|| self.ws.execute(sql)).join().unwrap()),
+            Some((pg, name)) => {
+                pg.psql(name, sql).unwrap_or_else(|e| panic!("{sql}: {e}"));
+            }
+        }
+    }
 }
 
 fn runtime() -> tokio::runtime::Runtime {
@@ -27,10 +106,13 @@ fn runtime() -> tokio::runtime::Runtime {
         .unwrap()
 }
 
-async fn open(backend: &Backend, ws: &Workspace) -> Arc<dyn Store> {
-    match backend {
-        Backend::Sqlite => Arc::new(SqliteStore::open(&ws.db()).await.unwrap()),
-    }
+/// For the cases where tasks race on several threads.
+fn threaded_runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(4)
+        .enable_all()
+        .build()
+        .unwrap()
 }
 
 fn categorizer() -> Categorizer {
@@ -49,6 +131,16 @@ fn events(records: &[Value]) -> Vec<Event> {
 
 /// Ingests `records` as a notice whose content hash is `tag` (distinct tags are distinct notices).
 async fn ingest(store: &Arc<dyn Store>, tag: &str, records: &[Value]) -> IngestOutcome {
+    ingest_with(store, tag, records, &categorizer()).await
+}
+
+/// `ingest` with a categorizer of the test's.
+async fn ingest_with(
+    store: &Arc<dyn Store>,
+    tag: &str,
+    records: &[Value],
+    categorizer: &Categorizer,
+) -> IngestOutcome {
     let evs = events(records);
     let meta = NoticeMeta {
         sha256: format!("{tag:0>64}"),
@@ -60,24 +152,21 @@ async fn ingest(store: &Arc<dyn Store>, tag: &str, records: &[Value]) -> IngestO
         status: NoticeStatus::Accepted,
         error: None,
     };
-    store
-        .ingest_notice(&meta, &evs, &categorizer())
-        .await
-        .unwrap()
+    store.ingest_notice(&meta, &evs, categorizer).await.unwrap()
 }
 
 /// Record `n` as another type and version of the same product.
 /// One end and one claim through `end_and_claim`: whether the end was recorded, and the job claimed.
 async fn finish_and_claim(
     store: &Arc<dyn Store>,
-    id: i64,
+    job: Held,
     owner: &str,
     finish: &Finish,
     now: i64,
     lease_until: i64,
 ) -> (bool, Option<mastsub::store::Job>) {
     let (recorded, mut jobs) = store
-        .end_and_claim(owner, &[(id, finish.clone())], 1, now, lease_until)
+        .end_and_claim(owner, &[(job, finish.clone())], 1, now, lease_until)
         .await
         .unwrap();
     assert_eq!(recorded.len(), 1);
@@ -94,10 +183,13 @@ fn same_product(n: u64, id: u64, event_type: &str, archived: &str) -> Value {
 
 #[rstest]
 #[case::sqlite(Backend::Sqlite)]
+#[case::postgres(Backend::Postgres)]
 fn the_same_event_in_two_notices_is_recorded_once(#[case] backend: Backend) {
-    let ws = Workspace::new();
+    let Some(db) = Db::new(backend) else {
+        return;
+    };
     runtime().block_on(async {
-        let store = open(&backend, &ws).await;
+        let store = db.open().await;
         let a = ingest(&store, "a", &[record(1, "New"), record(2, "New")]).await;
         assert_eq!((a.recorded_total(), a.queued), (2, 2));
         let b = ingest(
@@ -115,16 +207,19 @@ fn the_same_event_in_two_notices_is_recorded_once(#[case] backend: Backend) {
         assert_eq!(again.recorded_total(), 0);
         store.close().await;
     });
-    assert_eq!(ws.query_i64("SELECT count(*) FROM events"), 3);
-    assert_eq!(ws.query_i64("SELECT count(*) FROM notices"), 2);
+    assert_eq!(db.query_i64("SELECT count(*) FROM events"), 3);
+    assert_eq!(db.query_i64("SELECT count(*) FROM notices"), 2);
 }
 
 #[rstest]
 #[case::sqlite(Backend::Sqlite)]
+#[case::postgres(Backend::Postgres)]
 fn new_then_public_in_separate_notices_share_one_job(#[case] backend: Backend) {
-    let ws = Workspace::new();
+    let Some(db) = Db::new(backend) else {
+        return;
+    };
     runtime().block_on(async {
-        let store = open(&backend, &ws).await;
+        let store = db.open().await;
         ingest(
             &store,
             "a",
@@ -140,20 +235,23 @@ fn new_then_public_in_separate_notices_share_one_job(#[case] backend: Backend) {
         assert_eq!((o.queued, o.joined), (0, 1));
         store.close().await;
     });
-    assert_eq!(ws.query_i64("SELECT count(*) FROM downloads"), 1);
+    assert_eq!(db.query_i64("SELECT count(*) FROM downloads"), 1);
     assert_eq!(
-        ws.query_i64("SELECT count(DISTINCT download_id) FROM events"),
+        db.query_i64("SELECT count(DISTINCT download_id) FROM events"),
         1
     );
 }
 
 #[rstest]
 #[case::sqlite(Backend::Sqlite)]
+#[case::postgres(Backend::Postgres)]
 fn a_newer_version_raises_a_queued_job_and_queues_after_a_done_one(#[case] backend: Backend) {
-    let ws = Workspace::new();
+    let Some(db) = Db::new(backend) else {
+        return;
+    };
     let rt = runtime();
     rt.block_on(async {
-        let store = open(&backend, &ws).await;
+        let store = db.open().await;
         ingest(
             &store,
             "a",
@@ -172,9 +270,9 @@ fn a_newer_version_raises_a_queued_job_and_queues_after_a_done_one(#[case] backe
         assert_eq!(rows[0].version, "2026-02-01T00:00:00.5000000");
         store.close().await;
     });
-    ws.execute("UPDATE downloads SET state = 'done'");
+    db.execute("UPDATE downloads SET state = 'done'");
     rt.block_on(async {
-        let store = open(&backend, &ws).await;
+        let store = db.open().await;
         let same = ingest(
             &store,
             "c",
@@ -197,16 +295,19 @@ fn a_newer_version_raises_a_queued_job_and_queues_after_a_done_one(#[case] backe
         assert_eq!(queued[0].event_type, "Reprocessed");
         store.close().await;
     });
-    assert_eq!(ws.query_i64("SELECT count(*) FROM downloads"), 2);
+    assert_eq!(db.query_i64("SELECT count(*) FROM downloads"), 2);
 }
 
 #[rstest]
 #[case::sqlite(Backend::Sqlite)]
+#[case::postgres(Backend::Postgres)]
 fn public_requeues_a_job_waiting_for_a_token_and_any_event_a_failed_one(#[case] backend: Backend) {
-    let ws = Workspace::new();
+    let Some(db) = Db::new(backend) else {
+        return;
+    };
     let rt = runtime();
     rt.block_on(async {
-        let store = open(&backend, &ws).await;
+        let store = db.open().await;
         ingest(
             &store,
             "a",
@@ -221,13 +322,13 @@ fn public_requeues_a_job_waiting_for_a_token_and_any_event_a_failed_one(#[case] 
         .await;
         store.close().await;
     });
-    ws.execute(
+    db.execute(
         "UPDATE downloads SET state = 'needs_auth', attempts = 1, last_error = 'HTTP 401', lease_owner = 'w1', \
          lease_expires_at = 1, next_attempt_at = 9999999999999 WHERE filename LIKE 'jw00001%'",
     );
-    ws.execute("UPDATE downloads SET state = 'failed', attempts = 8, last_error = 'HTTP 404' WHERE filename LIKE 'jw00002%'");
+    db.execute("UPDATE downloads SET state = 'failed', attempts = 8, last_error = 'HTTP 404' WHERE filename LIKE 'jw00002%'");
     rt.block_on(async {
-        let store = open(&backend, &ws).await;
+        let store = db.open().await;
         let joined = ingest(
             &store,
             "c",
@@ -262,23 +363,26 @@ fn public_requeues_a_job_waiting_for_a_token_and_any_event_a_failed_one(#[case] 
         store.close().await;
     });
     assert_eq!(
-        ws.query_i64("SELECT count(*) FROM downloads WHERE lease_owner IS NOT NULL"),
+        db.query_i64("SELECT count(*) FROM downloads WHERE lease_owner IS NOT NULL"),
         0
     );
     assert_eq!(
-        ws.query_i64("SELECT count(*) FROM downloads WHERE next_attempt_at = 9999999999999"),
+        db.query_i64("SELECT count(*) FROM downloads WHERE next_attempt_at = 9999999999999"),
         0
     );
 }
 
 #[rstest]
 #[case::sqlite(Backend::Sqlite)]
+#[case::postgres(Backend::Postgres)]
 fn ending_a_job_and_claiming_the_next_checks_the_lease_and_keeps_products_apart(
     #[case] backend: Backend,
 ) {
-    let ws = Workspace::new();
+    let Some(db) = Db::new(backend) else {
+        return;
+    };
     runtime().block_on(async {
-        let store = open(&backend, &ws).await;
+        let store = db.open().await;
         // Products 1 and 2, and a newer version of product 1 queued behind the first.
         ingest(
             &store,
@@ -310,7 +414,7 @@ fn ending_a_job_and_claiming_the_next_checks_the_lease_and_keeps_products_apart(
             origin: None,
         };
         let (ended, next) =
-            finish_and_claim(&store, first.id, "intruder", &done, now, i64::MAX).await;
+            finish_and_claim(&store, first.held(), "intruder", &done, now, i64::MAX).await;
         assert!(!ended, "a worker without the lease ended the job");
         let next = next.expect("the intruder still claims what is free");
         assert!(next.filename.starts_with("jw00002"), "{}", next.filename);
@@ -324,7 +428,8 @@ fn ending_a_job_and_claiming_the_next_checks_the_lease_and_keeps_products_apart(
             not_found_since: None,
             waiting: None,
         };
-        let (ended, next) = finish_and_claim(&store, first.id, "w1", &retry, now, i64::MAX).await;
+        let (ended, next) =
+            finish_and_claim(&store, first.held(), "w1", &retry, now, i64::MAX).await;
         assert!(ended);
         let newer = next.expect("the queued newer version of product 1");
         assert_eq!(newer.event_type, "Reprocessed");
@@ -335,7 +440,8 @@ fn ending_a_job_and_claiming_the_next_checks_the_lease_and_keeps_products_apart(
             state: DownloadState::NeedsAuth,
             error: "HTTP 401".into(),
         };
-        let (ended, next) = finish_and_claim(&store, newer.id, "w1", &give_up, now, i64::MAX).await;
+        let (ended, next) =
+            finish_and_claim(&store, newer.held(), "w1", &give_up, now, i64::MAX).await;
         assert!(ended);
         assert!(next.is_none(), "{next:?}");
         // Done, with the retry due: it comes back.
@@ -345,7 +451,7 @@ fn ending_a_job_and_claiming_the_next_checks_the_lease_and_keeps_products_apart(
                 .claim("w2", i64::MAX, now)
                 .await
                 .unwrap()
-                .map_or(-1, |j| j.id),
+                .map_or(Held { id: -1, claim: 0 }, |j| j.held()),
             "w2",
             &done,
             now + 120_000,
@@ -357,7 +463,7 @@ fn ending_a_job_and_claiming_the_next_checks_the_lease_and_keeps_products_apart(
         store.close().await;
     });
     assert_eq!(
-        ws.query_i64(
+        db.query_i64(
             "SELECT count(*) FROM downloads WHERE state = 'needs_auth' AND last_error = 'HTTP 401'"
         ),
         1
@@ -366,10 +472,13 @@ fn ending_a_job_and_claiming_the_next_checks_the_lease_and_keeps_products_apart(
 
 #[rstest]
 #[case::sqlite(Backend::Sqlite)]
+#[case::postgres(Backend::Postgres)]
 fn a_batch_records_every_end_and_claims_only_distinct_paths(#[case] backend: Backend) {
-    let ws = Workspace::new();
+    let Some(db) = Db::new(backend) else {
+        return;
+    };
     runtime().block_on(async {
-        let store = open(&backend, &ws).await;
+        let store = db.open().await;
         let first_versions: Vec<Value> = (1..=5)
             .map(|n| same_product(n, n, "New", "2026-01-01T00:00:00"))
             .collect();
@@ -397,10 +506,10 @@ fn a_batch_records_every_end_and_claims_only_distinct_paths(#[case] backend: Bac
             .iter()
             .find(|j| j.filename.starts_with("jw00001"))
             .unwrap();
-        let others: Vec<i64> = claimed
+        let others: Vec<Held> = claimed
             .iter()
             .filter(|j| j.id != product_1.id)
-            .map(|j| j.id)
+            .map(|j| j.held())
             .collect();
         let done = Finish::Done {
             bytes: 10,
@@ -427,7 +536,7 @@ fn a_batch_records_every_end_and_claims_only_distinct_paths(#[case] backend: Bac
             waiting: None,
         };
         let ends = vec![
-            (product_1.id, retry),
+            (product_1.held(), retry),
             (others[0], done.clone()),
             (others[1], done.clone()),
         ];
@@ -452,11 +561,11 @@ fn a_batch_records_every_end_and_claims_only_distinct_paths(#[case] backend: Bac
         store.close().await;
     });
     assert_eq!(
-        ws.query_i64("SELECT count(*) FROM downloads WHERE state = 'done'"),
+        db.query_i64("SELECT count(*) FROM downloads WHERE state = 'done'"),
         2
     );
     assert_eq!(
-        ws.query_i64(
+        db.query_i64(
             "SELECT count(*) FROM downloads WHERE state = 'running' AND lease_owner = 'w1'"
         ),
         3
@@ -465,10 +574,13 @@ fn a_batch_records_every_end_and_claims_only_distinct_paths(#[case] backend: Bac
 
 #[rstest]
 #[case::sqlite(Backend::Sqlite)]
+#[case::postgres(Backend::Postgres)]
 fn hook_runs_are_queued_with_the_ends_that_publish_and_claimed_once_each(#[case] backend: Backend) {
-    let ws = Workspace::new();
+    let Some(db) = Db::new(backend) else {
+        return;
+    };
     runtime().block_on(async {
-        let store = open(&backend, &ws).await;
+        let store = db.open().await;
         let mut records: Vec<Value> = (1..=3)
             .map(|n| same_product(n, n, "New", "2026-01-01T00:00:00.5"))
             .collect();
@@ -508,7 +620,7 @@ fn hook_runs_are_queued_with_the_ends_that_publish_and_claimed_once_each(#[case]
         };
         // Hooks off: a done end queues nothing.
         store
-            .end_and_claim("w1", &[(claimed[0].id, done.clone())], 0, now, i64::MAX)
+            .end_and_claim("w1", &[(claimed[0].held(), done.clone())], 0, now, i64::MAX)
             .await
             .unwrap();
         assert!(store.claim_hook_runs(10, now).await.unwrap().is_empty());
@@ -517,7 +629,7 @@ fn hook_runs_are_queued_with_the_ends_that_publish_and_claimed_once_each(#[case]
         let (recorded, _) = store
             .end_and_claim(
                 "intruder",
-                &[(claimed[1].id, done.clone())],
+                &[(claimed[1].held(), done.clone())],
                 0,
                 now,
                 i64::MAX,
@@ -532,7 +644,10 @@ fn hook_runs_are_queued_with_the_ends_that_publish_and_claimed_once_each(#[case]
         let (recorded, _) = store
             .end_and_claim(
                 "w1",
-                &[(claimed[1].id, done.clone()), (claimed[2].id, failed)],
+                &[
+                    (claimed[1].held(), done.clone()),
+                    (claimed[2].held(), failed),
+                ],
                 0,
                 now,
                 i64::MAX,
@@ -578,10 +693,13 @@ fn hook_runs_are_queued_with_the_ends_that_publish_and_claimed_once_each(#[case]
 
 #[rstest]
 #[case::sqlite(Backend::Sqlite)]
+#[case::postgres(Backend::Postgres)]
 fn cloud_look_ups_are_kept_and_where_bytes_came_from_is_recorded(#[case] backend: Backend) {
-    let ws = Workspace::new();
+    let Some(db) = Db::new(backend) else {
+        return;
+    };
     runtime().block_on(async {
-        let store = open(&backend, &ws).await;
+        let store = db.open().await;
         ingest(&store, "a", &[record(1, "Public"), record(2, "New")]).await;
         let up = store.upcoming(10).await.unwrap();
         assert_eq!(up.len(), 2);
@@ -639,7 +757,7 @@ fn cloud_look_ups_are_kept_and_where_bytes_came_from_is_recorded(#[case] backend
         };
         assert!(
             store
-                .progress(jobs[0].id, "w1", now + 60_000, &progress)
+                .progress(jobs[0].held(), "w1", now + 60_000, &progress)
                 .await
                 .unwrap()
         );
@@ -662,7 +780,7 @@ fn cloud_look_ups_are_kept_and_where_bytes_came_from_is_recorded(#[case] backend
         let (ended, again) = store
             .end_and_claim(
                 "w1",
-                &[(jobs[0].id, back), (jobs[1].id, done)],
+                &[(jobs[0].held(), back), (jobs[1].held(), done)],
                 1,
                 now,
                 now + 60_000,
@@ -693,10 +811,13 @@ fn cloud_look_ups_are_kept_and_where_bytes_came_from_is_recorded(#[case] backend
 
 #[rstest]
 #[case::sqlite(Backend::Sqlite)]
+#[case::postgres(Backend::Postgres)]
 fn two_jobs_of_one_local_path_never_run_at_once(#[case] backend: Backend) {
-    let ws = Workspace::new();
+    let Some(db) = Db::new(backend) else {
+        return;
+    };
     runtime().block_on(async {
-        let store = open(&backend, &ws).await;
+        let store = db.open().await;
         // Two products of one file name in other filesets: in the --flat layout, one local path.
         let a = same_product(1, 1, "New", "2026-01-01T00:00:00");
         let mut b = same_product(2, 2, "New", "2026-01-01T00:00:00");
@@ -733,7 +854,8 @@ fn two_jobs_of_one_local_path_never_run_at_once(#[case] backend: Backend) {
             verified: "JSON: parses".into(),
             origin: None,
         };
-        let (ended, next) = finish_and_claim(&store, first.id, "w1", &done, now, i64::MAX).await;
+        let (ended, next) =
+            finish_and_claim(&store, first.held(), "w1", &done, now, i64::MAX).await;
         assert!(ended);
         let second = next.expect("the path is free once the first has ended");
         assert_ne!(second.id, first.id);
@@ -744,10 +866,13 @@ fn two_jobs_of_one_local_path_never_run_at_once(#[case] backend: Backend) {
 
 #[rstest]
 #[case::sqlite(Backend::Sqlite)]
+#[case::postgres(Backend::Postgres)]
 fn mailbox_positions_and_source_health_are_kept(#[case] backend: Backend) {
-    let ws = Workspace::new();
+    let Some(db) = Db::new(backend) else {
+        return;
+    };
     runtime().block_on(async {
-        let store = open(&backend, &ws).await;
+        let store = db.open().await;
         assert_eq!(store.imap_position("u@h:993", "INBOX").await.unwrap(), None);
         store
             .set_imap_position("u@h:993", "INBOX", 7, 41)
@@ -806,10 +931,13 @@ fn mailbox_positions_and_source_health_are_kept(#[case] backend: Backend) {
 
 #[rstest]
 #[case::sqlite(Backend::Sqlite)]
+#[case::postgres(Backend::Postgres)]
 fn status_counts_every_state_type_and_notice_status(#[case] backend: Backend) {
-    let ws = Workspace::new();
+    let Some(db) = Db::new(backend) else {
+        return;
+    };
     runtime().block_on(async {
-        let store = open(&backend, &ws).await;
+        let store = db.open().await;
         ingest(
             &store,
             "a",
@@ -857,4 +985,1000 @@ fn several_processes_ingesting_into_one_database_lose_nothing() {
     }
     assert_eq!(ws.query_i64("SELECT count(*) FROM events"), 4 * 15 * 50);
     assert_eq!(ws.query_i64("SELECT count(*) FROM notices"), 60);
+}
+
+/// A done end of `bytes` bytes.
+fn done(bytes: i64) -> Finish {
+    Finish::Done {
+        bytes,
+        verified: "JSON: parses".into(),
+        origin: None,
+    }
+}
+
+/// Claims of one worker task until nothing is left to claim, each job ended done; the ids it claimed.
+/// `style` 0 claims and finishes one at a time, 1 ends and claims one per `end_and_claim`, 2 holds three
+/// and ends them and claims three more in one `end_and_claim`.
+async fn drain(store: Arc<dyn Store>, owner: String, style: usize, now: i64) -> Vec<i64> {
+    let lease = now + 600_000;
+    let mut claimed = Vec::new();
+    match style {
+        0 => {
+            while let Some(job) = store.claim(&owner, lease, now).await.unwrap() {
+                claimed.push(job.id);
+                assert!(
+                    store
+                        .finish(job.held(), &owner, &done(10), now)
+                        .await
+                        .unwrap()
+                );
+            }
+        }
+        _ => {
+            let batch = if style == 1 { 1 } else { 3 };
+            let (_, mut held) = store
+                .end_and_claim(&owner, &[], batch, now, lease)
+                .await
+                .unwrap();
+            while !held.is_empty() {
+                claimed.extend(held.iter().map(|j| j.id));
+                let ends: Vec<(Held, Finish)> = held.iter().map(|j| (j.held(), done(10))).collect();
+                let (recorded, next) = store
+                    .end_and_claim(&owner, &ends, batch, now, lease)
+                    .await
+                    .unwrap();
+                assert!(recorded.iter().all(|r| *r), "{owner}: an end refused");
+                held = next;
+            }
+        }
+    }
+    claimed
+}
+
+#[rstest]
+#[case::sqlite(Backend::Sqlite)]
+#[case::postgres(Backend::Postgres)]
+fn concurrent_workers_claim_every_job_exactly_once(#[case] backend: Backend) {
+    const JOBS: u64 = 2_000;
+    const TASKS: usize = 32;
+    let Some(db) = Db::new(backend) else {
+        return;
+    };
+    let rt = threaded_runtime();
+    let claimed = rt.block_on(async {
+        let store = db.open().await;
+        let records: Vec<Value> = (1..=JOBS).map(|n| record(n, "New")).collect();
+        assert_eq!(ingest(&store, "many", &records).await.queued, JOBS as usize);
+        let now = mastsub::store::now_ms() + 1_000;
+        let tasks: Vec<_> = (0..TASKS)
+            .map(|t| tokio::spawn(drain(store.clone(), format!("w{t}"), t % 3, now)))
+            .collect();
+        let mut claimed = Vec::new();
+        for t in tasks {
+            claimed.extend(t.await.unwrap());
+        }
+        let s = store.status(0).await.unwrap();
+        assert_eq!(s.downloads[&DownloadState::Done], JOBS);
+        assert_eq!(s.downloads[&DownloadState::Queued], 0);
+        assert_eq!(s.downloads[&DownloadState::Running], 0);
+        assert_eq!(s.bytes_done, JOBS * 10);
+        assert_eq!(s.by_event_type[&EventType::New][&DownloadState::Done], JOBS);
+        store.close().await;
+        claimed
+    });
+    let distinct: HashSet<i64> = claimed.iter().copied().collect();
+    assert_eq!(distinct.len(), claimed.len(), "a job was claimed twice");
+    assert_eq!(claimed.len() as u64, JOBS);
+    assert_eq!(
+        db.query_i64("SELECT count(*) FROM downloads WHERE state = 'done' AND attempts = 1"),
+        JOBS as i64
+    );
+    if backend == Backend::Postgres {
+        assert_eq!(
+            db.query_i64("SELECT count(*) FROM downloads WHERE claims = 1"),
+            JOBS as i64
+        );
+    }
+}
+
+#[rstest]
+#[case::sqlite(Backend::Sqlite)]
+#[case::postgres(Backend::Postgres)]
+fn racing_claimers_never_run_two_jobs_of_one_path(#[case] backend: Backend) {
+    const PATHS: u64 = 100;
+    const TASKS: usize = 16;
+    let Some(db) = Db::new(backend) else {
+        return;
+    };
+    let rt = threaded_runtime();
+    rt.block_on(async {
+        let store = db.open().await;
+        // Two products per file name, in other filesets: in the --flat layout, two jobs per local path.
+        let mut records = Vec::new();
+        for n in 1..=PATHS {
+            let a = same_product(n, n, "New", "2026-01-01T00:00:00");
+            let mut b = same_product(n + 1_000, n + 1_000, "New", "2026-01-01T00:00:00");
+            b["filename"] = a["filename"].clone();
+            records.push(a);
+            records.push(b);
+        }
+        let outcome = ingest_with(&store, "flat", &records, &categorizer().flat(true)).await;
+        assert_eq!(outcome.queued as u64, 2 * PATHS);
+        let now = mastsub::store::now_ms() + 1_000;
+        // The paths held now, as the claimers see them: a path is let go before its end is recorded, so
+        // a claim of it can only succeed after that.
+        let held = Arc::new(Mutex::new(HashSet::<String>::new()));
+        let tasks: Vec<_> = (0..TASKS)
+            .map(|t| {
+                let (store, held) = (store.clone(), held.clone());
+                tokio::spawn(async move {
+                    let owner = format!("w{t}");
+                    let lease = now + 600_000;
+                    let mut ended = 0u64;
+                    let claim = |store: Arc<dyn Store>,
+                                 owner: String,
+                                 ends: Vec<(Held, Finish)>| async move {
+                        if t % 2 == 0 {
+                            for (job, f) in &ends {
+                                assert!(store.finish(*job, &owner, f, now).await.unwrap());
+                            }
+                            store.claim(&owner, lease, now).await.unwrap()
+                        } else {
+                            let (recorded, mut jobs) = store
+                                .end_and_claim(&owner, &ends, 1, now, lease)
+                                .await
+                                .unwrap();
+                            assert!(recorded.iter().all(|r| *r));
+                            jobs.pop()
+                        }
+                    };
+                    let mut job = claim(store.clone(), owner.clone(), Vec::new()).await;
+                    while let Some(j) = job {
+                        assert!(
+                            held.lock().unwrap().insert(j.local_path.clone()),
+                            "two jobs of {} running at once",
+                            j.local_path
+                        );
+                        tokio::task::yield_now().await;
+                        held.lock().unwrap().remove(&j.local_path);
+                        ended += 1;
+                        job = claim(store.clone(), owner.clone(), vec![(j.held(), done(1))]).await;
+                    }
+                    ended
+                })
+            })
+            .collect();
+        let mut ended = 0;
+        for t in tasks {
+            ended += t.await.unwrap();
+        }
+        assert_eq!(ended, 2 * PATHS);
+        store.close().await;
+    });
+    assert_eq!(
+        db.query_i64("SELECT count(*) FROM downloads WHERE state = 'done' AND attempts = 1"),
+        2 * PATHS as i64
+    );
+}
+
+#[rstest]
+#[case::sqlite(Backend::Sqlite)]
+#[case::postgres(Backend::Postgres)]
+fn stores_opened_at_once_on_a_new_database_all_migrate_it_once(#[case] backend: Backend) {
+    let Some(db) = Db::new(backend) else {
+        return;
+    };
+    let db = Arc::new(db);
+    threaded_runtime().block_on(async {
+        let opening: Vec<_> = (0..4)
+            .map(|_| {
+                let db = db.clone();
+                tokio::spawn(async move { db.open().await })
+            })
+            .collect();
+        let mut stores = Vec::new();
+        for o in opening {
+            stores.push(o.await.unwrap());
+        }
+        // They share one database.
+        ingest(&stores[0], "a", &[record(1, "New")]).await;
+        for s in &stores {
+            assert_eq!(s.list_downloads(None).await.unwrap().len(), 1);
+            s.close().await;
+        }
+    });
+    let (migrations, tables) = match backend {
+        Backend::Sqlite => (
+            std::fs::read_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/migrations/sqlite"))
+                .unwrap()
+                .count() as i64,
+            "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = 'downloads'",
+        ),
+        Backend::Postgres => (
+            1,
+            "SELECT count(*) FROM pg_tables WHERE tablename = 'downloads'",
+        ),
+    };
+    assert_eq!(
+        db.query_i64("SELECT count(*) FROM _sqlx_migrations WHERE success"),
+        migrations
+    );
+    assert_eq!(db.query_i64(tables), 1);
+}
+
+#[rstest]
+#[case::sqlite(Backend::Sqlite)]
+#[case::postgres(Backend::Postgres)]
+fn several_stores_ingesting_into_one_database_at_once_lose_and_repeat_nothing(
+    #[case] backend: Backend,
+) {
+    const STORES: u64 = 4;
+    const NOTICES: u64 = 15;
+    let Some(db) = Db::new(backend) else {
+        return;
+    };
+    let db = Arc::new(db);
+    let already = threaded_runtime().block_on(async {
+        let mut stores = Vec::new();
+        for _ in 0..STORES {
+            stores.push(db.open().await);
+        }
+        let tasks: Vec<_> = stores
+            .iter()
+            .enumerate()
+            .map(|(p, store)| {
+                let store = store.clone();
+                let p = p as u64;
+                tokio::spawn(async move {
+                    let mut already = 0;
+                    for i in 0..NOTICES {
+                        // 50 events of this store's own, and 10 that every store's notice i holds.
+                        let mut records: Vec<Value> = (0..50)
+                            .map(|k| record(p * 10_000 + i * 100 + k + 1, "New"))
+                            .collect();
+                        records.extend((0..10).map(|k| record(900_000 + i * 10 + k, "New")));
+                        let o = ingest(&store, &format!("p{p}n{i}"), &records).await;
+                        already += o.already_recorded;
+                        // The same content from every store: one notice.
+                        ingest(
+                            &store,
+                            &format!("shared{i}"),
+                            &[record(800_000 + i, "Public")],
+                        )
+                        .await;
+                    }
+                    already
+                })
+            })
+            .collect();
+        let mut already = 0;
+        for t in tasks {
+            already += t.await.unwrap();
+        }
+        for s in &stores {
+            s.close().await;
+        }
+        already as i64
+    });
+    let (s, n) = (STORES as i64, NOTICES as i64);
+    assert_eq!(already, (s - 1) * n * 10, "shared events recorded again");
+    assert_eq!(
+        db.query_i64("SELECT count(*) FROM events"),
+        s * n * 50 + n * 10 + n
+    );
+    assert_eq!(
+        db.query_i64("SELECT count(DISTINCT event_id) FROM events"),
+        s * n * 50 + n * 10 + n
+    );
+    assert_eq!(db.query_i64("SELECT count(*) FROM notices"), s * n + n);
+    assert_eq!(
+        db.query_i64("SELECT sum(times_seen) FROM notices WHERE name LIKE 'shared%'"),
+        s * n
+    );
+    assert_eq!(
+        db.query_i64("SELECT count(*) FROM downloads"),
+        s * n * 50 + n * 10 + n
+    );
+    assert_eq!(
+        db.query_i64("SELECT count(DISTINCT product) FROM downloads"),
+        s * n * 50 + n * 10 + n
+    );
+}
+
+/// Asserts that `status` counts what a fresh count of the rows says: jobs by state and by type and
+/// state, bytes of done jobs, events by type.
+async fn assert_counts_match(db: &Db, store: &Arc<dyn Store>) {
+    let s = store.status(0).await.unwrap();
+    for state in DownloadState::ALL {
+        let counted = db.query_i64(&format!(
+            "SELECT count(*) FROM downloads WHERE state = '{state}'"
+        ));
+        assert_eq!(s.downloads[&state] as i64, counted, "{state}");
+        for t in EventType::KNOWN {
+            let counted = db.query_i64(&format!(
+                "SELECT count(*) FROM downloads WHERE state = '{state}' AND event_type = '{}'",
+                t.as_str()
+            ));
+            assert_eq!(
+                s.by_event_type[&t][&state] as i64,
+                counted,
+                "{state}, {}",
+                t.as_str()
+            );
+        }
+    }
+    assert_eq!(
+        s.bytes_done as i64,
+        db.query_i64("SELECT coalesce(sum(bytes_done), 0) FROM downloads WHERE state = 'done'")
+    );
+    for t in EventType::KNOWN {
+        assert_eq!(
+            s.events[&t] as i64,
+            db.query_i64(&format!(
+                "SELECT count(*) FROM events WHERE event_type = '{}'",
+                t.as_str()
+            )),
+            "{}",
+            t.as_str()
+        );
+    }
+}
+
+#[rstest]
+#[case::sqlite(Backend::Sqlite)]
+#[case::postgres(Backend::Postgres)]
+fn status_counts_stay_exact_through_claims_retries_give_ups_and_ends(#[case] backend: Backend) {
+    let Some(db) = Db::new(backend) else {
+        return;
+    };
+    let rt = threaded_runtime();
+    rt.block_on(async {
+        let store = db.open().await;
+        let types = ["New", "Reprocessed", "Public"];
+        let records: Vec<Value> = (1..=30).map(|n| record(n, types[n as usize % 3])).collect();
+        ingest(&store, "a", &records).await;
+        assert_counts_match(&db, &store).await;
+        let now = mastsub::store::now_ms() + 1_000;
+        let lease = now + 600_000;
+        let (_, jobs) = store
+            .end_and_claim("w1", &[], 30, now, lease)
+            .await
+            .unwrap();
+        assert_eq!(jobs.len(), 30);
+        assert_counts_match(&db, &store).await;
+        // Progress of a running job, or a renewed lease, changes no count (on PostgreSQL: adds no delta).
+        let deltas = || match backend {
+            Backend::Sqlite => 0,
+            Backend::Postgres => db.query_i64("SELECT count(*) FROM download_count_deltas"),
+        };
+        let before = deltas();
+        let progress = mastsub::store::Progress {
+            bytes_done: 5,
+            ..Default::default()
+        };
+        assert!(
+            store
+                .progress(jobs[4].held(), "w1", lease, &progress)
+                .await
+                .unwrap()
+        );
+        assert!(
+            store
+                .renew_lease(jobs[4].held(), "w1", lease + 1)
+                .await
+                .unwrap()
+        );
+        assert_eq!(deltas(), before, "a progress write added count deltas");
+        let mut ends = Vec::new();
+        for (i, j) in jobs.iter().enumerate() {
+            let end = match i % 5 {
+                0 => done(100 + i as i64),
+                1 => Finish::Retry {
+                    at: now,
+                    error: "HTTP 503".into(),
+                    refund: false,
+                    verify_failures: 0,
+                    not_found_since: None,
+                    waiting: None,
+                },
+                2 => Finish::GiveUp {
+                    state: DownloadState::Failed,
+                    error: "HTTP 404".into(),
+                },
+                3 => Finish::GiveUp {
+                    state: DownloadState::NeedsAuth,
+                    error: "HTTP 401".into(),
+                },
+                _ => continue,
+            };
+            ends.push((j.held(), end));
+        }
+        // Half through `finish`, half in one batch that also claims the retried ones again.
+        let (one_by_one, batch) = ends.split_at(ends.len() / 2);
+        for (job, f) in one_by_one {
+            assert!(store.finish(*job, "w1", f, now).await.unwrap());
+        }
+        let (recorded, again) = store
+            .end_and_claim("w1", batch, 2, now, lease)
+            .await
+            .unwrap();
+        assert!(recorded.iter().all(|r| *r));
+        assert_eq!(again.len(), 2);
+        assert_counts_match(&db, &store).await;
+        // The jobs retried and claimed again end done; a failed one is retried; a done one redone; the
+        // ones waiting for a token queued again; the rest given back.
+        for j in &again {
+            assert!(store.finish(j.held(), "w1", &done(7), now).await.unwrap());
+        }
+        let failed = store
+            .list_downloads(Some(DownloadState::Failed))
+            .await
+            .unwrap();
+        assert_eq!(store.retry(Some(&[failed[0].id]), now).await.unwrap(), 1);
+        let done_jobs = store
+            .list_downloads(Some(DownloadState::Done))
+            .await
+            .unwrap();
+        assert_eq!(store.redo(&[done_jobs[0].id], now).await.unwrap(), 1);
+        assert!(store.requeue_needs_auth(now).await.unwrap() > 0);
+        assert_counts_match(&db, &store).await;
+        assert!(store.release_leases("w1", now).await.unwrap() > 0);
+        assert_counts_match(&db, &store).await;
+        store.close().await;
+    });
+    if backend == Backend::Postgres {
+        // Many delta rows (that add up to nothing): the next status folds them into one per group, and
+        // two statuses folding at once count right as well.
+        db.execute(
+            "INSERT INTO download_count_deltas (event_type, state, n, bytes)
+             SELECT 'New', 'queued', CASE WHEN g % 2 = 0 THEN 1 ELSE -1 END, 0
+             FROM generate_series(1, 10002) AS g;
+             INSERT INTO event_count_deltas (event_type, n)
+             SELECT 'Public', CASE WHEN g % 2 = 0 THEN 1 ELSE -1 END FROM generate_series(1, 10002) AS g",
+        );
+        rt.block_on(async {
+            let store = db.open().await;
+            let (a, b) = tokio::join!(store.status(0), store.status(0));
+            assert_eq!(a.unwrap().downloads, b.unwrap().downloads);
+            assert_counts_match(&db, &store).await;
+            store.close().await;
+        });
+        let groups = db.query_i64(
+            "SELECT count(*) FROM (SELECT DISTINCT event_type, state FROM downloads) AS g",
+        );
+        assert!(
+            db.query_i64("SELECT count(*) FROM download_count_deltas") <= groups + 10,
+            "not folded"
+        );
+        assert!(db.query_i64("SELECT count(*) FROM event_count_deltas") <= 3 + 10);
+    }
+}
+
+#[test]
+fn a_lease_renewed_after_it_was_judged_orphaned_is_not_taken() {
+    let Some(db) = Db::new(Backend::Postgres) else {
+        return;
+    };
+    let db = Arc::new(db);
+    runtime().block_on(async {
+        let store = db.open().await;
+        ingest(&store, "a", &[record(1, "New"), record(2, "New")]).await;
+        let now = mastsub::store::now_ms() + 1_000;
+        let (_, jobs) = store
+            .end_and_claim("gone", &[], 2, now, now + 10)
+            .await
+            .unwrap();
+        assert_eq!(jobs.len(), 2);
+        let renewed = jobs[0].id;
+        // The holder of the first renews its lease between the judging and the requeue.
+        let side = db.clone();
+        let judge = move |owner: &str, _expires: i64| {
+            let sql = format!(
+                "UPDATE downloads SET lease_expires_at = lease_expires_at + 60000 WHERE id = {renewed}"
+            );
+            side.execute(&sql);
+            owner == "gone"
+        };
+        assert_eq!(store.requeue_orphans(now, &judge).await.unwrap(), 1);
+        let running = store
+            .list_downloads(Some(DownloadState::Running))
+            .await
+            .unwrap();
+        assert_eq!(running.len(), 1);
+        assert_eq!(running[0].id, renewed);
+        store.close().await;
+    });
+}
+
+#[test]
+fn a_read_only_store_refuses_a_database_that_is_not_ours_and_writes_nothing() {
+    let Some(db) = Db::new(Backend::Postgres) else {
+        return;
+    };
+    let url = db.url();
+    let options = || PgConnectOptions::from_str(&url).unwrap();
+    runtime().block_on(async {
+        match PgStore::open_read_only(options(), "the shown name").await {
+            Err(StoreError::NotOurs { path }) => assert_eq!(path, "the shown name"),
+            other => panic!("{other:?}"),
+        }
+        let store = db.open().await;
+        ingest(&store, "a", &[record(1, "New")]).await;
+        store.close().await;
+        let reader: Arc<dyn Store> =
+            Arc::new(PgStore::open_read_only(options(), &url).await.unwrap());
+        assert_eq!(
+            reader.status(0).await.unwrap().downloads[&DownloadState::Queued],
+            1
+        );
+        let refused = reader.retry(None, 0).await;
+        assert!(
+            matches!(refused, Err(StoreError::Query { .. })),
+            "{refused:?}"
+        );
+        let claimed = reader.claim("w1", i64::MAX, i64::MAX).await;
+        assert!(claimed.is_err(), "{claimed:?}");
+        reader.close().await;
+    });
+    assert_eq!(
+        db.query_i64("SELECT count(*) FROM downloads WHERE state = 'queued'"),
+        1
+    );
+}
+
+#[rstest]
+#[case::sqlite(Backend::Sqlite)]
+#[case::postgres(Backend::Postgres)]
+fn an_event_id_again_with_other_content_is_a_conflict_recorded_all_the_same(
+    #[case] backend: Backend,
+) {
+    let Some(db) = Db::new(backend) else {
+        return;
+    };
+    runtime().block_on(async {
+        let store = db.open().await;
+        ingest(&store, "a", &[record(1, "New"), record(2, "New")]).await;
+        // Record 2's id again naming product 3, and in the same notice once more with product 4.
+        let mut other = record(3, "Public");
+        other["event_id"] = record(2, "New")["event_id"].clone();
+        let mut again = record(4, "New");
+        again["event_id"] = record(7, "New")["event_id"].clone();
+        let o = ingest(
+            &store,
+            "b",
+            &[other, record(7, "New"), again, record(1, "New")],
+        )
+        .await;
+        assert_eq!((o.recorded_total(), o.already_recorded), (3, 1));
+        assert_eq!(o.conflicts.len(), 2, "{:?}", o.conflicts);
+        assert_eq!(o.conflicts[0].record, 1);
+        assert!(
+            o.conflicts[0]
+                .earlier
+                .starts_with("notice a.json, record 2: jwst/"),
+            "{}",
+            o.conflicts[0].earlier
+        );
+        assert!(
+            o.conflicts[0].now.contains(", Public, "),
+            "{}",
+            o.conflicts[0].now
+        );
+        assert!(
+            o.conflicts[1]
+                .earlier
+                .starts_with("notice b.json, record 2: "),
+            "{}",
+            o.conflicts[1].earlier
+        );
+        store.close().await;
+    });
+    assert_eq!(db.query_i64("SELECT count(*) FROM events"), 5);
+    assert_eq!(
+        db.query_i64("SELECT count(DISTINCT event_id) FROM events"),
+        3
+    );
+}
+
+fn beat(node: &str, owner: &str, now: i64) -> MemberBeat {
+    MemberBeat {
+        node: node.into(),
+        owner: owner.into(),
+        pid: 4242,
+        started_at: now,
+        rate: 1.5,
+        now,
+    }
+}
+
+#[rstest]
+#[case::sqlite(Backend::Sqlite)]
+#[case::postgres(Backend::Postgres)]
+fn a_member_name_is_refused_while_its_holder_lives_and_taken_over_when_it_is_silent_or_stopped(
+    #[case] backend: Backend,
+) {
+    let Some(db) = Db::new(backend) else {
+        return;
+    };
+    runtime().block_on(async {
+        let store = db.open().await;
+        let never = |_: &str| false;
+        let t = 1_000_000;
+        assert_eq!(
+            store
+                .join_member(&beat("node-a", "node-a:1:1:m", t), t - 60_000, &never)
+                .await
+                .unwrap(),
+            None
+        );
+        // The same process again (a restarted loop) is welcome.
+        assert_eq!(
+            store
+                .join_member(&beat("node-a", "node-a:1:1:m", t + 1), t - 60_000, &never)
+                .await
+                .unwrap(),
+            None
+        );
+        // Another process under that name, while the first was heard from within the window: refused, and
+        // told who is in the way.
+        let other = store
+            .join_member(
+                &beat("node-a", "node-a:2:2:m", t + 10),
+                t + 10 - 60_000,
+                &never,
+            )
+            .await
+            .unwrap()
+            .expect("refused");
+        assert_eq!(
+            (other.node.as_str(), other.pid, other.last_heartbeat),
+            ("node-a", 4242, t + 1)
+        );
+        assert!(
+            store
+                .member_beat(&beat("node-a", "node-a:1:1:m", t + 20))
+                .await
+                .unwrap()
+        );
+        // Certainly gone (a dead process of this machine): taken at once, with the leases it held.
+        assert!(
+            store
+                .lead("imap", "node-a", "node-a:1:1:m", t + 25, t + 60_000)
+                .await
+                .unwrap()
+        );
+        let gone = |owner: &str| owner == "node-a:1:1:m";
+        assert_eq!(
+            store
+                .join_member(
+                    &beat("node-a", "node-a:2:2:m", t + 30),
+                    t + 30 - 60_000,
+                    &gone
+                )
+                .await
+                .unwrap(),
+            None
+        );
+        // The old holder's heartbeat now says it lost the name.
+        assert!(
+            !store
+                .member_beat(&beat("node-a", "node-a:1:1:m", t + 40))
+                .await
+                .unwrap()
+        );
+        assert!(
+            store
+                .member_beat(&beat("node-a", "node-a:2:2:m", t + 40))
+                .await
+                .unwrap()
+        );
+        assert!(
+            store
+                .lead("imap", "node-a", "node-a:2:2:m", t + 41, t + 60_000)
+                .await
+                .unwrap()
+        );
+        // Silent for longer than the window: taken.
+        assert_eq!(
+            store
+                .join_member(
+                    &beat("node-a", "node-a:3:3:m", t + 70_000),
+                    t + 10_000,
+                    &never
+                )
+                .await
+                .unwrap(),
+            None
+        );
+        // Stopped cleanly: taken at once, however fresh its last heartbeat.
+        store
+            .join_member(&beat("node-b", "node-b:1:1:m", t), t - 60_000, &never)
+            .await
+            .unwrap();
+        store
+            .leave_member("node-b", "node-b:1:1:m", t + 5)
+            .await
+            .unwrap();
+        let members = store.members(t + 6).await.unwrap();
+        let b = members.iter().find(|m| m.node == "node-b").unwrap();
+        assert_eq!(b.stopped_at, Some(t + 5));
+        assert_eq!(
+            store
+                .join_member(&beat("node-b", "node-b:2:2:m", t + 6), t - 60_000, &never)
+                .await
+                .unwrap(),
+            None
+        );
+        let members = store.members(t + 7).await.unwrap();
+        assert_eq!(
+            members.iter().map(|m| m.node.as_str()).collect::<Vec<_>>(),
+            ["node-a", "node-b"]
+        );
+        assert!(
+            members.iter().all(|m| m.stopped_at.is_none()),
+            "{members:?}"
+        );
+    });
+}
+
+#[rstest]
+#[case::sqlite(Backend::Sqlite)]
+#[case::postgres(Backend::Postgres)]
+fn a_leader_lease_has_one_holder_until_it_runs_out_or_is_given_up(#[case] backend: Backend) {
+    let Some(db) = Db::new(backend) else {
+        return;
+    };
+    runtime().block_on(async {
+        let store = db.open().await;
+        let t = 2_000_000;
+        let (a, b) = ("node-a:1:1:m", "node-b:1:1:m");
+        let never = |_: &str| false;
+        store
+            .join_member(&beat("node-a", a, t), t, &never)
+            .await
+            .unwrap();
+        store
+            .join_member(&beat("node-b", b, t), t, &never)
+            .await
+            .unwrap();
+        assert!(store.lead("imap", "node-a", a, t, t + 1000).await.unwrap());
+        assert!(
+            !store
+                .lead("imap", "node-b", b, t + 10, t + 1010)
+                .await
+                .unwrap()
+        );
+        // Another role is another lease.
+        assert!(
+            store
+                .lead("mail", "node-b", b, t + 10, t + 1010)
+                .await
+                .unwrap()
+        );
+        // Renewed by its holder; not taken before it runs out.
+        assert!(
+            store
+                .lead("imap", "node-a", a, t + 500, t + 1500)
+                .await
+                .unwrap()
+        );
+        assert!(
+            !store
+                .lead("imap", "node-b", b, t + 1200, t + 2200)
+                .await
+                .unwrap()
+        );
+        let members = store.members(t + 1300).await.unwrap();
+        let leads = |node: &str| {
+            members
+                .iter()
+                .find(|m| m.node == node)
+                .unwrap()
+                .leads
+                .clone()
+        };
+        assert_eq!(leads("node-a"), ["imap"]);
+        assert_eq!(
+            leads("node-b"),
+            Vec::<String>::new(),
+            "mail ran out at t + 1010"
+        );
+        // Run out: the other member takes it, and the old holder cannot renew.
+        assert!(
+            store
+                .lead("imap", "node-b", b, t + 1500, t + 2500)
+                .await
+                .unwrap()
+        );
+        assert!(
+            !store
+                .lead("imap", "node-a", a, t + 1600, t + 2600)
+                .await
+                .unwrap()
+        );
+        // Given up: taken at once. Giving up what one does not hold changes nothing.
+        store.resign("imap", a).await.unwrap();
+        assert!(
+            !store
+                .lead("imap", "node-a", a, t + 1700, t + 2700)
+                .await
+                .unwrap()
+        );
+        store.resign("imap", b).await.unwrap();
+        assert!(
+            store
+                .lead("imap", "node-a", a, t + 1800, t + 2800)
+                .await
+                .unwrap()
+        );
+        // A member that leaves gives up its leases.
+        store.leave_member("node-a", a, t + 1900).await.unwrap();
+        assert!(
+            store
+                .lead("imap", "node-b", b, t + 1901, t + 2901)
+                .await
+                .unwrap()
+        );
+    });
+}
+
+#[rstest]
+#[case::sqlite(Backend::Sqlite)]
+#[case::postgres(Backend::Postgres)]
+fn of_many_members_asking_for_a_free_lease_at_once_exactly_one_gets_it(#[case] backend: Backend) {
+    let Some(db) = Db::new(backend) else {
+        return;
+    };
+    threaded_runtime().block_on(async {
+        let store = db.open().await;
+        for round in 0..5i64 {
+            let t = 3_000_000 + round * 10_000;
+            let mut asks = tokio::task::JoinSet::new();
+            for i in 0..16 {
+                let store = store.clone();
+                asks.spawn(async move {
+                    let owner = format!("node-{i}:1:{round}:m");
+                    store
+                        .lead("hooks", &format!("node-{i}"), &owner, t, t + 5000)
+                        .await
+                        .unwrap()
+                });
+            }
+            let won = asks.join_all().await.into_iter().filter(|w| *w).count();
+            assert_eq!(won, 1, "round {round}");
+        }
+    });
+}
+
+#[rstest]
+#[case::sqlite(Backend::Sqlite)]
+#[case::postgres(Backend::Postgres)]
+fn members_show_the_jobs_they_hold(#[case] backend: Backend) {
+    let Some(db) = Db::new(backend) else {
+        return;
+    };
+    runtime().block_on(async {
+        let store = db.open().await;
+        let records: Vec<Value> = (1..=3).map(|i| record(i, "New")).collect();
+        ingest(&store, "m1", &records).await;
+        let never = |_: &str| false;
+        let now = mastsub::store::now_ms();
+        // A node name with colons in it is still one node.
+        let (a, b) = ("host:a:1:1:m", "node-b:7:2:m");
+        store
+            .join_member(&beat("host:a", a, now), now, &never)
+            .await
+            .unwrap();
+        store
+            .join_member(&beat("node-b", b, now), now, &never)
+            .await
+            .unwrap();
+        for owner in [a, a, b] {
+            store
+                .claim(owner, now + 60_000, now)
+                .await
+                .unwrap()
+                .expect("a job");
+        }
+        let members = store.members(now).await.unwrap();
+        let running: Vec<(&str, u64)> = members
+            .iter()
+            .map(|m| (m.node.as_str(), m.running))
+            .collect();
+        assert_eq!(running, [("host:a", 2), ("node-b", 1)]);
+        let status = store.status(5).await.unwrap();
+        assert_eq!(status.members.len(), 2);
+    });
+}
+
+#[rstest]
+#[case::sqlite(Backend::Sqlite)]
+#[case::postgres(Backend::Postgres)]
+fn a_worker_whose_lease_was_taken_over_changes_nothing_even_under_its_own_owner_name(
+    #[case] backend: Backend,
+) {
+    let Some(db) = Db::new(backend) else {
+        return;
+    };
+    runtime().block_on(async {
+        let store = db.open().await;
+        ingest(&store, "f1", &[record(1, "New")]).await;
+        let now = mastsub::store::now_ms();
+        // A worker claims the job, stalls past its lease; the sweep gives the job back, and the same pool
+        // (the same owner name) claims it again for another worker.
+        let stale = store
+            .claim("pool", now + 1_000, now)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(stale.claim, 1);
+        let orphaned = |_: &str, expires: i64| expires <= now + 2_000;
+        assert_eq!(
+            store.requeue_orphans(now + 2_000, &orphaned).await.unwrap(),
+            1
+        );
+        let fresh = store
+            .claim("pool", now + 60_000, now + 2_000)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!((fresh.id, fresh.claim), (stale.id, 2));
+        // The stalled worker wakes: its progress, renewal and end are all refused.
+        let progress = mastsub::store::Progress {
+            bytes_done: 999,
+            ..Default::default()
+        };
+        assert!(
+            !store
+                .progress(stale.held(), "pool", now + 60_000, &progress)
+                .await
+                .unwrap()
+        );
+        assert!(
+            !store
+                .renew_lease(stale.held(), "pool", now + 90_000)
+                .await
+                .unwrap()
+        );
+        assert!(
+            !store
+                .finish(stale.held(), "pool", &done(5), now + 3_000)
+                .await
+                .unwrap()
+        );
+        let (recorded, _) = store
+            .end_and_claim(
+                "pool",
+                &[(stale.held(), done(5))],
+                0,
+                now + 3_000,
+                now + 60_000,
+            )
+            .await
+            .unwrap();
+        assert_eq!(recorded, [false]);
+        let row = store.list_downloads(None).await.unwrap().remove(0);
+        assert_eq!((row.state, row.bytes_done), (DownloadState::Running, 0));
+        // The current claim's writes count.
+        assert!(
+            store
+                .progress(fresh.held(), "pool", now + 60_000, &progress)
+                .await
+                .unwrap()
+        );
+        assert!(
+            store
+                .renew_lease(fresh.held(), "pool", now + 90_000)
+                .await
+                .unwrap()
+        );
+        assert!(
+            store
+                .finish(fresh.held(), "pool", &done(7), now + 3_000)
+                .await
+                .unwrap()
+        );
+        let row = store.list_downloads(None).await.unwrap().remove(0);
+        assert_eq!((row.state, row.bytes_done), (DownloadState::Done, 7));
+    });
 }

@@ -976,13 +976,13 @@ impl Transfer {
             origin: v.origin.clone(),
             checksum: v.checksum.clone(),
         };
-        let (store, owner, id, until) = (
+        let (store, owner, held, until) = (
             Arc::clone(&self.store),
             self.owner.clone(),
-            job.id,
+            job.held(),
             self.lease_until(),
         );
-        tokio::spawn(async move { store.progress(id, &owner, until, &progress).await })
+        tokio::spawn(async move { store.progress(held, &owner, until, &progress).await })
     }
 
     /// Writes what is still buffered and verifies the whole `.part` file, in one blocking call; the

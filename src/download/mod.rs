@@ -565,7 +565,7 @@ impl Pool {
                 match t
                     .store
                     .renew_lease(
-                        job.id,
+                        job.held(),
                         &t.owner,
                         now_ms() + self.config.lease.as_millis() as i64,
                     )

@@ -195,6 +195,7 @@ mod tests {
             url: "https://mast.stsci.edu/x".into(),
             local_path: "jwst/f/f.fits".into(),
             attempt,
+            claim: attempt,
             bytes_expected: None,
             bytes_done: 0,
             etag: None,

@@ -28,7 +28,7 @@ use super::error::FetchError;
 use super::fetch::{Fetched, Staged, place_error};
 use super::{log_failure, policy};
 use crate::config::DownloadConfig;
-use crate::store::{Finish, Job, Provenance, Store, now_ms};
+use crate::store::{Finish, Held, Job, Provenance, Store, now_ms};
 use crate::verify::Verified;
 
 /// The most files in one batch.
@@ -282,7 +282,10 @@ async fn record(context: Arc<Context>, mut from: mpsc::UnboundedReceiver<ToRecor
             }
             continue;
         }
-        let pairs: Vec<(i64, Finish)> = ends.iter().map(|e| (e.job.id, e.finish.clone())).collect();
+        let pairs: Vec<(Held, Finish)> = ends
+            .iter()
+            .map(|e| (e.job.held(), e.finish.clone()))
+            .collect();
         let now = now_ms();
         let lease_until = now + i64::try_from(context.lease.as_millis()).unwrap_or(i64::MAX / 2);
         match context

@@ -1,10 +1,13 @@
 //! The store: the only shared state of mastsub, behind one narrow trait.
 //!
 //! Sources only insert (through [`Store::ingest_notice`]); workers only claim and update jobs; the CLI only
-//! reads. Every backend (today SQLite, in `sqlite.rs`) implements [`Store`] and runs the same contract tests.
-//! All SQL lives in the backend modules.
+//! reads. Every backend implements [`Store`] and runs the same contract tests (`tests/store_contract.rs`):
+//! SQLite (`sqlite.rs`), one file that one daemon writes, and PostgreSQL (`postgres.rs`), one database that
+//! several daemons on several hosts share. Each has its own migrations (`migrations/sqlite/`,
+//! `migrations/postgres/`). All SQL lives in the backend modules.
 
 mod guard;
+mod postgres;
 mod sqlite;
 
 use std::collections::BTreeMap;
@@ -18,6 +21,7 @@ use crate::categorize::Categorizer;
 use crate::notice::{Event, EventType};
 
 pub use guard::{RunLock, RunLockError, run_lock_path};
+pub use postgres::PgStore;
 pub use sqlite::SqliteStore;
 
 /// A download job's state: `queued → running → done | failed | needs_auth`.
@@ -411,6 +415,9 @@ pub struct Job {
     pub local_path: String,
     /// This attempt's number, from 1.
     pub attempt: i64,
+    /// Which claim of the job this is (its count of claims, from 1): the fencing token of the
+    /// lease-checked writes ([`Held`]).
+    pub claim: i64,
     /// Bytes the server announced, once known.
     pub bytes_expected: Option<i64>,
     /// Bytes on disk at the last progress report.
@@ -432,7 +439,26 @@ pub struct Job {
     pub checksum: Option<String>,
 }
 
+/// A claimed job as the lease-checked writes name it: its id, and which claim of it this is (the job's
+/// count of claims when it was claimed). A write of an earlier claim, from a worker whose lease was taken
+/// over (by another member, or by its own process after a stall), changes nothing: fencing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Held {
+    /// The job.
+    pub id: i64,
+    /// Its claim.
+    pub claim: i64,
+}
+
 impl Job {
+    /// The job as this claim holds it.
+    pub fn held(&self) -> Held {
+        Held {
+            id: self.id,
+            claim: self.claim,
+        }
+    }
+
     /// How log lines name the job: its file, program and event type.
     pub fn about(&self) -> String {
         format!(
@@ -827,23 +853,27 @@ pub trait Store: Send + Sync + 'static {
         now: i64,
     ) -> Result<Option<Job>, StoreError>;
 
-    /// Records progress and renews the lease; false if `owner` no longer holds the job.
+    /// Records progress and renews the lease; false if `owner` no longer holds the job under that claim.
     async fn progress(
         &self,
-        id: i64,
+        job: Held,
         owner: &str,
         lease_until: i64,
         progress: &Progress,
     ) -> Result<bool, StoreError>;
 
-    /// Renews the lease only; false if `owner` no longer holds the job.
-    async fn renew_lease(&self, id: i64, owner: &str, lease_until: i64)
-    -> Result<bool, StoreError>;
+    /// Renews the lease only; false if `owner` no longer holds the job under that claim.
+    async fn renew_lease(
+        &self,
+        job: Held,
+        owner: &str,
+        lease_until: i64,
+    ) -> Result<bool, StoreError>;
 
-    /// Ends an attempt; false (and nothing changed) if `owner` no longer holds the job.
+    /// Ends an attempt; false (and nothing changed) if `owner` no longer holds the job under that claim.
     async fn finish(
         &self,
-        id: i64,
+        job: Held,
         owner: &str,
         finish: &Finish,
         now: i64,
@@ -857,14 +887,14 @@ pub trait Store: Send + Sync + 'static {
     async fn end_and_claim(
         &self,
         owner: &str,
-        ends: &[(i64, Finish)],
+        ends: &[(Held, Finish)],
         claims: usize,
         now: i64,
         lease_until: i64,
     ) -> Result<(Vec<bool>, Vec<Job>), StoreError> {
         let mut recorded = Vec::with_capacity(ends.len());
-        for (id, finish) in ends {
-            recorded.push(self.finish(*id, owner, finish, now).await?);
+        for (job, finish) in ends {
+            recorded.push(self.finish(*job, owner, finish, now).await?);
         }
         let mut jobs = Vec::new();
         while jobs.len() < claims {
@@ -1005,7 +1035,6 @@ pub trait Store: Send + Sync + 'static {
     /// When the next pending hook run is due.
     async fn next_hook_due(&self) -> Result<Option<i64>, StoreError>;
 
-    /// Closes connections cleanly (checkpoints the WAL).
     /// What MAST's path look-up said of each of `uris` that it was asked about.
     async fn cloud_paths(
         &self,
@@ -1056,6 +1085,7 @@ pub trait Store: Send + Sync + 'static {
     /// The members, by node, with their running jobs and the roles they lead at `now`.
     async fn members(&self, now: i64) -> Result<Vec<Member>, StoreError>;
 
+    /// Closes connections cleanly (SQLite: checkpoints the WAL).
     async fn close(&self);
 }
 
@@ -1160,21 +1190,4 @@ pub struct HookFailure {
     pub error: String,
     /// When, ms since the epoch.
     pub updated_at: i64,
-}
-
-// TEMPORARY until the PostgreSQL adapter lands.
-struct PgStore;
-impl PgStore {
-    async fn open(
-        _options: sqlx::postgres::PgConnectOptions,
-        shown: &str,
-    ) -> Result<SqliteStore, StoreError> {
-        Err(StoreError::Missing { path: shown.into() })
-    }
-    async fn open_read_only(
-        _options: sqlx::postgres::PgConnectOptions,
-        shown: &str,
-    ) -> Result<SqliteStore, StoreError> {
-        Err(StoreError::Missing { path: shown.into() })
-    }
 }

@@ -19,7 +19,9 @@ use sqlx::sqlite::{
 use sqlx::{QueryBuilder, Row, Sqlite};
 
 use super::guard::FileIdentity;
-use super::{CloudPath, DigestItem, Member, MemberBeat, NewMail, NoticeDigest, OutMail, Upcoming};
+use super::{
+    CloudPath, DigestItem, Held, Member, MemberBeat, NewMail, NoticeDigest, OutMail, Upcoming,
+};
 use super::{
     DaemonState, DownloadRow, DownloadState, EventConflict, Finish, HookEnd, HookFailure, HookKind,
     HookRun, IngestOutcome, Job, NoticeMeta, NoticeRow, NoticeStatus, Progress, Provenance,
@@ -212,93 +214,26 @@ impl SqliteStore {
         let err = self.query_err();
         let run = match (kind, download, notice) {
             ("product", Some(download), _) => {
-                type Row = (
-                    String,
-                    String,
-                    String,
-                    String,
-                    i64,
-                    String,
-                    String,
-                    Option<String>,
-                    Option<String>,
-                );
-                let row: Option<Row> = sqlx::query_as(PRODUCT_HOOK_ENV)
+                let row: Option<ProductHookRow> = sqlx::query_as(PRODUCT_HOOK_ENV)
                     .bind(download)
                     .fetch_optional(&self.writer)
                     .await
                     .map_err(&err)?;
-                let Some((
-                    path,
-                    mission,
-                    fileset,
-                    filename,
-                    program,
-                    event_type,
-                    version,
-                    raw,
-                    notice,
-                )) = row
-                else {
+                let Some(row) = row else {
                     return Ok(None);
                 };
-                // The values as the notice wrote them, where its record has them.
-                let raw: serde_json::Value = raw
-                    .as_deref()
-                    .and_then(|r| serde_json::from_str(r).ok())
-                    .unwrap_or_default();
-                let written = |key: &str, fallback: String| match raw.get(key) {
-                    Some(serde_json::Value::String(s)) => s.clone(),
-                    Some(v @ serde_json::Value::Number(_)) => v.to_string(),
-                    _ => fallback,
-                };
-                HookRun {
-                    id,
-                    kind: HookKind::OnProduct,
-                    attempt,
-                    about: path.clone(),
-                    env: vec![
-                        ("MASTSUB_PATH".into(), path),
-                        ("MASTSUB_MISSION".into(), written("mission", mission)),
-                        ("MASTSUB_FILESET".into(), written("fileset", fileset)),
-                        ("MASTSUB_FILENAME".into(), written("filename", filename)),
-                        (
-                            "MASTSUB_PROGRAM".into(),
-                            written("program", program.to_string()),
-                        ),
-                        (
-                            "MASTSUB_EVENT_TYPE".into(),
-                            written("event_type", event_type),
-                        ),
-                        (
-                            "MASTSUB_ARCHIVED_DATE".into(),
-                            written("archived_date", version),
-                        ),
-                        ("MASTSUB_NOTICE".into(), notice.unwrap_or_default()),
-                    ],
-                }
+                product_hook_run(id, attempt, row)
             }
             ("notice", _, Some(notice)) => {
-                let row: Option<(String, i64, i64, i64)> = sqlx::query_as(NOTICE_HOOK_ENV)
+                let row: Option<NoticeHookRow> = sqlx::query_as(NOTICE_HOOK_ENV)
                     .bind(notice)
                     .fetch_optional(&self.writer)
                     .await
                     .map_err(&err)?;
-                let Some((name, done, failed, skipped)) = row else {
+                let Some(row) = row else {
                     return Ok(None);
                 };
-                HookRun {
-                    id,
-                    kind: HookKind::OnNotice,
-                    attempt,
-                    about: name.clone(),
-                    env: vec![
-                        ("MASTSUB_NOTICE".into(), name),
-                        ("MASTSUB_DONE".into(), done.to_string()),
-                        ("MASTSUB_FAILED".into(), failed.to_string()),
-                        ("MASTSUB_SKIPPED".into(), skipped.to_string()),
-                    ],
-                }
+                notice_hook_run(id, attempt, row)
             }
             _ => return Ok(None),
         };
@@ -326,6 +261,7 @@ impl SqliteStore {
             url: row.try_get("url").map_err(&err)?,
             local_path: row.try_get("local_path").map_err(&err)?,
             attempt: row.try_get("attempts").map_err(&err)?,
+            claim: row.try_get("claims").map_err(&err)?,
             bytes_expected: row.try_get("bytes_expected").map_err(&err)?,
             bytes_done: row.try_get("bytes_done").map_err(&err)?,
             etag: row.try_get("etag").map_err(&err)?,
@@ -403,7 +339,7 @@ const RECORDED_EVENTS: &str = "
     WHERE e.event_id IN (SELECT value FROM json_each(?1))";
 
 /// A recorded event found by `RECORDED_EVENTS`: id, notice name, record index, then what it named.
-type Recorded = (String, String, i64, String, String, String, String, String);
+pub(super) type Recorded = (String, String, i64, String, String, String, String, String);
 
 /// What makes two records with one `event_id` the same event: mission, fileset, filename, type, date.
 type Names<'a> = (&'a str, &'a str, &'a str, &'a str, &'a str);
@@ -437,6 +373,72 @@ fn describe_event(notice: &str, index: usize, names: Names) -> String {
         index + 1,
         names_text(names)
     )
+}
+
+/// The events of a notice to record now, given the events already recorded under any of their ids
+/// (`RECORDED_EVENTS`): the same id with the same content (recorded before, or earlier in this notice) is
+/// one event, counted in `already_recorded`; with other content it is a conflict, reported in
+/// `conflicts` and recorded all the same, so that nothing is silently dropped. Shared by every backend.
+pub(super) fn fresh_events<'e>(
+    events: &'e [Event],
+    recorded: &[Recorded],
+    notice_name: &str,
+    outcome: &mut IngestOutcome,
+) -> Vec<&'e Event> {
+    let mut before: HashMap<&str, Vec<&Recorded>> = HashMap::new();
+    for r in recorded {
+        before.entry(r.0.as_str()).or_default().push(r);
+    }
+    // This notice's own events by id; what they named is compared only when an id comes again.
+    let mut here: HashMap<&str, Vec<&Event>> = HashMap::with_capacity(events.len());
+    let mut fresh: Vec<&Event> = Vec::with_capacity(events.len());
+    for e in events {
+        let what = event_names(e);
+        let earlier = before.get(e.event_id.as_str());
+        let earlier_here = here.get(e.event_id.as_str());
+        let same = earlier.is_some_and(|v| v.iter().any(|r| recorded_names(r) == what))
+            || earlier_here.is_some_and(|v| v.iter().any(|o| event_names(o) == what));
+        if same {
+            outcome.already_recorded += 1;
+            continue;
+        }
+        let first = earlier
+            .and_then(|v| v.first())
+            .map(|r| describe_event(&r.1, r.2 as usize, recorded_names(r)))
+            .or_else(|| {
+                earlier_here
+                    .and_then(|v| v.first())
+                    .map(|o| describe_event(notice_name, o.index, event_names(o)))
+            });
+        if let Some(earlier) = first {
+            outcome.conflicts.push(EventConflict {
+                event_id: e.event_id.clone(),
+                record: e.index + 1,
+                now: names_text(what),
+                earlier,
+            });
+        }
+        here.entry(e.event_id.as_str()).or_default().push(e);
+        fresh.push(e);
+    }
+    fresh
+}
+
+/// Counts what each planned event did into `outcome`. Shared by every backend.
+pub(super) fn tally(plan: &crate::categorize::Plan<'_>, outcome: &mut IngestOutcome) {
+    for planned in &plan.events {
+        *outcome
+            .recorded
+            .entry(planned.event.event_type.clone())
+            .or_default() += 1;
+        match planned.disposition {
+            Disposition::Queued => outcome.queued += 1,
+            Disposition::Joined => outcome.joined += 1,
+            Disposition::Requeued => outcome.requeued += 1,
+            Disposition::AlreadyDone => outcome.already_done += 1,
+            Disposition::RecordOnly => outcome.record_only += 1,
+        }
+    }
 }
 
 /// One index seek per product on `downloads_by_product (product, id)`.
@@ -542,7 +544,7 @@ const FAILURES_SINCE: &str = concat!(
 const CLAIM: &str = "
     UPDATE downloads SET
         state = 'running', lease_owner = ?1, lease_expires_at = ?2,
-        attempts = attempts + 1, started_at = coalesce(started_at, ?3), updated_at = ?3
+        attempts = attempts + 1, claims = claims + 1, started_at = coalesce(started_at, ?3), updated_at = ?3
     WHERE id = (
         SELECT d.id FROM downloads AS d
         WHERE d.state = 'queued' AND d.next_attempt_at <= ?3
@@ -551,44 +553,46 @@ const CLAIM: &str = "
         LIMIT 1)
     RETURNING id, product, mission, filename, program, event_type, version, url, local_path, attempts,
               bytes_expected, bytes_done, etag, last_modified, verify_failures, not_found_since, waiting_reason,
-              source, checksum";
+              source, checksum, claims";
 
 const PROGRESS: &str = "
     UPDATE downloads SET
         bytes_done = ?3, bytes_expected = ?4, etag = ?5, last_modified = ?6, lease_expires_at = ?7,
         updated_at = ?8, source = ?9, fetched_from = ?10, checksum = ?11
-    WHERE id = ?1 AND lease_owner = ?2 AND state = 'running'";
+    WHERE id = ?1 AND lease_owner = ?2 AND state = 'running' AND claims = ?12";
 
 const RENEW_LEASE: &str = "
-    UPDATE downloads SET lease_expires_at = ?3 WHERE id = ?1 AND lease_owner = ?2 AND state = 'running'";
+    UPDATE downloads SET lease_expires_at = ?3
+    WHERE id = ?1 AND lease_owner = ?2 AND state = 'running' AND claims = ?4";
 
 const FINISH_DONE: &str = "
     UPDATE downloads SET
         state = 'done', bytes_done = ?3, bytes_expected = ?3, lease_owner = NULL, lease_expires_at = NULL,
         last_error = NULL, verify_failures = 0, not_found_since = NULL, finished_at = ?4, updated_at = ?4,
         verified = ?5, waiting_reason = NULL, source = ?6, fetched_from = ?7
-    WHERE id = ?1 AND lease_owner = ?2 AND state = 'running'";
+    WHERE id = ?1 AND lease_owner = ?2 AND state = 'running' AND claims = ?8";
 
 const FINISH_RETRY: &str = "
     UPDATE downloads SET
         state = 'queued', next_attempt_at = ?3, last_error = ?4, attempts = max(attempts - ?5, 0),
         verify_failures = ?6, not_found_since = ?7, lease_owner = NULL, lease_expires_at = NULL,
         updated_at = ?8, waiting_reason = ?9
-    WHERE id = ?1 AND lease_owner = ?2 AND state = 'running'";
+    WHERE id = ?1 AND lease_owner = ?2 AND state = 'running' AND claims = ?10";
 
 const FINISH_GIVE_UP: &str = "
     UPDATE downloads SET
         state = ?3, last_error = ?4, lease_owner = NULL, lease_expires_at = NULL, finished_at = ?5,
         updated_at = ?5, waiting_reason = NULL
-    WHERE id = ?1 AND lease_owner = ?2 AND state = 'running'";
+    WHERE id = ?1 AND lease_owner = ?2 AND state = 'running' AND claims = ?6";
 
 /// The statement that ends an attempt of `owner` at job `id`.
 fn finish_query<'q>(
-    id: i64,
+    job: Held,
     owner: &'q str,
     finish: &'q Finish,
     now: i64,
 ) -> sqlx::query::Query<'q, Sqlite, sqlx::sqlite::SqliteArguments<'q>> {
+    let id = job.id;
     match finish {
         Finish::Done {
             bytes,
@@ -601,7 +605,8 @@ fn finish_query<'q>(
             .bind(now)
             .bind(verified)
             .bind(origin.as_ref().map(|o| o.source.as_str()))
-            .bind(origin.as_ref().map(|o| o.url.as_str())),
+            .bind(origin.as_ref().map(|o| o.url.as_str()))
+            .bind(job.claim),
         Finish::Retry {
             at,
             error,
@@ -618,18 +623,20 @@ fn finish_query<'q>(
             .bind(verify_failures)
             .bind(not_found_since)
             .bind(now)
-            .bind(waiting),
+            .bind(waiting)
+            .bind(job.claim),
         Finish::GiveUp { state, error } => sqlx::query(FINISH_GIVE_UP)
             .bind(id)
             .bind(owner)
             .bind(state.as_str())
             .bind(error)
-            .bind(now),
+            .bind(now)
+            .bind(job.claim),
     }
 }
 
 /// `FINISH_DONE` for many jobs of owner ?1 at time ?3, from ?4: a JSON array of
-/// `[id, bytes, verified, source, url]`.
+/// `[id, bytes, verified, source, url, claim]`.
 /// (?2, the lease of the claims beside it in `end_and_claim`'s script, is not used.)
 const FINISH_DONE_MANY: &str = "
     UPDATE downloads SET
@@ -639,9 +646,10 @@ const FINISH_DONE_MANY: &str = "
         source = j.source, fetched_from = j.url
     FROM (SELECT json_extract(value, '$[0]') AS id, json_extract(value, '$[1]') AS bytes,
                  json_extract(value, '$[2]') AS verified, json_extract(value, '$[3]') AS source,
-                 json_extract(value, '$[4]') AS url
+                 json_extract(value, '$[4]') AS url, json_extract(value, '$[5]') AS claim
           FROM json_each(?4)) AS j
     WHERE downloads.id = j.id AND downloads.lease_owner = ?1 AND downloads.state = 'running'
+      AND downloads.claims = j.claim
     RETURNING downloads.id AS ended";
 
 /// An `on_product` run for each job of `FINISH_DONE_MANY`'s ?4 that it recorded done at ?3. (It leaves
@@ -709,11 +717,15 @@ const RUNNING_LEASES: &str = "
     SELECT id, coalesce(lease_owner, ''), coalesce(lease_expires_at, 0) FROM downloads WHERE state = 'running'";
 
 /// An orphaned attempt does not count: the worker did not fail, it vanished.
+/// ?1: a JSON array of `[id, lease owner, lease expiry]` as judged; a lease renewed or claimed again since
+/// (another process writes the same database) is not one of them.
 const REQUEUE_IDS: &str = "
     UPDATE downloads SET
         state = 'queued', attempts = max(attempts - 1, 0), lease_owner = NULL, lease_expires_at = NULL,
         next_attempt_at = ?2, updated_at = ?2
-    WHERE id IN (SELECT value FROM json_each(?1)) AND state = 'running'";
+    FROM (SELECT value ->> 0 AS id, value ->> 1 AS owner, value ->> 2 AS expires FROM json_each(?1)) AS o
+    WHERE downloads.id = o.id AND downloads.state = 'running' AND downloads.lease_owner = o.owner
+      AND downloads.lease_expires_at = o.expires";
 
 const NEXT_DUE: &str = "SELECT min(next_attempt_at) FROM downloads WHERE state = 'queued'";
 
@@ -802,42 +814,7 @@ impl SqliteStore {
             .fetch_all(&mut *tx)
             .await
             .map_err(&err)?;
-        let mut before: HashMap<&str, Vec<&Recorded>> = HashMap::new();
-        for r in &recorded {
-            before.entry(r.0.as_str()).or_default().push(r);
-        }
-        // This notice's own events by id; what they named is compared only when an id comes again.
-        let mut here: HashMap<&str, Vec<&Event>> = HashMap::with_capacity(events.len());
-        let mut fresh: Vec<&Event> = Vec::with_capacity(events.len());
-        for e in events {
-            let what = event_names(e);
-            let earlier = before.get(e.event_id.as_str());
-            let earlier_here = here.get(e.event_id.as_str());
-            let same = earlier.is_some_and(|v| v.iter().any(|r| recorded_names(r) == what))
-                || earlier_here.is_some_and(|v| v.iter().any(|o| event_names(o) == what));
-            if same {
-                outcome.already_recorded += 1;
-                continue;
-            }
-            let first = earlier
-                .and_then(|v| v.first())
-                .map(|r| describe_event(&r.1, r.2 as usize, recorded_names(r)))
-                .or_else(|| {
-                    earlier_here
-                        .and_then(|v| v.first())
-                        .map(|o| describe_event(&notice.name, o.index, event_names(o)))
-                });
-            if let Some(earlier) = first {
-                outcome.conflicts.push(EventConflict {
-                    event_id: e.event_id.clone(),
-                    record: e.index + 1,
-                    now: names_text(what),
-                    earlier,
-                });
-            }
-            here.entry(e.event_id.as_str()).or_default().push(e);
-            fresh.push(e);
-        }
+        let fresh = fresh_events(events, &recorded, &notice.name, &mut outcome);
 
         let products: HashSet<String> = fresh
             .iter()
@@ -900,19 +877,7 @@ impl SqliteStore {
                 .map_err(&err)?;
         }
 
-        for planned in &plan.events {
-            *outcome
-                .recorded
-                .entry(planned.event.event_type.clone())
-                .or_default() += 1;
-            match planned.disposition {
-                Disposition::Queued => outcome.queued += 1,
-                Disposition::Joined => outcome.joined += 1,
-                Disposition::Requeued => outcome.requeued += 1,
-                Disposition::AlreadyDone => outcome.already_done += 1,
-                Disposition::RecordOnly => outcome.record_only += 1,
-            }
-        }
+        tally(&plan, &mut outcome);
         for chunk in plan.events.chunks(ROWS_PER_INSERT) {
             let mut insert = QueryBuilder::<Sqlite>::new(INSERT_EVENTS);
             insert.push_values(chunk, |mut row, planned| {
@@ -1182,7 +1147,7 @@ impl Store for SqliteStore {
     async fn end_and_claim(
         &self,
         owner: &str,
-        ends: &[(i64, Finish)],
+        ends: &[(Held, Finish)],
         claims: usize,
         now: i64,
         lease_until: i64,
@@ -1200,20 +1165,21 @@ impl Store for SqliteStore {
         let mut conn = self.writer.acquire().await.map_err(&err)?;
         let mut done = Vec::new();
         let mut others = Vec::new();
-        for (id, finish) in ends {
+        for (job, finish) in ends {
             match finish {
                 Finish::Done {
                     bytes,
                     verified,
                     origin,
                 } => done.push(json!([
-                    id,
+                    job.id,
                     bytes,
                     verified,
                     origin.as_ref().map(|o| o.source.as_str()),
-                    origin.as_ref().map(|o| o.url.as_str())
+                    origin.as_ref().map(|o| o.url.as_str()),
+                    job.claim
                 ])),
-                other => others.push((*id, other)),
+                other => others.push((*job, other)),
             }
         }
         let mut ended = HashSet::new();
@@ -1225,13 +1191,13 @@ impl Store for SqliteStore {
                 .execute(&mut *conn)
                 .await
                 .map_err(&err)?;
-            for (id, finish) in others {
-                match finish_query(id, owner, finish, now)
+            for (job, finish) in others {
+                match finish_query(job, owner, finish, now)
                     .execute(&mut *conn)
                     .await
                 {
                     Ok(r) if r.rows_affected() == 1 => {
-                        ended.insert(id);
+                        ended.insert(job.id);
                     }
                     Ok(_) => {}
                     Err(e) => {
@@ -1281,7 +1247,9 @@ impl Store for SqliteStore {
             }
         }
         Ok((
-            ends.iter().map(|(id, _)| ended.contains(id)).collect(),
+            ends.iter()
+                .map(|(job, _)| ended.contains(&job.id))
+                .collect(),
             jobs,
         ))
     }
@@ -1320,13 +1288,13 @@ impl Store for SqliteStore {
 
     async fn progress(
         &self,
-        id: i64,
+        job: Held,
         owner: &str,
         lease_until: i64,
         p: &Progress,
     ) -> Result<bool, StoreError> {
         let done = sqlx::query(PROGRESS)
-            .bind(id)
+            .bind(job.id)
             .bind(owner)
             .bind(p.bytes_done)
             .bind(p.bytes_expected)
@@ -1337,6 +1305,7 @@ impl Store for SqliteStore {
             .bind(p.origin.as_ref().map(|o| o.source.as_str()))
             .bind(p.origin.as_ref().map(|o| o.url.as_str()))
             .bind(&p.checksum)
+            .bind(job.claim)
             .execute(&self.writer)
             .await
             .map_err(self.query_err())?;
@@ -1345,14 +1314,15 @@ impl Store for SqliteStore {
 
     async fn renew_lease(
         &self,
-        id: i64,
+        job: Held,
         owner: &str,
         lease_until: i64,
     ) -> Result<bool, StoreError> {
         let done = sqlx::query(RENEW_LEASE)
-            .bind(id)
+            .bind(job.id)
             .bind(owner)
             .bind(lease_until)
+            .bind(job.claim)
             .execute(&self.writer)
             .await
             .map_err(self.query_err())?;
@@ -1361,7 +1331,7 @@ impl Store for SqliteStore {
 
     async fn finish(
         &self,
-        id: i64,
+        job: Held,
         owner: &str,
         finish: &Finish,
         now: i64,
@@ -1369,11 +1339,11 @@ impl Store for SqliteStore {
         if matches!(finish, Finish::Done { .. }) {
             // With its hook run, if one is queued: the same transaction.
             let (recorded, _) = self
-                .end_and_claim(owner, &[(id, finish.clone())], 0, now, now)
+                .end_and_claim(owner, &[(job, finish.clone())], 0, now, now)
                 .await?;
             return Ok(recorded.first().copied().unwrap_or(false));
         }
-        let done = finish_query(id, owner, finish, now)
+        let done = finish_query(job, owner, finish, now)
             .execute(&self.writer)
             .await
             .map_err(self.query_err())?;
@@ -1390,10 +1360,9 @@ impl Store for SqliteStore {
             .fetch_all(&self.writer)
             .await
             .map_err(&err)?;
-        let orphans: Vec<i64> = running
+        let orphans: Vec<(i64, String, i64)> = running
             .into_iter()
             .filter(|(_, owner, expires)| orphaned(owner, *expires))
-            .map(|(id, _, _)| id)
             .collect();
         if orphans.is_empty() {
             return Ok(0);
@@ -2143,6 +2112,80 @@ impl Store for SqliteStore {
             );
         }
         self.writer.close().await;
+    }
+}
+
+/// What `PRODUCT_HOOK_ENV` reads: the job's path, mission, fileset, filename, program, event type and
+/// version, the raw record of its first event and that event's notice name.
+pub(super) type ProductHookRow = (
+    String,
+    String,
+    String,
+    String,
+    i64,
+    String,
+    String,
+    Option<String>,
+    Option<String>,
+);
+
+/// What `NOTICE_HOOK_ENV` reads: the notice's name, its products done, failed and recorded only.
+pub(super) type NoticeHookRow = (String, i64, i64, i64);
+
+/// An `on_product` run with its environment. Shared by every backend.
+pub(super) fn product_hook_run(id: i64, attempt: i64, row: ProductHookRow) -> HookRun {
+    let (path, mission, fileset, filename, program, event_type, version, raw, notice) = row;
+    // The values as the notice wrote them, where its record has them.
+    let raw: serde_json::Value = raw
+        .as_deref()
+        .and_then(|r| serde_json::from_str(r).ok())
+        .unwrap_or_default();
+    let written = |key: &str, fallback: String| match raw.get(key) {
+        Some(serde_json::Value::String(s)) => s.clone(),
+        Some(v @ serde_json::Value::Number(_)) => v.to_string(),
+        _ => fallback,
+    };
+    HookRun {
+        id,
+        kind: HookKind::OnProduct,
+        attempt,
+        about: path.clone(),
+        env: vec![
+            ("MASTSUB_PATH".into(), path),
+            ("MASTSUB_MISSION".into(), written("mission", mission)),
+            ("MASTSUB_FILESET".into(), written("fileset", fileset)),
+            ("MASTSUB_FILENAME".into(), written("filename", filename)),
+            (
+                "MASTSUB_PROGRAM".into(),
+                written("program", program.to_string()),
+            ),
+            (
+                "MASTSUB_EVENT_TYPE".into(),
+                written("event_type", event_type),
+            ),
+            (
+                "MASTSUB_ARCHIVED_DATE".into(),
+                written("archived_date", version),
+            ),
+            ("MASTSUB_NOTICE".into(), notice.unwrap_or_default()),
+        ],
+    }
+}
+
+/// An `on_notice` run with its environment. Shared by every backend.
+pub(super) fn notice_hook_run(id: i64, attempt: i64, row: NoticeHookRow) -> HookRun {
+    let (name, done, failed, skipped) = row;
+    HookRun {
+        id,
+        kind: HookKind::OnNotice,
+        attempt,
+        about: name.clone(),
+        env: vec![
+            ("MASTSUB_NOTICE".into(), name),
+            ("MASTSUB_DONE".into(), done.to_string()),
+            ("MASTSUB_FAILED".into(), failed.to_string()),
+            ("MASTSUB_SKIPPED".into(), skipped.to_string()),
+        ],
     }
 }
 

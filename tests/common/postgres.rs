@@ -102,27 +102,40 @@ impl Postgres {
     /// Starts the server on the data it has (again, after [`Postgres::kill`]).
     pub fn start_server(&self) {
         let log = std::fs::File::create(self.dir.path().join("server.log")).unwrap();
-        let child = as_user(
+        let mut command = as_user(
             Command::new(self.bin.join("postgres")),
             self.user.as_ref(),
             true,
-        )
-        .args(["-D", "data", "-p", &self.port.to_string(), "-k"])
-        .arg(self.dir.path())
-        .args([
-            "-c",
-            "listen_addresses=127.0.0.1",
-            "-c",
-            "fsync=off",
-            "-c",
-            "max_connections=200",
-        ])
-        .current_dir(self.dir.path())
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .expect("postgres starts");
+        );
+        command
+            .args(["-D", "data", "-p", &self.port.to_string(), "-k"])
+            .arg(self.dir.path())
+            .args([
+                "-c",
+                "listen_addresses=127.0.0.1",
+                "-c",
+                "fsync=off",
+                "-c",
+                "max_connections=200",
+            ])
+            .current_dir(self.dir.path())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log);
+        // The parent-death signal follows the thread that forked, not the process: spawned from the test
+        // that first asked, the server would be killed as that test's thread ends, under the tests still
+        // running. A thread that lives as long as the test process spawns it.
+        let (sent, child) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = sent.send(command.spawn());
+            loop {
+                std::thread::park();
+            }
+        });
+        let child = child
+            .recv()
+            .expect("the spawning thread answers")
+            .expect("postgres starts");
         *self.child.lock().unwrap() = Some(child);
         let up = wait_until(Duration::from_secs(30), || {
             self.psql("postgres", "SELECT 1")
@@ -192,8 +205,9 @@ impl Postgres {
     }
 }
 
-/// `command` run as `user` (when the tests run as root); with `tied`, killed when this process ends (the
-/// parent-death signal, set after the change of user, which clears it).
+/// `command` run as `user` (when the tests run as root); with `tied`, killed when the thread that spawns it
+/// ends (the parent-death signal, set after the change of user, which clears it): spawn it from a thread
+/// that lives as long as the process.
 fn as_user(mut command: Command, user: Option<&nix::unistd::User>, tied: bool) -> Command {
     let ids = user.map(|u| (u.uid, u.gid));
     // SAFETY: only async-signal-safe calls between fork and exec.
