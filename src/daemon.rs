@@ -100,7 +100,7 @@ pub async fn run(
         let handle = match which {
             Loop::Inbox => {
                 let (cfg, ingestor) = (config.inbox.clone(), ingestor.clone());
-                let claim_as = shared.then(|| node.clone());
+                let claim_as = shared.then(|| (node.clone(), config.download.lease));
                 tasks.spawn(async move {
                     inbox::run(cfg, claim_as, ingestor, vitals, token).await;
                     (Loop::Inbox, Ok(()))

@@ -137,6 +137,8 @@ struct Inbox {
     /// In a cluster, `<inbox>/.claimed/<node>/`: a file is taken by an atomic rename into it before it is
     /// read, so that members watching one shared inbox never read one file twice.
     claim_dir: Option<PathBuf>,
+    /// A member not heard from for this long is gone: its claimed files are taken over.
+    gone_after: Duration,
     /// Files in `claim_dir` still to be recorded (left by a crash, or not recorded for a failure), and
     /// when each is tried next.
     claimed: HashMap<PathBuf, Instant>,
@@ -163,11 +165,12 @@ impl Watch {
 }
 
 /// Watches `config.dir` and ingests what arrives, until `shutdown`.
-/// `claim_as`: this member's `[cluster] node` when the store is shared, so that the inbox folder may be
-/// shared too (each file claimed by an atomic rename into `.claimed/<node>/` before it is read).
+/// `claim_as`: this member's `[cluster] node` and `download.lease` when the store is shared, so that the
+/// inbox folder may be shared too (each file claimed by an atomic rename into `.claimed/<node>/` before it
+/// is read; the claims of a member gone for 3 leases are taken over).
 pub async fn run(
     config: InboxConfig,
-    claim_as: Option<String>,
+    claim_as: Option<(String, Duration)>,
     ingestor: Arc<Ingestor>,
     vitals: Arc<crate::service::Vitals>,
     shutdown: CancellationToken,
@@ -175,10 +178,10 @@ pub async fn run(
     // The watcher reports absolute paths; a relative `inbox.dir` (the default) must be made absolute the
     // same way, or no event would ever match the folder.
     let dir = std::path::absolute(&config.dir).unwrap_or_else(|_| config.dir.clone());
-    let claim_dir = claim_as.map(|node| {
-        let node = node.replace(['/', '\0'], "_");
-        dir.join(CLAIMED_DIR).join(node.trim_start_matches('.'))
-    });
+    let gone_after = claim_as
+        .as_ref()
+        .map_or(Duration::MAX, |(_, lease)| *lease * 3);
+    let claim_dir = claim_as.map(|(node, _)| dir.join(CLAIMED_DIR).join(claim_folder(&node)));
     let mut inbox = Inbox {
         processed: dir.join(PROCESSED_DIR),
         rejected: dir.join(REJECTED_DIR),
@@ -189,6 +192,7 @@ pub async fn run(
         candidates: HashMap::new(),
         untaken: HashMap::new(),
         claim_dir,
+        gone_after,
         claimed: HashMap::new(),
     };
     let (tx, mut rx) = mpsc::unbounded_channel::<DebounceEventResult>();
@@ -279,6 +283,7 @@ pub async fn run(
                     watch.failed();
                 }
                 inbox.scan();
+                inbox.adopt_claims().await;
             }
         }
     }
@@ -604,6 +609,70 @@ impl Inbox {
         }
     }
 
+    /// Takes over the files claimed by members that are gone (not heard from for 3 leases) or stopped,
+    /// by moving them into this member's folder; one member wins each (a rename).
+    async fn adopt_claims(&mut self) {
+        let Some(own) = self.claim_dir.clone() else {
+            return;
+        };
+        let Some(root) = own.parent() else { return };
+        let others: Vec<PathBuf> = match std::fs::read_dir(root) {
+            Ok(entries) => entries
+                .flatten()
+                .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()) && e.path() != own)
+                .map(|e| e.path())
+                .collect(),
+            Err(_) => return,
+        };
+        if others.is_empty() {
+            return;
+        }
+        let now = crate::store::now_ms();
+        let members = match self.ingestor.store().members(now).await {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::debug!("cannot read the members for their claimed notices: {e}");
+                return;
+            }
+        };
+        let gone_after = i64::try_from(self.gone_after.as_millis()).unwrap_or(i64::MAX);
+        for dir in others {
+            let Some(name) = dir.file_name().and_then(|n| n.to_str()) else {
+                continue;
+            };
+            let live = members.iter().any(|m| {
+                claim_folder(&m.node) == name
+                    && m.stopped_at.is_none()
+                    && now.saturating_sub(m.last_heartbeat) <= gone_after
+            });
+            if live {
+                continue;
+            }
+            let files: Vec<PathBuf> = std::fs::read_dir(&dir)
+                .into_iter()
+                .flatten()
+                .flatten()
+                .filter(|e| e.file_type().is_ok_and(|t| t.is_file()))
+                .map(|e| e.path())
+                .collect();
+            for file in files {
+                match move_no_clobber(&file, &own, None) {
+                    Ok(taken) => {
+                        tracing::info!(
+                            "{} was claimed by the member {name:?}, which is gone or stopped: taken over as {}",
+                            file.display(),
+                            taken.display()
+                        );
+                        self.claimed.insert(taken, Instant::now());
+                    }
+                    // Another member took it first.
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                    Err(e) => tracing::warn!("cannot take over {}: {e}", file.display()),
+                }
+            }
+        }
+    }
+
     /// Records the claimed files that are due (left by a crash, or tried again after a failure).
     async fn handle_claimed(&mut self, shutdown: &CancellationToken) {
         let now = Instant::now();
@@ -714,6 +783,13 @@ enum HandleError {
     Move(io::Error),
     #[error("cannot claim it (move it into this member's folder of the shared inbox): {0}")]
     Claim(io::Error),
+}
+
+/// The folder of `.claimed/` that holds a member's claims: its node name, made one path component.
+fn claim_folder(node: &str) -> String {
+    node.replace(['/', '\0'], "_")
+        .trim_start_matches('.')
+        .to_string()
 }
 
 /// `name` with `.<n>` before its extension: `notice.json` → `notice.1.json`.
