@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 
 use crate::service::Vitals;
-use crate::store::{Member, MemberBeat, Store, StoreError, now_ms};
+use crate::store::{MemberBeat, Store, StoreError, now_ms};
 
 /// How often a standby member asks for a leader lease that may have run out.
 const STANDBY_ASK: Duration = Duration::from_secs(1);
@@ -65,14 +65,20 @@ pub enum JoinError {
 }
 
 impl Membership {
-    /// Joins the cluster as `node`: the row is this process's, unless another process holds it and was
-    /// heard from within a lease (and is not certainly dead: a process of this machine that no longer
-    /// runs is).
+    /// Joins the cluster as `node`. The row is this process's unless another process holds it, was heard
+    /// from within a lease, and is not certainly dead (a process of this machine that no longer runs). Even
+    /// then it is not refused at once: a dead predecessor whose death cannot be told from here (under
+    /// systemd's `ProcSubset=pid` the boot id is hidden, so no pid is ever judged) would keep its name for
+    /// a lease. It is watched for two heartbeats: a live member beats, and is refused; one that does not
+    /// is taken over (if it was only stalled, its next heartbeat finds its name taken and it stops, and
+    /// fencing refuses what its workers still write). `exclusive`: this process is the only one the store
+    /// allows (SQLite's run lock), so any row under the name is a predecessor's.
     pub async fn join(
         store: Arc<dyn Store>,
         node: String,
         owner: String,
         lease: Duration,
+        exclusive: bool,
     ) -> Result<Arc<Membership>, JoinError> {
         let started_at = now_ms();
         let me = MemberBeat {
@@ -85,29 +91,72 @@ impl Membership {
         };
         let lease_ms = i64::try_from(lease.as_millis()).unwrap_or(i64::MAX);
         let me_owner = owner.clone();
-        let gone = move |other: &str| crate::download::holder_is_gone(other, &me_owner);
-        if let Some(Member {
-            pid,
-            last_heartbeat,
-            ..
-        }) = store
+        let gone =
+            move |other: &str| exclusive || crate::download::holder_is_gone(other, &me_owner);
+        let Some(other) = store
             .join_member(&me, started_at.saturating_sub(lease_ms), &gone)
             .await?
-        {
+        else {
+            return Ok(Arc::new(Membership {
+                store,
+                node,
+                owner,
+                lease,
+                started_at,
+            }));
+        };
+        let watch = beat_every(lease) * 2 + Duration::from_secs(1);
+        tracing::info!(
+            "the cluster member name {node:?} was held by pid {} (heard from {:.1}s ago): waiting {:.0}s \
+             to see whether it is alive",
+            other.pid,
+            (started_at - other.last_heartbeat).max(0) as f64 / 1000.0,
+            watch.as_secs_f64()
+        );
+        tokio::time::sleep(watch).await;
+        let now = now_ms();
+        let beating = store
+            .members(now)
+            .await?
+            .into_iter()
+            .find(|m| m.node == node)
+            .filter(|m| {
+                m.stopped_at.is_none()
+                    && (m.last_heartbeat != other.last_heartbeat || m.pid != other.pid)
+            });
+        if let Some(live) = beating {
             return Err(JoinError::Taken {
                 node,
-                pid,
-                ago: (started_at - last_heartbeat).max(0) as f64 / 1000.0,
+                pid: live.pid,
+                ago: (now - live.last_heartbeat).max(0) as f64 / 1000.0,
                 lease: lease.as_secs(),
             });
         }
-        Ok(Arc::new(Membership {
-            store,
-            node,
-            owner,
-            lease,
-            started_at,
-        }))
+        // Silent through two heartbeats: taken over.
+        let me = MemberBeat { now, ..me };
+        let silent = |_: &str| true;
+        match store.join_member(&me, now, &silent).await? {
+            None => {
+                tracing::warn!(
+                    "took over the cluster member name {node:?} from pid {}, silent for {:.1}s",
+                    other.pid,
+                    (now - other.last_heartbeat).max(0) as f64 / 1000.0
+                );
+                Ok(Arc::new(Membership {
+                    store,
+                    node,
+                    owner,
+                    lease,
+                    started_at,
+                }))
+            }
+            Some(live) => Err(JoinError::Taken {
+                node,
+                pid: live.pid,
+                ago: (now - live.last_heartbeat).max(0) as f64 / 1000.0,
+                lease: lease.as_secs(),
+            }),
+        }
     }
 
     /// Heartbeats until `shutdown`; then the member is recorded as stopped and its leases given up. An
@@ -256,5 +305,106 @@ impl Membership {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::SqliteStore;
+
+    fn beat(owner: &str, now: i64) -> MemberBeat {
+        MemberBeat {
+            node: "node-x".into(),
+            owner: owner.into(),
+            pid: 999_999,
+            started_at: now,
+            rate: 0.0,
+            now,
+        }
+    }
+
+    async fn store(dir: &tempfile::TempDir) -> Arc<dyn Store> {
+        Arc::new(SqliteStore::open(&dir.path().join("m.db")).await.unwrap())
+    }
+
+    /// Another machine's owner name: its pid is never judged from here.
+    const OTHER: &str = "node-x:999999:1:0123456789abcdef";
+
+    #[tokio::test]
+    async fn a_silent_holder_is_taken_over_after_two_heartbeats_and_a_beating_one_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = store(&dir).await;
+        let never = |_: &str| false;
+        let lease = Duration::from_secs(3);
+        // A predecessor that died where its death cannot be told (heard from just now, never again).
+        store
+            .join_member(&beat(OTHER, now_ms()), 0, &never)
+            .await
+            .unwrap();
+        let joined = Membership::join(
+            store.clone(),
+            "node-x".into(),
+            "node-x:1:2:m".into(),
+            lease,
+            false,
+        )
+        .await
+        .expect("taken over");
+        assert_eq!(joined.owner, "node-x:1:2:m");
+        assert!(!store.member_beat(&beat(OTHER, now_ms())).await.unwrap());
+
+        // A live one beats meanwhile: refused, named.
+        let beating = store.clone();
+        let beater = tokio::spawn(async move {
+            loop {
+                let _ = beating.member_beat(&beat("node-x:1:2:m", now_ms())).await;
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        });
+        let refused = Membership::join(
+            store.clone(),
+            "node-x".into(),
+            "node-x:3:4:m".into(),
+            lease,
+            false,
+        )
+        .await;
+        beater.abort();
+        match refused {
+            Err(JoinError::Taken { node, pid, .. }) => {
+                assert_eq!((node.as_str(), pid), ("node-x", 999_999))
+            }
+            other => panic!(
+                "expected a refusal, got {:?}",
+                other.map(|m| m.owner.clone())
+            ),
+        }
+    }
+
+    #[tokio::test]
+    async fn on_a_store_only_one_process_may_open_the_row_is_taken_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = store(&dir).await;
+        let never = |_: &str| false;
+        store
+            .join_member(&beat(OTHER, now_ms()), 0, &never)
+            .await
+            .unwrap();
+        let started = std::time::Instant::now();
+        Membership::join(
+            store.clone(),
+            "node-x".into(),
+            "node-x:1:2:m".into(),
+            Duration::from_secs(60),
+            true,
+        )
+        .await
+        .expect("exclusive: taken at once");
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "{:?}",
+            started.elapsed()
+        );
     }
 }

@@ -70,6 +70,7 @@ pub async fn run(
         node.clone(),
         download::owner_name(&node),
         config.download.lease,
+        !shared,
     )
     .await?;
     if shared {

@@ -661,9 +661,9 @@ fn a_notice_queues_its_downloads_at_once_not_at_the_next_sweep() {
     assert_identical(&ws, &files);
 }
 
-/// Held by a worker on another host; by one of this host's name on another machine (a container, a
-/// cluster member named alike), whose pid means nothing here though no such process exists here; and by
-/// an owner named before machines were.
+/// On a shared store (PostgreSQL): held by a worker on another host; by one of this host's name on another
+/// machine (a container, a cluster member named alike), whose pid means nothing here though no such
+/// process exists here; and by an owner named before machines were. Only the lease can tell.
 #[rstest::rstest]
 #[case::another_host("elsewhere:4242:0000abcd:0123456789abcdef")]
 #[case::this_host_name_another_machine("{host}:4194305:0000abcd:0000000000000000")]
@@ -673,29 +673,93 @@ fn a_job_held_out_of_sight_is_taken_over_once_download_lease_has_run_out(#[case]
     let owner = owner.replace("{host}", &host);
     let mast = MastStandIn::start();
     let (notice, files) = serve_products(&mast, 1, 1, 10);
+    let Some(pg) = common::postgres::Postgres::shared() else {
+        return;
+    };
+    let url = pg.database("out_of_sight");
+    let db = url.rsplit('/').next().unwrap().to_string();
     let ws = Workspace::with_base(&mast.base_url, "");
     let path = ws.write_notice("n.json", &notice);
-    ws.cmd().arg("ingest").arg(&path).assert().success();
+    ws.cmd()
+        .arg("ingest")
+        .arg(&path)
+        .env("MASTSUB_STORAGE__DATABASE", &url)
+        .assert()
+        .success();
+    let count = |state: &str| {
+        pg.psql(
+            &db,
+            &format!("SELECT count(*) FROM downloads WHERE state = '{state}'"),
+        )
+        .unwrap()
+        .trim()
+        .parse::<i64>()
+        .unwrap()
+    };
     // Its lease runs out 4 s from now.
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .as_millis() as i64;
-    ws.execute(&format!(
-        "UPDATE downloads SET state = 'running', attempts = 1, lease_owner = '{owner}', \
-         lease_expires_at = {}",
-        now + 4000
-    ));
+    pg.psql(
+        &db,
+        &format!(
+            "UPDATE downloads SET state = 'running', attempts = 1, claims = 1, lease_owner = '{owner}', \
+             lease_expires_at = {}",
+            now + 4000
+        ),
+    )
+    .unwrap();
     let started = Instant::now();
-    let d = Daemon::start_with_env(&ws, &[("MASTSUB_DOWNLOAD__LEASE", "3s")]);
+    let d = Daemon::start_with_env(
+        &ws,
+        &[
+            ("MASTSUB_DOWNLOAD__LEASE", "3s"),
+            ("MASTSUB_STORAGE__DATABASE", &url),
+        ],
+    );
     d.wait_for_log("watching inbox", Duration::from_secs(20));
     std::thread::sleep(Duration::from_secs(2).saturating_sub(started.elapsed()));
-    assert_eq!(ws.jobs_in("running"), 1, "taken before its lease ran out");
+    assert_eq!(count("running"), 1, "taken before its lease ran out");
     assert!(mast.seen().is_empty());
-    wait_done(&ws, &d, 1, Duration::from_secs(20));
+    assert!(
+        wait_until(Duration::from_secs(20), || count("done") == 1),
+        "{}",
+        d.log()
+    );
     assert_identical(&ws, &files);
     assert!(
         started.elapsed() >= Duration::from_secs(4),
         "taken before its lease ran out"
     );
+}
+
+/// On SQLite the run lock admits one daemon at a time: a job left running by any other process, of this
+/// machine or not, with its pid judged or not, is a dead one's, and is taken at once (under systemd's
+/// `ProcSubset=pid` no pid can be judged at all, and a restart would otherwise wait out the lease).
+#[rstest::rstest]
+#[case::another_host("elsewhere:4242:0000abcd:0123456789abcdef")]
+#[case::this_host_name_another_machine("{host}:4194305:0000abcd:0000000000000000")]
+#[case::an_older_owner_name("{host}:4194305:0000abcd")]
+fn on_sqlite_a_job_left_running_by_another_process_is_taken_at_once(#[case] owner: &str) {
+    let host = nix::unistd::gethostname().unwrap().into_string().unwrap();
+    let owner = owner.replace("{host}", &host);
+    let mast = MastStandIn::start();
+    let (notice, files) = serve_products(&mast, 1, 1, 10);
+    let ws = Workspace::with_base(&mast.base_url, "");
+    let path = ws.write_notice("n.json", &notice);
+    ws.cmd().arg("ingest").arg(&path).assert().success();
+    // Its lease runs out an hour from now.
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64;
+    ws.execute(&format!(
+        "UPDATE downloads SET state = 'running', attempts = 1, claims = 1, lease_owner = '{owner}', \
+         lease_expires_at = {}",
+        now + 3_600_000
+    ));
+    let d = Daemon::start_watching(&ws);
+    wait_done(&ws, &d, 1, Duration::from_secs(20));
+    assert_identical(&ws, &files);
 }

@@ -133,6 +133,19 @@ fn holder(owner: &str, me: &str) -> Holder {
     }
 }
 
+/// Whether the lease owner name `owner` (`node:pid:nonce:machine`, or an older `node:pid:nonce`) names
+/// this process: its pid, and its machine when it has one.
+fn of_this_process(owner: &str) -> bool {
+    let parts: Vec<&str> = owner.rsplitn(4, ':').collect();
+    let (pid, machine) = match parts.as_slice() {
+        [machine, _nonce, pid, _node] => (*pid, Some(*machine)),
+        [_nonce, pid, _node] => (*pid, None),
+        _ => return false,
+    };
+    pid.parse::<u32>().ok() == Some(std::process::id())
+        && machine.is_none_or(|m| m == this_machine().unwrap_or("unknown"))
+}
+
 /// Whether the holder named `owner` is certainly gone, seen from the process named `me`: a process of
 /// this very machine that no longer runs mastsub. Anyone else (another host, a live process) is judged
 /// by their lease or heartbeat.
@@ -202,6 +215,9 @@ pub fn http_client(config: &DownloadConfig) -> reqwest::Result<reqwest::Client> 
 struct Pool {
     transfer: Transfer,
     config: DownloadConfig,
+    /// The store admits one process at a time (SQLite's run lock): a lease of another process is a dead
+    /// one's, wherever its pid may be judged or not.
+    exclusive: bool,
     /// Where workers hand their ends over and claim their next jobs.
     publication: publish::Publication,
 }
@@ -241,6 +257,7 @@ pub async fn run(
         ))
     });
     let pool = Arc::new(Pool {
+        exclusive: !crate::store::is_shared(&config.storage),
         transfer: Transfer {
             client,
             token: std::sync::RwLock::new(token),
@@ -480,8 +497,14 @@ impl Pool {
         let now = now_ms();
         let me = self.transfer.owner.as_str();
         let lease = self.config.lease;
-        let orphaned =
-            |owner: &str, expires: i64| lease_orphaned(holder(owner, me), expires, now, lease);
+        let exclusive = self.exclusive;
+        let orphaned = |owner: &str, expires: i64| {
+            let judged = match holder(owner, me) {
+                Holder::Unseen if exclusive && !of_this_process(owner) => Holder::Gone,
+                judged => judged,
+            };
+            lease_orphaned(judged, expires, now, lease)
+        };
         let orphans = store.requeue_orphans(now, &orphaned).await?;
         let horizon_ms = i64::try_from(horizon.as_millis()).unwrap_or(i64::MAX);
         let pulled_in = store.due_now_beyond(now, horizon_ms).await?;
@@ -744,6 +767,29 @@ mod tests {
             Holder::Unseen
         );
         assert_eq!(holder("garbage", &me), Holder::Unseen);
+    }
+
+    #[test]
+    fn an_owner_name_of_this_process_is_told_from_others_with_or_without_a_machine() {
+        let here = this_machine().unwrap_or("unknown");
+        let pid = std::process::id();
+        assert!(of_this_process(&owner_name("node-a")));
+        assert!(of_this_process(&format!("node-a:{pid}:0000abcd:{here}")));
+        assert!(of_this_process(&format!(
+            "host:with:colons:{pid}:0000abcd:{here}"
+        )));
+        assert!(
+            of_this_process(&format!("node-a:{pid}:0000abcd")),
+            "an older name"
+        );
+        assert!(!of_this_process(&format!(
+            "node-a:{pid}:0000abcd:0000000000000000"
+        )));
+        assert!(!of_this_process(&format!(
+            "node-a:{}:0000abcd:{here}",
+            pid + 1
+        )));
+        assert!(!of_this_process("garbage"));
     }
 
     const LEASE: Duration = Duration::from_secs(60);
