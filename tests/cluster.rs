@@ -387,3 +387,67 @@ fn members_sharing_one_inbox_folder_read_each_file_once() {
         );
     }
 }
+
+#[test]
+fn summaries_and_alerts_go_out_once_for_the_cluster_and_on_after_the_mailer_dies() {
+    if !common::smtp::available() {
+        assert!(
+            std::env::var_os("REQUIRE_SMTP").is_none(),
+            "aiosmtpd is not installed (apt-get install python3-aiosmtpd)"
+        );
+        eprintln!("SKIPPED: aiosmtpd is not installed");
+        return;
+    }
+    let server = common::smtp::Smtp::start(false);
+    let mast = MastStandIn::start();
+    let (first, _) = serve_products(&mast, 1, 3, 10);
+    let (second, _) = serve_products(&mast, 11, 2, 10);
+    let (third, _) = serve_products(&mast, 21, 2, 10);
+    // One product never appears: 404 until given up (3 s in tests), then failed: one alert.
+    mast.remove("jw00003001001_02201_00001_mirimage_cal.fits");
+    let Some(cluster) = Cluster::new(&mast.base_url, &server.config("")) else {
+        return;
+    };
+    let mut members = vec![
+        ("node-a", cluster.member("node-a")),
+        ("node-b", cluster.member("node-b")),
+        ("node-c", cluster.member("node-c")),
+    ];
+    cluster.drop_notice("node-a", "first.json", &first);
+    cluster.drop_notice("node-c", "second.json", &second);
+    let mails = |subject: &str| {
+        server
+            .received()
+            .iter()
+            .filter(|(s, _)| s.contains(subject))
+            .count()
+    };
+    let all_logs = |members: &[(&str, Daemon)]| {
+        logs(&members.iter().map(|(n, d)| (*n, d)).collect::<Vec<_>>())
+    };
+    assert!(
+        wait_until(Duration::from_secs(60), || mails("2 of 3 product(s)") == 1
+            && mails("2 of 2 product(s)") == 1
+            && mails("mastsub alert") == 1),
+        "{:?}\n{}",
+        server.received(),
+        all_logs(&members)
+    );
+    let leader = cluster.leader("mail").expect("a member sends mail");
+    // The member that sends mail dies; the next notice's summary is sent by another, once.
+    let at = members.iter().position(|(n, _)| *n == leader).unwrap();
+    let (_, mut dead) = members.remove(at);
+    dead.kill9();
+    let survivor = members[0].0;
+    cluster.drop_notice(survivor, "third.json", &third);
+    assert!(
+        wait_until(Duration::from_secs(60), || mails("2 of 2 product(s)") == 2),
+        "{:?}\n{}",
+        server.received(),
+        all_logs(&members)
+    );
+    std::thread::sleep(Duration::from_secs(3));
+    // Nothing twice: three summaries and one alert in all.
+    assert_eq!(server.received().len(), 4, "{:?}", server.received());
+    assert_ne!(cluster.leader("mail").as_deref(), Some(leader.as_str()));
+}
