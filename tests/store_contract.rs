@@ -1982,3 +1982,54 @@ fn a_worker_whose_lease_was_taken_over_changes_nothing_even_under_its_own_owner_
         assert_eq!((row.state, row.bytes_done), (DownloadState::Done, 7));
     });
 }
+
+#[rstest]
+#[case::sqlite(Backend::Sqlite)]
+#[case::postgres(Backend::Postgres)]
+fn mailers_at_once_never_take_one_mail_and_a_dead_mailers_mails_come_back(
+    #[case] backend: Backend,
+) {
+    let Some(db) = Db::new(backend) else {
+        return;
+    };
+    threaded_runtime().block_on(async {
+        let (one, two) = (db.open().await, db.open().await);
+        let t = 5_000_000;
+        one.mail_watermarks(t).await.unwrap();
+        let mails: Vec<mastsub::store::NewMail> = (0..60)
+            .map(|i| mastsub::store::NewMail {
+                kind: "alert",
+                cause: Some(format!("cause {i}")),
+                subject: format!("mail {i}"),
+                body: "body".into(),
+            })
+            .collect();
+        one.queue_alerts(&mails, t, t).await.unwrap();
+        let (a, b) = tokio::join!(one.due_mail(t + 1), two.due_mail(t + 1));
+        let (a, b) = (a.unwrap(), b.unwrap());
+        let mut ids: Vec<i64> = a.iter().chain(&b).map(|m| m.id).collect();
+        assert_eq!(ids.len(), 60, "{} and {}", a.len(), b.len());
+        ids.sort();
+        ids.dedup();
+        assert_eq!(ids.len(), 60, "a mail taken by both mailers");
+        assert!(a.windows(2).all(|w| w[0].id < w[1].id), "oldest first");
+        // Claimed: due to no one, until sent, failed, or the claim runs out.
+        assert!(one.due_mail(t + 2).await.unwrap().is_empty());
+        one.mail_sent(ids[0], t + 3).await.unwrap();
+        one.mail_failed(ids[1], "421 try later", t + 10)
+            .await
+            .unwrap();
+        let again = two.due_mail(t + 10).await.unwrap();
+        assert_eq!(
+            again.iter().map(|m| (m.id, m.attempts)).collect::<Vec<_>>(),
+            [(ids[1], 1)]
+        );
+        // The mailer that claimed the others died: they come back after the claim, the sent one never.
+        let back = two
+            .due_mail(t + 1 + mastsub::store::MAIL_CLAIM_MS)
+            .await
+            .unwrap();
+        assert_eq!(back.len(), 50, "{}", back.len());
+        assert!(back.iter().all(|m| m.id != ids[0] && m.id != ids[1]));
+    });
+}

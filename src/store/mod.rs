@@ -819,6 +819,10 @@ fn target(storage: &crate::config::StorageConfig) -> Result<Target, StoreError> 
     }
 }
 
+/// How long a mail claimed by [`Store::due_mail`] is not due to anyone else: 10 minutes, far longer than
+/// sending 50 mails takes.
+pub const MAIL_CLAIM_MS: i64 = 600_000;
+
 /// Now, in milliseconds since the epoch: the unit of every time in the store.
 pub fn now_ms() -> i64 {
     chrono::Utc::now().timestamp_millis()
@@ -989,7 +993,10 @@ pub trait Store: Send + Sync + 'static {
     async fn queue_alerts(&self, mails: &[NewMail], until: i64, now: i64)
     -> Result<(), StoreError>;
 
-    /// Unsent mails due at `now`, oldest first.
+    /// Claims up to 50 unsent mails due at `now`, oldest first: each is not due again for
+    /// [`MAIL_CLAIM_MS`] (its `mail_sent` or `mail_failed` comes first), so that two mailers (a leader and
+    /// one that took over from it) never send one mail each, and a mailer that dies mid-send leaves its
+    /// mails to be sent by another after that while.
     async fn due_mail(&self, now: i64) -> Result<Vec<OutMail>, StoreError>;
 
     /// Records a mail as sent.

@@ -1626,14 +1626,20 @@ impl Store for PgStore {
     }
 
     async fn due_mail(&self, now: i64) -> Result<Vec<OutMail>, StoreError> {
-        let rows: Vec<(i64, String, String, i64)> = sqlx::query_as(
-            "SELECT id, subject, body, attempts FROM outbox
-             WHERE sent_at IS NULL AND next_attempt_at <= $1 ORDER BY id LIMIT 50",
+        // Rows another mailer is claiming are skipped, not waited for.
+        let mut rows: Vec<(i64, String, String, i64)> = sqlx::query_as(
+            "WITH due AS (
+                 SELECT id FROM outbox WHERE sent_at IS NULL AND next_attempt_at <= $1
+                 ORDER BY id LIMIT 50 FOR UPDATE SKIP LOCKED)
+             UPDATE outbox SET next_attempt_at = $2 FROM due WHERE outbox.id = due.id
+             RETURNING outbox.id, outbox.subject, outbox.body, outbox.attempts",
         )
         .bind(now)
+        .bind(now.saturating_add(super::MAIL_CLAIM_MS))
         .fetch_all(&self.pool)
         .await
         .map_err(self.query_err())?;
+        rows.sort_by_key(|r| r.0);
         Ok(rows
             .into_iter()
             .map(|(id, subject, body, attempts)| OutMail {

@@ -1646,14 +1646,18 @@ impl Store for SqliteStore {
     }
 
     async fn due_mail(&self, now: i64) -> Result<Vec<OutMail>, StoreError> {
-        let rows: Vec<(i64, String, String, i64)> = sqlx::query_as(
-            "SELECT id, subject, body, attempts FROM outbox
-             WHERE sent_at IS NULL AND next_attempt_at <= ?1 ORDER BY id LIMIT 50",
+        let mut rows: Vec<(i64, String, String, i64)> = sqlx::query_as(
+            "UPDATE outbox SET next_attempt_at = ?2
+             WHERE id IN (SELECT id FROM outbox WHERE sent_at IS NULL AND next_attempt_at <= ?1
+                          ORDER BY id LIMIT 50)
+             RETURNING id, subject, body, attempts",
         )
         .bind(now)
+        .bind(now.saturating_add(super::MAIL_CLAIM_MS))
         .fetch_all(&self.writer)
         .await
         .map_err(self.query_err())?;
+        rows.sort_by_key(|r| r.0);
         Ok(rows
             .into_iter()
             .map(|(id, subject, body, attempts)| OutMail {
