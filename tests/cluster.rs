@@ -46,9 +46,16 @@ impl Cluster {
 
     /// Starts member `node`, and waits until it watches its inbox.
     fn member(&self, node: &str) -> Daemon {
+        self.member_with(node, &[])
+    }
+
+    /// `member` with more environment.
+    fn member_with(&self, node: &str, extra: &[(&str, &str)]) -> Daemon {
         let inbox = self.ws.path(&format!("inbox-{node}"));
         let inbox = inbox.to_str().unwrap();
-        let d = Daemon::start_with_env(&self.ws, &self.env(node, inbox));
+        let mut env = self.env(node, inbox);
+        env.extend_from_slice(extra);
+        let d = Daemon::start_with_env(&self.ws, &env);
         d.wait_for_log("watching inbox", Duration::from_secs(30));
         d
     }
@@ -126,7 +133,16 @@ fn a_killed_members_downloads_resume_elsewhere_and_every_product_ends_whole_and_
         return;
     };
     let a = cluster.member("node-a");
-    let b = cluster.member("node-b");
+    // node-b serves the status page and the metrics, which show the whole cluster.
+    let port = common::free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let b = cluster.member_with(
+        "node-b",
+        &[
+            ("MASTSUB_HTTP__ENABLED", "true"),
+            ("MASTSUB_HTTP__LISTEN", listen.as_str()),
+        ],
+    );
     let c = cluster.member("node-c");
     // The same notice through two members' inboxes, another through the third.
     cluster.drop_notice("node-a", "first.json", &first);
@@ -223,6 +239,19 @@ fn a_killed_members_downloads_resume_elsewhere_and_every_product_ends_whole_and_
         );
     }
     assert_eq!(status["downloads"]["done"], 18);
+    let (_, metrics) = common::http_get(port, "/metrics");
+    for line in [
+        "mastsub_members{state=\"up\"} 2\n",
+        "mastsub_members{state=\"gone\"} 1\n",
+        "mastsub_downloads{state=\"done\"} 18\n",
+    ] {
+        assert!(metrics.contains(line), "no {line:?} in:\n{metrics}");
+    }
+    let (_, page) = common::http_get(port, "/");
+    assert!(
+        page.contains("id=\"members\"") && page.contains("node-a") && page.contains(">gone<"),
+        "{page}"
+    );
 }
 
 #[test]

@@ -205,6 +205,18 @@ pub fn render(s: &StatusSnapshot, vitals: &Vitals, cx: &Context<'_>) -> String {
         "Hook runs (on_product, on_notice) by state; failed: gave up after hooks.max_attempts",
         hooks,
     );
+    let members = Family::<Labels, Gauge>::default();
+    for state in ["up", "gone", "stopped"] {
+        let n = s.members.iter().filter(|m| m.state == state).count();
+        members
+            .get_or_create(&vec![("state", state.to_string())])
+            .set(n as i64);
+    }
+    r.register(
+        "members",
+        "Members of the cluster sharing this store by state (up; gone: not heard from for 3 leases; stopped)",
+        members,
+    );
     r.register(
         "hook_failed_attempts",
         "Hook attempts that failed (a non-zero exit, hooks.timeout), retried or not",

@@ -244,6 +244,31 @@ pub fn render(s: &StatusSnapshot, extra: &Extra<'_>) -> String {
         o.push_str("</tbody></table></div>");
     }
 
+    // The members of a cluster (a single host has one, and no table).
+    if s.members.len() > 1 {
+        o.push_str(
+            "<h2>Members</h2><div class=\"scroll\"><table id=\"members\"><thead><tr><th>node</th>\
+             <th>state</th><th>heard from</th><th class=\"n\">running</th><th class=\"n\">rate</th>\
+             <th>leads</th></tr></thead><tbody>",
+        );
+        for m in &s.members {
+            let _ = write!(
+                o,
+                "<tr><td>{}<br><span class=\"sub\">pid {}</span></td><td class=\"{}\">{}</td><td>{}</td>\
+                 <td class=\"n\">{}</td><td class=\"n\">{}/s</td><td>{}</td></tr>",
+                esc(&m.node),
+                m.pid,
+                if m.state == "up" { "ok" } else { "bad" },
+                esc(&m.state),
+                when(now, Some(m.last_heartbeat)),
+                m.running,
+                crate::status::human_bytes(m.rate as u64),
+                esc(&m.leads.join(", "))
+            );
+        }
+        o.push_str("</tbody></table></div>");
+    }
+
     // Recent notices.
     o.push_str("<h2>Recent notices</h2>");
     if s.recent_notices.is_empty() {
