@@ -68,11 +68,11 @@ impl Membership {
     /// Joins the cluster as `node`. The row is this process's unless another process holds it, was heard
     /// from within a lease, and is not certainly dead (a process of this machine that no longer runs). Even
     /// then it is not refused at once: a dead predecessor whose death cannot be told from here (under
-    /// systemd's `ProcSubset=pid` the boot id is hidden, so no pid is ever judged) would keep its name for
-    /// a lease. It is watched for two heartbeats: a live member beats, and is refused; one that does not
-    /// is taken over (if it was only stalled, its next heartbeat finds its name taken and it stops, and
-    /// fencing refuses what its workers still write). `exclusive`: this process is the only one the store
-    /// allows (SQLite's run lock), so any row under the name is a predecessor's.
+    /// systemd's `ProcSubset=pid` the boot id is hidden, so no pid is ever judged) holds its name until it
+    /// has been silent for a lease, as it holds its jobs. It is watched: a live member beats within
+    /// seconds, and is refused; one that stays silent for a lease is taken over. `exclusive`: this
+    /// process is the only one the store allows (SQLite's run lock), so any row under the name is a
+    /// predecessor's, taken at once.
     pub async fn join(
         store: Arc<dyn Store>,
         node: String,
@@ -105,57 +105,66 @@ impl Membership {
                 started_at,
             }));
         };
-        let watch = beat_every(lease) * 2 + Duration::from_secs(1);
         tracing::info!(
-            "the cluster member name {node:?} was held by pid {} (heard from {:.1}s ago): waiting {:.0}s \
-             to see whether it is alive",
+            "the cluster member name {node:?} is held by pid {} (heard from {:.1}s ago): waiting to see \
+             whether it beats (it is refused) or stays silent for download.lease ({}s: taken over)",
             other.pid,
             (started_at - other.last_heartbeat).max(0) as f64 / 1000.0,
-            watch.as_secs_f64()
+            lease.as_secs()
         );
-        tokio::time::sleep(watch).await;
-        let now = now_ms();
-        let beating = store
-            .members(now)
-            .await?
-            .into_iter()
-            .find(|m| m.node == node)
-            .filter(|m| {
-                m.stopped_at.is_none()
-                    && (m.last_heartbeat != other.last_heartbeat || m.pid != other.pid)
-            });
-        if let Some(live) = beating {
-            return Err(JoinError::Taken {
-                node,
-                pid: live.pid,
-                ago: (now - live.last_heartbeat).max(0) as f64 / 1000.0,
-                lease: lease.as_secs(),
-            });
-        }
-        // Silent through two heartbeats: taken over.
-        let me = MemberBeat { now, ..me };
-        let silent = |_: &str| true;
-        match store.join_member(&me, now, &silent).await? {
-            None => {
-                tracing::warn!(
-                    "took over the cluster member name {node:?} from pid {}, silent for {:.1}s",
-                    other.pid,
-                    (now - other.last_heartbeat).max(0) as f64 / 1000.0
-                );
-                Ok(Arc::new(Membership {
-                    store,
-                    node,
-                    owner,
-                    lease,
-                    started_at,
-                }))
+        loop {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            let now = now_ms();
+            let row = store
+                .members(now)
+                .await?
+                .into_iter()
+                .find(|m| m.node == node);
+            let Some(row) = row else {
+                // Gone meanwhile (left, or deleted): join as if new.
+                return Box::pin(Membership::join(store, node, owner, lease, exclusive)).await;
+            };
+            if row.stopped_at.is_some() {
+                return Box::pin(Membership::join(store, node, owner, lease, exclusive)).await;
             }
-            Some(live) => Err(JoinError::Taken {
-                node,
-                pid: live.pid,
-                ago: (now - live.last_heartbeat).max(0) as f64 / 1000.0,
-                lease: lease.as_secs(),
-            }),
+            if row.last_heartbeat != other.last_heartbeat || row.pid != other.pid {
+                return Err(JoinError::Taken {
+                    node,
+                    pid: row.pid,
+                    ago: (now - row.last_heartbeat).max(0) as f64 / 1000.0,
+                    lease: lease.as_secs(),
+                });
+            }
+            if now.saturating_sub(row.last_heartbeat) > lease_ms {
+                // Silent for a lease: taken over, unless it beat in the meantime (then refused).
+                let me = MemberBeat { now, ..me };
+                let never = |_: &str| false;
+                return match store
+                    .join_member(&me, now.saturating_sub(lease_ms), &never)
+                    .await?
+                {
+                    None => {
+                        tracing::warn!(
+                            "took over the cluster member name {node:?} from pid {}, silent for {:.1}s",
+                            other.pid,
+                            (now - other.last_heartbeat).max(0) as f64 / 1000.0
+                        );
+                        Ok(Arc::new(Membership {
+                            store,
+                            node,
+                            owner,
+                            lease,
+                            started_at,
+                        }))
+                    }
+                    Some(live) => Err(JoinError::Taken {
+                        node,
+                        pid: live.pid,
+                        ago: (now - live.last_heartbeat).max(0) as f64 / 1000.0,
+                        lease: lease.as_secs(),
+                    }),
+                };
+            }
         }
     }
 
@@ -274,16 +283,25 @@ impl Membership {
                     _ = shutdown.cancelled() => break None,
                     _ = &mut running => break Some("its work ended"),
                     _ = tick.tick() => {
+                        // The lease runs from before the renewal is asked, and the renewal may take no
+                        // longer than what is left of two thirds of the lease: the work stops before the
+                        // lease can run out under it.
+                        let asked = Instant::now();
                         let now = now_ms();
-                        match self.store.lead(role, &self.node, &self.owner, now, now.saturating_add(lease_ms)).await {
-                            Ok(true) => renewed = Instant::now(),
-                            Ok(false) => break Some("another member holds the lease"),
-                            Err(e) => {
-                                tracing::warn!("cannot renew the {role} leader lease: {e}");
-                                if renewed.elapsed() >= renew * 2 {
-                                    break Some("the lease could not be renewed and runs out soon");
-                                }
-                            }
+                        let left = (renew * 2).saturating_sub(renewed.elapsed()).max(Duration::from_millis(100));
+                        let answer = tokio::time::timeout(
+                            left,
+                            self.store.lead(role, &self.node, &self.owner, now, now.saturating_add(lease_ms)),
+                        )
+                        .await;
+                        match answer {
+                            Ok(Ok(true)) => renewed = asked,
+                            Ok(Ok(false)) => break Some("another member holds the lease"),
+                            Ok(Err(e)) => tracing::warn!("cannot renew the {role} leader lease: {e}"),
+                            Err(_) => tracing::warn!("the {role} leader lease's renewal did not answer in time"),
+                        }
+                        if renewed.elapsed() >= renew * 2 {
+                            break Some("the lease could not be renewed and runs out soon");
                         }
                     }
                 }
@@ -332,7 +350,7 @@ mod tests {
     const OTHER: &str = "node-x:999999:1:0123456789abcdef";
 
     #[tokio::test]
-    async fn a_silent_holder_is_taken_over_after_two_heartbeats_and_a_beating_one_refused() {
+    async fn a_silent_holder_is_taken_over_after_a_lease_and_a_beating_one_refused() {
         let dir = tempfile::tempdir().unwrap();
         let store = store(&dir).await;
         let never = |_: &str| false;

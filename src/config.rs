@@ -203,6 +203,20 @@ impl StorageConfig {
             return Ok(DatabaseTarget::Sqlite(self.database.clone()));
         };
         let Some(scheme) = url_scheme(text) else {
+            // libpq's other form, `host=db user=u password=...`: not a file name (it would be created,
+            // and shown, password and all).
+            let words: Vec<&str> = text.split_whitespace().collect();
+            if words.len() > 1 && words.iter().all(|w| w.contains('='))
+                || text.contains("password=")
+            {
+                return Err(
+                    "storage.database looks like a libpq key=value connection string, which mastsub \
+                     does not read (and would take for a file name): give a \
+                     postgresql://user@host:port/database URL, with the password in \
+                     storage.password_file"
+                        .into(),
+                );
+            }
             return Ok(DatabaseTarget::Sqlite(self.database.clone()));
         };
         let shown = database_shown(text);
@@ -896,13 +910,15 @@ impl Config {
         if let Some(node) = &self.cluster.node
             && (node.is_empty()
                 || node.len() > 64
+                || node.starts_with('.')
                 || node
                     .chars()
-                    .any(|c| c == ':' || c.is_whitespace() || c.is_control()))
+                    .any(|c| c == ':' || c == '/' || c.is_whitespace() || c.is_control()))
         {
             problems.push(format!(
-                "cluster.node = {node:?}: a name of 1 to 64 characters without ':', spaces or control \
-                 characters"
+                "cluster.node = {node:?}: a name of 1 to 64 characters without ':', '/', spaces or \
+                 control characters, not starting with '.' (it names the member's folder in a shared \
+                 inbox)"
             ));
         }
         match self.storage.target() {
@@ -1299,8 +1315,16 @@ mod tests {
         c.storage.database = PathBuf::from("mastsub.db");
         assert!(c.validate().is_err());
         c.storage.password_file = None;
+        // libpq's key=value form is refused, its password unshown.
+        c.storage.database = PathBuf::from("host=db user=u password=s3cr3t-pw dbname=x");
+        let Err(ConfigError::Invalid(problems)) = c.validate() else {
+            panic!("expected invalid")
+        };
+        assert!(problems.join("\n").contains("key=value"), "{problems:?}");
+        assert!(!problems.join("\n").contains("s3cr3t-pw"), "{problems:?}");
         // Paths, however odd, are paths.
         for path in [
+            "a=b.db",
             "mastsub.db",
             "/var/lib/mastsub/x:y.db",
             "data/a://b.db",

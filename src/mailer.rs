@@ -63,7 +63,7 @@ pub async fn run(cfg: EmailConfig, store: Arc<dyn Store>, shutdown: Cancellation
         if let Err(e) = compose_alerts(&cfg, &store).await {
             tracing::warn!("e-mail: cannot compose alerts: {e}");
         }
-        send_due(&cfg, &store).await;
+        send_due(&cfg, &store, &shutdown).await;
     }
 }
 
@@ -245,7 +245,9 @@ pub fn alert(cause: &str, rows: &[&DownloadRow]) -> NewMail {
     }
 }
 
-async fn send_due(cfg: &EmailConfig, store: &Arc<dyn Store>) {
+/// Sends the due mails, until `stop` (this member no longer sends mail): the mails it claimed and did
+/// not send are due again to whoever sends mail after [`crate::store::MAIL_CLAIM_MS`].
+async fn send_due(cfg: &EmailConfig, store: &Arc<dyn Store>, stop: &CancellationToken) {
     let due = match store.due_mail(now_ms()).await {
         Ok(d) if d.is_empty() => return,
         Ok(d) => d,
@@ -262,6 +264,9 @@ async fn send_due(cfg: &EmailConfig, store: &Arc<dyn Store>) {
         }
     };
     for mail in due {
+        if stop.is_cancelled() {
+            return;
+        }
         let sent = match message(cfg, &mail.subject, &mail.body) {
             Ok(m) => smtp.send(&m).await,
             Err(e) => Err(e),

@@ -184,9 +184,11 @@ pub async fn run(store: Arc<dyn Store>, vitals: Arc<Vitals>, shutdown: Cancellat
                 let received = vitals.received.load(Ordering::Relaxed);
                 let rate = (received - last_received) as f64 / last_at.elapsed().as_secs_f64().max(1e-3);
                 (last_received, last_at) = (received, std::time::Instant::now());
-                match store.status(0).await {
-                    Ok(s) => notify(&[NotifyState::Status(&status_line(&s, rate))]),
-                    Err(e) => tracing::warn!("cannot read the counts for the service status: {e}"),
+                // Bounded: a database that does not answer must not hold back the watchdog's ping.
+                match tokio::time::timeout(STATUS_EVERY, store.status(0)).await {
+                    Ok(Ok(s)) => notify(&[NotifyState::Status(&status_line(&s, rate))]),
+                    Ok(Err(e)) => tracing::warn!("cannot read the counts for the service status: {e}"),
+                    Err(_) => tracing::warn!("the counts for the service status did not come in time"),
                 }
             }
             _ = ping.tick(), if watchdog.is_some() => {

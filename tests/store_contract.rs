@@ -1678,6 +1678,18 @@ fn a_member_name_is_refused_while_its_holder_lives_and_taken_over_when_it_is_sil
                 .await
                 .unwrap()
         );
+        // A row gone (a restored database, a row deleted by hand) is made again by its holder's heartbeat.
+        db.execute("DELETE FROM members WHERE node = 'node-a'");
+        assert!(
+            store
+                .member_beat(&beat("node-a", "node-a:2:2:m", t + 45))
+                .await
+                .unwrap()
+        );
+        assert_eq!(
+            store.members(t + 46).await.unwrap()[0].last_heartbeat,
+            t + 45
+        );
         // Silent for longer than the window: taken.
         assert_eq!(
             store
@@ -1811,11 +1823,19 @@ fn a_leader_lease_has_one_holder_until_it_runs_out_or_is_given_up(#[case] backen
                 .await
                 .unwrap()
         );
-        // A member that leaves gives up its leases.
+        // A member that leaves keeps its leases until its work under them has stopped and it resigns:
+        // a successor must not start while that work still runs.
         store.leave_member("node-a", a, t + 1900).await.unwrap();
         assert!(
-            store
+            !store
                 .lead("imap", "node-b", b, t + 1901, t + 2901)
+                .await
+                .unwrap()
+        );
+        store.resign("imap", a).await.unwrap();
+        assert!(
+            store
+                .lead("imap", "node-b", b, t + 1902, t + 2902)
                 .await
                 .unwrap()
         );

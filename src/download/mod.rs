@@ -46,6 +46,11 @@ use fetch::Transfer;
 const LEASE_CLOCK_MARGIN: Duration = Duration::from_secs(60);
 /// The fallback sweep for due jobs and orphaned leases.
 const SWEEP: Duration = Duration::from_secs(5);
+/// On a shared store: the sweep (another member's lease that ran out is taken within a second of it),
+/// and how often a pool with a free worker asks for a job (another member's ingest does not wake this
+/// one: a notice that one member takes is started by all within half a second).
+const SHARED_SWEEP: Duration = Duration::from_secs(1);
+const SHARED_LOOK: Duration = Duration::from_millis(500);
 /// The daemon's figures for `status` this often.
 const STATE_EVERY: Duration = Duration::from_secs(5);
 /// While the disk has no room, free space is looked at this often.
@@ -346,7 +351,8 @@ pub async fn run(
             last_state = Some((Instant::now(), received));
         }
         // Orphans and jobs made due by the sweep are claimed in the same turn.
-        if last_sweep.elapsed() >= SWEEP {
+        let sweep_every = if pool.exclusive { SWEEP } else { SHARED_SWEEP };
+        if last_sweep.elapsed() >= sweep_every {
             last_sweep = Instant::now();
             if let Err(e) = pool.sweep(&store, horizon).await {
                 tracing::error!("cannot look for orphaned download jobs: {e}");
@@ -411,15 +417,20 @@ pub async fn run(
         // busy, or with due jobs that cannot be claimed (their product is running), only a worker's end
         // can change anything: asking the store when the next job is due would spin on a past time.
         // The next due time is a stored wall-clock time: never a nap longer than the sweep's.
-        let mut nap = if room.is_blocked() { ROOM_LOOK } else { SWEEP };
-        if workers.len() < pool.config.workers
-            && !room.is_blocked()
-            && let Ok(Some(at)) = store.next_due().await
-        {
+        let mut nap = if room.is_blocked() {
+            ROOM_LOOK
+        } else {
+            sweep_every
+        };
+        let idle = workers.len() < pool.config.workers && !room.is_blocked();
+        if idle && let Ok(Some(at)) = store.next_due().await {
             let now = now_ms();
             if at > now {
-                nap = Duration::from_millis((at - now) as u64).min(SWEEP);
+                nap = Duration::from_millis((at - now) as u64).min(sweep_every);
             }
+        }
+        if idle && !pool.exclusive {
+            nap = nap.min(SHARED_LOOK);
         }
         tokio::select! {
             _ = shutdown.cancelled() => break,

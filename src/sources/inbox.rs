@@ -438,15 +438,9 @@ impl Inbox {
         // Gone since (or now a regular file): named again if it comes back.
         self.untaken.retain(|path, _| present.contains(path));
         // This member's claimed files not recorded yet (a crash between the claim and the move).
-        if let Some(claims) = self
-            .claim_dir
-            .as_ref()
-            .and_then(|d| std::fs::read_dir(d).ok())
-        {
-            for entry in claims.flatten() {
-                if entry.file_type().is_ok_and(|t| t.is_file()) {
-                    self.claimed.entry(entry.path()).or_insert(Instant::now());
-                }
+        if let Some(own) = self.claim_dir.clone() {
+            for file in claimed_files(&own) {
+                self.claimed.entry(file).or_insert(Instant::now());
             }
         }
     }
@@ -648,15 +642,8 @@ impl Inbox {
             if live {
                 continue;
             }
-            let files: Vec<PathBuf> = std::fs::read_dir(&dir)
-                .into_iter()
-                .flatten()
-                .flatten()
-                .filter(|e| e.file_type().is_ok_and(|t| t.is_file()))
-                .map(|e| e.path())
-                .collect();
-            for file in files {
-                match move_no_clobber(&file, &own, None) {
+            for file in claimed_files(&dir) {
+                match claim_into(&file, &own) {
                     Ok(taken) => {
                         tracing::info!(
                             "{} was claimed by the member {name:?}, which is gone or stopped: taken over as {}",
@@ -690,6 +677,13 @@ impl Inbox {
             match self.handle_at(&path).await {
                 Ok(Handled::Done) => {
                     self.claimed.remove(&path);
+                    // Its claim's own folder, now empty.
+                    if let Some(folder) = path
+                        .parent()
+                        .filter(|f| Some(*f) != self.claim_dir.as_deref())
+                    {
+                        let _ = std::fs::remove_dir(folder);
+                    }
                 }
                 Ok(Handled::Changed) => {
                     // Nothing but this member writes there: read it again at the next turn.
@@ -732,8 +726,7 @@ impl Inbox {
         let Some(claim_dir) = self.claim_dir.clone() else {
             return self.handle_at(path).await;
         };
-        std::fs::create_dir_all(&claim_dir).map_err(HandleError::Claim)?;
-        let claimed = match move_no_clobber(path, &claim_dir, None) {
+        let claimed = match claim_into(path, &claim_dir) {
             Ok(claimed) => claimed,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Handled::Done),
             Err(e) => return Err(HandleError::Claim(e)),
@@ -783,6 +776,64 @@ enum HandleError {
     Move(io::Error),
     #[error("cannot claim it (move it into this member's folder of the shared inbox): {0}")]
     Claim(io::Error),
+}
+
+/// Claims `file` for the member whose folder is `own`: a plain rename into a folder of its own made for
+/// this claim, `<own>/<pid>-<n>/<name>`. Of two members renaming one file only one succeeds (the other
+/// finds it gone: `NotFound`), on NFS too, where the no-replace rename flag is refused and a link-then-
+/// unlink fallback would let both succeed; the fresh folder means the rename replaces nothing.
+fn claim_into(file: &Path, own: &Path) -> io::Result<PathBuf> {
+    static CLAIMS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let name = file
+        .file_name()
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "no file name"))?;
+    std::fs::create_dir_all(own)?;
+    let folder = loop {
+        let n = CLAIMS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let folder = own.join(format!("{}-{n}", std::process::id()));
+        match std::fs::create_dir(&folder) {
+            Ok(()) => break folder,
+            // Left by an earlier process of the same pid: the next number.
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
+            Err(e) => return Err(e),
+        }
+    };
+    let claimed = folder.join(name);
+    match std::fs::rename(file, &claimed) {
+        Ok(()) => Ok(claimed),
+        Err(e) => {
+            let _ = std::fs::remove_dir(&folder);
+            Err(e)
+        }
+    }
+}
+
+/// The files claimed in a member's folder `dir`: one in each claim's folder (and any loose one).
+fn claimed_files(dir: &Path) -> Vec<PathBuf> {
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let Ok(kind) = entry.file_type() else {
+            continue;
+        };
+        if kind.is_file() {
+            files.push(entry.path());
+        } else if kind.is_dir() {
+            let mut inner = std::fs::read_dir(entry.path())
+                .into_iter()
+                .flatten()
+                .flatten()
+                .filter(|e| e.file_type().is_ok_and(|t| t.is_file()))
+                .map(|e| e.path())
+                .peekable();
+            if inner.peek().is_none() {
+                // A claim whose file was recorded and moved away before its folder was removed.
+                let _ = std::fs::remove_dir(entry.path());
+            }
+            files.extend(inner);
+        }
+    }
+    files.sort();
+    files
 }
 
 /// The folder of `.claimed/` that holds a member's claims: its node name, made one path component.

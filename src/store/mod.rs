@@ -975,7 +975,8 @@ pub trait Store: Send + Sync + 'static {
     /// Notices received since `since`, not summarized yet, whose downloads have all ended.
     async fn notices_to_summarize(&self, since: i64) -> Result<Vec<NoticeDigest>, StoreError>;
 
-    /// Queues `mail` (if any) and, in the same transaction, marks `notice` summarized.
+    /// Marks `notice` summarized and, in the same transaction, queues `mail` (if any), unless it was marked
+    /// already (by another mailer): a summary is queued once.
     async fn queue_summary(
         &self,
         notice: i64,
@@ -1069,10 +1070,12 @@ pub trait Store: Send + Sync + 'static {
         gone: &(dyn for<'a> Fn(&'a str) -> bool + Send + Sync),
     ) -> Result<Option<Member>, StoreError>;
 
-    /// A heartbeat of `me`; false when its row now names another process (which judged it gone).
+    /// A heartbeat of `me` (its row made again if it is gone); false when its row now names another
+    /// process (which judged it gone).
     async fn member_beat(&self, me: &MemberBeat) -> Result<bool, StoreError>;
 
-    /// Records that `owner` stopped cleanly, and gives up its leader leases.
+    /// Records that `owner` stopped cleanly. Its leader leases are given up by [`Store::resign`] once
+    /// the work under each has stopped, not here: a successor must not start while it still runs.
     async fn leave_member(&self, node: &str, owner: &str, now: i64) -> Result<(), StoreError>;
 
     /// Takes or renews the leader lease of `role` for `owner` until `until` (the lease lasting

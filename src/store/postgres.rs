@@ -48,8 +48,10 @@ const MEMBERS_LOCK: i64 = 0x6d61_7374_7375_626d;
 const DB_NOW_MS: &str = "(extract(epoch FROM clock_timestamp()) * 1000)::bigint";
 /// Connections per store: the workers' claims and ends go through the publisher, so a few suffice.
 const MAX_CONNECTIONS: u32 = 8;
-/// How long a query waits for a free connection (or for the server to come back) before failing.
-const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a query waits for a free connection (or for the server to come back) before failing: short,
+/// so that while the server is down (a restart) every loop still turns, failing its store calls and
+/// trying again, instead of hanging in them long enough for systemd's watchdog to kill the daemon.
+const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(5);
 /// `status` folds the count deltas into one row per group once there are more rows than this.
 const FOLD_AT: i64 = 10_000;
 /// How often one claim tries again after another connection took a job of the same path first. Each try
@@ -474,6 +476,9 @@ impl PgStore {
 
 /// The pool, with one connection made at once (so an unreachable server is an error here).
 async fn connect(options: PgConnectOptions, shown: &str) -> Result<PgPool, StoreError> {
+    // The server's notices (`relation "_sqlx_migrations" already exists, skipping` from every member
+    // but the first) are not news to anyone reading the log.
+    let options = options.options([("client_min_messages", "warning")]);
     PgPoolOptions::new()
         .max_connections(MAX_CONNECTIONS)
         .acquire_timeout(ACQUIRE_TIMEOUT)
@@ -1575,15 +1580,21 @@ impl Store for PgStore {
     ) -> Result<(), StoreError> {
         let err = self.query_err();
         let mut tx = self.pool.begin().await.map_err(&err)?;
-        if let Some(m) = mail {
+        // Marked first, and only if no one marked it (two mailers at a hand-over): the mail is queued
+        // once.
+        let marked = sqlx::query(
+            "UPDATE notices SET summarized_at = $2 WHERE id = $1 AND summarized_at IS NULL",
+        )
+        .bind(notice)
+        .bind(now)
+        .execute(&mut *tx)
+        .await
+        .map_err(&err)?;
+        if marked.rows_affected() == 1
+            && let Some(m) = mail
+        {
             insert_mail(&mut tx, m, now).await.map_err(&err)?;
         }
-        sqlx::query("UPDATE notices SET summarized_at = $2 WHERE id = $1")
-            .bind(notice)
-            .bind(now)
-            .execute(&mut *tx)
-            .await
-            .map_err(&err)?;
         tx.commit().await.map_err(&err)
     }
 
@@ -1993,15 +2004,21 @@ impl Store for PgStore {
     }
 
     async fn member_beat(&self, me: &MemberBeat) -> Result<bool, StoreError> {
+        // A row gone (a restored database, one deleted by hand) is made again; one that names another
+        // process is left alone, and said.
         let done = sqlx::query(&format!(
-            "UPDATE members SET heartbeat_at = $3, clock_skew = $3 - {DB_NOW_MS}, rate = $4, pid = $5
-             WHERE node = $1 AND owner = $2"
+            "INSERT INTO members (node, owner, pid, started_at, heartbeat_at, clock_skew, rate)
+             VALUES ($1, $2, $5, $6, $3, $3 - {DB_NOW_MS}, $4)
+             ON CONFLICT (node) DO UPDATE SET heartbeat_at = excluded.heartbeat_at,
+                 clock_skew = excluded.clock_skew, rate = excluded.rate, pid = excluded.pid
+             WHERE members.owner = excluded.owner"
         ))
         .bind(&me.node)
         .bind(&me.owner)
         .bind(me.now)
         .bind(me.rate)
         .bind(me.pid)
+        .bind(me.started_at)
         .execute(&self.pool)
         .await
         .map_err(self.query_err())?;
@@ -2021,11 +2038,6 @@ impl Store for PgStore {
         .execute(&mut *tx)
         .await
         .map_err(&err)?;
-        sqlx::query("DELETE FROM leaders WHERE owner = $1")
-            .bind(owner)
-            .execute(&mut *tx)
-            .await
-            .map_err(&err)?;
         tx.commit().await.map_err(&err)
     }
 

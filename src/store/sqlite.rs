@@ -724,8 +724,9 @@ const REQUEUE_IDS: &str = "
         state = 'queued', attempts = max(attempts - 1, 0), lease_owner = NULL, lease_expires_at = NULL,
         next_attempt_at = ?2, updated_at = ?2
     FROM (SELECT value ->> 0 AS id, value ->> 1 AS owner, value ->> 2 AS expires FROM json_each(?1)) AS o
-    WHERE downloads.id = o.id AND downloads.state = 'running' AND downloads.lease_owner = o.owner
-      AND downloads.lease_expires_at = o.expires";
+    WHERE downloads.id = o.id AND downloads.state = 'running'
+      AND coalesce(downloads.lease_owner, '') = o.owner
+      AND coalesce(downloads.lease_expires_at, 0) = o.expires";
 
 const NEXT_DUE: &str = "SELECT min(next_attempt_at) FROM downloads WHERE state = 'queued'";
 
@@ -1597,15 +1598,21 @@ impl Store for SqliteStore {
     ) -> Result<(), StoreError> {
         let err = self.query_err();
         let mut tx = self.writer.begin().await.map_err(&err)?;
-        if let Some(m) = mail {
+        // Marked first, and only if no one marked it (two mailers at a hand-over): the mail is queued
+        // once.
+        let marked = sqlx::query(
+            "UPDATE notices SET summarized_at = ?2 WHERE id = ?1 AND summarized_at IS NULL",
+        )
+        .bind(notice)
+        .bind(now)
+        .execute(&mut *tx)
+        .await
+        .map_err(&err)?;
+        if marked.rows_affected() == 1
+            && let Some(m) = mail
+        {
             insert_mail(&mut tx, m, now).await.map_err(&err)?;
         }
-        sqlx::query("UPDATE notices SET summarized_at = ?2 WHERE id = ?1")
-            .bind(notice)
-            .bind(now)
-            .execute(&mut *tx)
-            .await
-            .map_err(&err)?;
         tx.commit().await.map_err(&err)
     }
 
@@ -1992,15 +1999,21 @@ impl Store for SqliteStore {
     }
 
     async fn member_beat(&self, me: &MemberBeat) -> Result<bool, StoreError> {
+        // A row gone (a restored database, one deleted by hand) is made again; one that names another
+        // process is left alone, and said.
         let done = sqlx::query(
-            "UPDATE members SET heartbeat_at = ?3, rate = ?4, pid = ?5
-             WHERE node = ?1 AND owner = ?2",
+            "INSERT INTO members (node, owner, pid, started_at, heartbeat_at, rate)
+             VALUES (?1, ?2, ?5, ?6, ?3, ?4)
+             ON CONFLICT (node) DO UPDATE SET heartbeat_at = excluded.heartbeat_at, rate = excluded.rate,
+                 pid = excluded.pid
+             WHERE members.owner = excluded.owner",
         )
         .bind(&me.node)
         .bind(&me.owner)
         .bind(me.now)
         .bind(me.rate)
         .bind(me.pid)
+        .bind(me.started_at)
         .execute(&self.writer)
         .await
         .map_err(self.query_err())?;
@@ -2020,11 +2033,6 @@ impl Store for SqliteStore {
         .execute(&mut *tx)
         .await
         .map_err(&err)?;
-        sqlx::query("DELETE FROM leaders WHERE owner = ?1")
-            .bind(owner)
-            .execute(&mut *tx)
-            .await
-            .map_err(&err)?;
         tx.commit().await.map_err(&err)
     }
 
