@@ -480,3 +480,75 @@ fn summaries_and_alerts_go_out_once_for_the_cluster_and_on_after_the_mailer_dies
     assert_eq!(server.received().len(), 4, "{:?}", server.received());
     assert_ne!(cluster.leader("mail").as_deref(), Some(leader.as_str()));
 }
+
+#[test]
+fn a_member_paused_past_its_lease_changes_nothing_when_it_wakes_and_every_product_ends_whole() {
+    let mast = MastStandIn::start();
+    mast.set_faults(Faults {
+        trickle_bytes_per_sec: Some(400_000),
+        ..Faults::default()
+    });
+    let (notice, files) = serve_products(&mast, 1, 8, 200);
+    let Some(cluster) = Cluster::new(&mast.base_url, "") else {
+        return;
+    };
+    // node-a as another host would be: only its lease tells whether it is gone (a stopped process of
+    // this very machine is judged alive, as its workers will renew when it runs again).
+    let inbox = cluster.ws.path("inbox-node-a");
+    let Some(mut a) =
+        Daemon::start_as_another_host(&cluster.ws, &cluster.env("node-a", inbox.to_str().unwrap()))
+    else {
+        eprintln!("SKIPPED: no PID namespace can be made here (not root)");
+        return;
+    };
+    a.wait_for_log("watching inbox", Duration::from_secs(30));
+    let b = cluster.member("node-b");
+    cluster.drop_notice("node-a", "n.json", &notice);
+    let held = "SELECT count(*) FROM downloads
+                WHERE state = 'running' AND lease_owner LIKE 'node-a:%' AND bytes_done > 0";
+    assert!(
+        wait_until(Duration::from_secs(60), || cluster.count(held) > 0),
+        "node-a never held a download under way:\n{}",
+        a.log()
+    );
+    // node-a stops dead (a VM paused, a process stopped) with its workers mid-transfer, past its lease:
+    // node-b takes its jobs over and resumes them from node-a's .part files.
+    let pids: Vec<nix::unistd::Pid> = a
+        .pids()
+        .into_iter()
+        .map(nix::unistd::Pid::from_raw)
+        .collect();
+    for pid in &pids {
+        nix::sys::signal::kill(*pid, nix::sys::signal::Signal::SIGSTOP).unwrap();
+    }
+    assert!(
+        wait_until(Duration::from_secs(30), || cluster.count(
+            "SELECT count(*) FROM downloads WHERE lease_owner LIKE 'node-a:%'"
+        ) == 0),
+        "node-b did not take node-a's jobs:\n{}",
+        b.log()
+    );
+    // node-a wakes: its workers' writes are refused (fenced), it writes no more into the files it
+    // lost, and publishes none of them.
+    for pid in &pids {
+        nix::sys::signal::kill(*pid, nix::sys::signal::Signal::SIGCONT).unwrap();
+    }
+    assert!(
+        wait_until(Duration::from_secs(120), || cluster
+            .count("SELECT count(*) FROM downloads WHERE state = 'done'")
+            == 8),
+        "not all done: {}\n--- node-a:\n{}\n--- node-b:\n{}",
+        cluster.query("SELECT state, count(*) FROM downloads GROUP BY state"),
+        a.log(),
+        b.log()
+    );
+    assert_identical(&cluster.ws, &files);
+    assert!(a.is_running(), "node-a stopped:\n{}", a.log());
+    assert_eq!(cluster.count("SELECT count(*) FROM events"), 8);
+    // What node-a was fetching when it stopped, it did not publish: its attempts were fenced off.
+    assert!(
+        a.log().contains("lease"),
+        "node-a never noticed it lost its leases:\n{}",
+        a.log()
+    );
+}

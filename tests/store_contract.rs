@@ -1979,6 +1979,21 @@ fn a_worker_whose_lease_was_taken_over_changes_nothing_even_under_its_own_owner_
         assert_eq!(recorded, [false]);
         let row = store.list_downloads(None).await.unwrap().remove(0);
         assert_eq!((row.state, row.bytes_done), (DownloadState::Running, 0));
+        // Before publication the publisher holds the leases of its batch: only the current claim's is.
+        assert_eq!(
+            store
+                .hold("pool", &[stale.held(), fresh.held()], now + 120_000)
+                .await
+                .unwrap(),
+            [false, true]
+        );
+        assert_eq!(
+            store
+                .hold("other", &[fresh.held()], now + 120_000)
+                .await
+                .unwrap(),
+            [false]
+        );
         // The current claim's writes count.
         assert!(
             store

@@ -250,6 +250,7 @@ pub async fn run(
         owner: owner.clone(),
         config: config.download.clone(),
         lease: config.download.lease,
+        shared: crate::store::is_shared(&config.storage),
         vitals: vitals.clone(),
     });
     let client = http_client(&config.download)?;

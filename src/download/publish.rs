@@ -42,6 +42,9 @@ pub struct Context {
     pub owner: String,
     pub config: DownloadConfig,
     pub lease: Duration,
+    /// Whether other processes share the store (PostgreSQL): then each batch's leases are checked, and
+    /// renewed, just before its files are renamed into place.
+    pub shared: bool,
     /// Counts of attempts and published bytes, for the metrics.
     pub vitals: Arc<crate::service::Vitals>,
 }
@@ -200,6 +203,36 @@ async fn publish(
                     };
                     fetched.push((job, summary));
                 }
+            }
+        }
+        if context.shared && !files.is_empty() {
+            // A worker whose lease was taken over (this member cut off from the database, or stalled
+            // longer than a lease) must not rename its file over what the job's new holder writes: its
+            // `.part` is left to that holder, and its end is not recorded (it would be refused).
+            let held: Vec<Held> = fetched.iter().map(|(job, _)| job.held()).collect();
+            let until = now_ms() + i64::try_from(context.lease.as_millis()).unwrap_or(i64::MAX / 2);
+            match context.store.hold(&context.owner, &held, until).await {
+                Ok(still) => {
+                    let mut kept_files = Vec::with_capacity(files.len());
+                    let mut kept = Vec::with_capacity(fetched.len());
+                    for ((staged, pair), held) in files.into_iter().zip(fetched).zip(still) {
+                        if held {
+                            kept_files.push(staged);
+                            kept.push(pair);
+                        } else {
+                            tracing::warn!(
+                                "{}: its lease was taken over before it could be published; its .part \
+                                 file is left to the job's new holder",
+                                pair.0.about()
+                            );
+                        }
+                    }
+                    files = kept_files;
+                    fetched = kept;
+                }
+                // The database does not answer: published unchecked, as on a single host (a lease is
+                // taken over only once it has run out, and the end's record is fenced all the same).
+                Err(e) => tracing::warn!("cannot check the leases before publication: {e}"),
             }
         }
         if !files.is_empty() {

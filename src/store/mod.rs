@@ -874,6 +874,17 @@ pub trait Store: Send + Sync + 'static {
         lease_until: i64,
     ) -> Result<bool, StoreError>;
 
+    /// Renews the leases of `jobs` that `owner` still holds under their claims, until `lease_until`; for
+    /// each, whether it is held. The publisher asks just before it renames files into place, so that a
+    /// worker whose lease was taken over (a member cut off from the database, a stall) never publishes
+    /// over the job's new holder.
+    async fn hold(
+        &self,
+        owner: &str,
+        jobs: &[Held],
+        lease_until: i64,
+    ) -> Result<Vec<bool>, StoreError>;
+
     /// Ends an attempt; false (and nothing changed) if `owner` no longer holds the job under that claim.
     async fn finish(
         &self,

@@ -1256,6 +1256,37 @@ impl Store for PgStore {
         Ok(done.rows_affected() == 1)
     }
 
+    async fn hold(
+        &self,
+        owner: &str,
+        jobs: &[Held],
+        lease_until: i64,
+    ) -> Result<Vec<bool>, StoreError> {
+        if jobs.is_empty() {
+            return Ok(Vec::new());
+        }
+        let ids: Vec<i64> = jobs.iter().map(|j| j.id).collect();
+        let claims: Vec<i64> = jobs.iter().map(|j| j.claim).collect();
+        let held: Vec<(i64, i64)> = sqlx::query_as(
+            "UPDATE downloads SET lease_expires_at = $4
+             FROM unnest($2::bigint[], $3::bigint[]) AS h(id, claim)
+             WHERE downloads.id = h.id AND downloads.claims = h.claim AND downloads.lease_owner = $1
+               AND downloads.state = 'running'
+             RETURNING downloads.id, downloads.claims",
+        )
+        .bind(owner)
+        .bind(&ids)
+        .bind(&claims)
+        .bind(lease_until)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(self.query_err())?;
+        Ok(jobs
+            .iter()
+            .map(|j| held.contains(&(j.id, j.claim)))
+            .collect())
+    }
+
     async fn finish(
         &self,
         job: Held,

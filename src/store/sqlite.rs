@@ -1330,6 +1330,35 @@ impl Store for SqliteStore {
         Ok(done.rows_affected() == 1)
     }
 
+    async fn hold(
+        &self,
+        owner: &str,
+        jobs: &[Held],
+        lease_until: i64,
+    ) -> Result<Vec<bool>, StoreError> {
+        if jobs.is_empty() {
+            return Ok(Vec::new());
+        }
+        let pairs: Vec<(i64, i64)> = jobs.iter().map(|j| (j.id, j.claim)).collect();
+        let held: Vec<(i64, i64)> = sqlx::query_as(
+            "UPDATE downloads SET lease_expires_at = ?3
+             FROM (SELECT value ->> 0 AS id, value ->> 1 AS claim FROM json_each(?2)) AS h
+             WHERE downloads.id = h.id AND downloads.claims = h.claim AND downloads.lease_owner = ?1
+               AND downloads.state = 'running'
+             RETURNING downloads.id, downloads.claims",
+        )
+        .bind(owner)
+        .bind(json_text(&pairs))
+        .bind(lease_until)
+        .fetch_all(&self.writer)
+        .await
+        .map_err(self.query_err())?;
+        Ok(jobs
+            .iter()
+            .map(|j| held.contains(&(j.id, j.claim)))
+            .collect())
+    }
+
     async fn finish(
         &self,
         job: Held,

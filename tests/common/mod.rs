@@ -251,8 +251,50 @@ impl Daemon {
         Daemon::spawn(ws, &["run"], &[])
     }
 
+    /// `mastsub run` in a PID namespace of its own (`unshare --pid --fork`, as root), so that other
+    /// processes judge it as they would a process of another host: by its lease only. `None` where
+    /// namespaces cannot be made (not root).
+    pub fn start_as_another_host(ws: &Workspace, env: &[(&str, &str)]) -> Option<Daemon> {
+        let probe = Command::new("unshare")
+            .args(["--pid", "--fork", "true"])
+            .status()
+            .ok()?;
+        if !probe.success() {
+            return None;
+        }
+        let config = ws.config.to_str().unwrap().to_string();
+        Some(Daemon::spawn_with(
+            ws,
+            "unshare",
+            &[
+                "--pid",
+                "--fork",
+                "--kill-child",
+                env!("CARGO_BIN_EXE_mastsub"),
+                "--config",
+                &config,
+                "run",
+            ],
+            env,
+        ))
+    }
+
+    /// The pids of this daemon's process and its children (for `unshare`, the daemon itself).
+    pub fn pids(&self) -> Vec<i32> {
+        let pid = self.pid();
+        let children =
+            std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap_or_default();
+        std::iter::once(pid)
+            .chain(children.split_whitespace().filter_map(|c| c.parse().ok()))
+            .collect()
+    }
+
     fn spawn(ws: &Workspace, args: &[&str], env: &[(&str, &str)]) -> Daemon {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_mastsub"));
+        Daemon::spawn_with(ws, env!("CARGO_BIN_EXE_mastsub"), args, env)
+    }
+
+    fn spawn_with(ws: &Workspace, program: &str, args: &[&str], env: &[(&str, &str)]) -> Daemon {
+        let mut cmd = Command::new(program);
         cmd.args(args)
             .current_dir(ws.dir.path())
             .env_remove("RUST_LOG")
