@@ -639,8 +639,74 @@ fn assemble_members(
     members
 }
 
-/// The leader roles: what one member of the cluster does for all.
-pub const ROLES: [&str; 3] = ["imap", "mail", "hooks"];
+/// A row of `RECENT_NOTICES`, as both backends read it.
+pub(super) type NoticeTuple = (i64, String, String, i64, String, i64, i64, Option<String>);
+
+impl From<NoticeTuple> for NoticeRow {
+    fn from(
+        (id, name, source_kind, received_at, status, records, events_recorded, error): NoticeTuple,
+    ) -> NoticeRow {
+        NoticeRow {
+            id,
+            name,
+            source_kind,
+            received_at,
+            status,
+            records,
+            events_recorded,
+            error,
+        }
+    }
+}
+
+/// A row of `HOOK_FAILURES`, as both backends read it.
+pub(super) type HookFailureTuple = (i64, String, String, String, i64, String, i64);
+
+impl From<HookFailureTuple> for HookFailure {
+    fn from(
+        (id, kind, state, about, attempts, error, updated_at): HookFailureTuple,
+    ) -> HookFailure {
+        HookFailure {
+            id,
+            kind: match kind.as_str() {
+                "product" => "on_product".into(),
+                _ => "on_notice".into(),
+            },
+            state,
+            about,
+            attempts,
+            error,
+            updated_at,
+        }
+    }
+}
+
+impl HookCounts {
+    /// Adds a row of `HOOK_COUNTS`: the runs in `state`, and the failed attempts among them.
+    pub(super) fn count(&mut self, (state, n, failures): (String, i64, i64)) {
+        let n = n as u64;
+        match state.as_str() {
+            "pending" => self.pending = n,
+            "running" => self.running = n,
+            "done" => self.done = n,
+            "failed" => self.failed = n,
+            _ => {}
+        }
+        self.failed_attempts += failures as u64;
+    }
+}
+
+/// The `daemon_state` row (pid, started_at, rate, updated_at), as both backends read it.
+impl From<(i64, i64, f64, i64)> for DaemonState {
+    fn from((pid, started_at, rate, updated_at): (i64, i64, f64, i64)) -> DaemonState {
+        DaemonState {
+            pid,
+            started_at,
+            rate,
+            updated_at,
+        }
+    }
+}
 
 /// How an attempt ended, as the store records it.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -36,6 +36,7 @@ use super::{
     NoticeMeta, NoticeRow, NoticeStatus, OutMail, Progress, Provenance, SourceHealth,
     StatusSnapshot, Store, StoreError, Upcoming, now_ms,
 };
+use super::{HookFailureTuple, NoticeTuple};
 use crate::categorize::{Categorizer, JobRef, LatestJob};
 use crate::notice::{Event, EventType};
 
@@ -124,6 +125,37 @@ impl PgStore {
                 })
             }
         }
+    }
+
+    /// The members, their running jobs and live leases at `now`, read on `conn` (`status` reads them in
+    /// its own snapshot, with the counts).
+    async fn members_on(
+        &self,
+        conn: &mut PgConnection,
+        now: i64,
+    ) -> Result<Vec<Member>, StoreError> {
+        let err = self.query_err();
+        let rows = sqlx::query_as(
+            "SELECT node, owner, pid, started_at, heartbeat_at, clock_skew, rate, stopped_at
+             FROM members ORDER BY node",
+        )
+        .fetch_all(&mut *conn)
+        .await
+        .map_err(&err)?;
+        let running = sqlx::query_as(
+            "SELECT coalesce(lease_owner, ''), count(*) FROM downloads WHERE state = 'running'
+             GROUP BY lease_owner",
+        )
+        .fetch_all(&mut *conn)
+        .await
+        .map_err(&err)?;
+        let leaders =
+            sqlx::query_as("SELECT role, owner FROM leaders WHERE expires_at > $1 ORDER BY role")
+                .bind(now)
+                .fetch_all(&mut *conn)
+                .await
+                .map_err(&err)?;
+        Ok(super::assemble_members(rows, running, leaders))
     }
 
     fn query_err(&self) -> impl Fn(sqlx::Error) -> StoreError + '_ {
@@ -1087,12 +1119,7 @@ impl Store for PgStore {
         .fetch_optional(&mut *tx)
         .await
         .map_err(&err)?
-        .map(|(pid, started_at, rate, updated_at)| DaemonState {
-            pid,
-            started_at,
-            rate,
-            updated_at,
-        });
+        .map(DaemonState::from);
         let (waiting, waiting_reason, oldest_queued_at): (i64, Option<String>, Option<i64>) =
             sqlx::query_as(QUEUE_FIGURES)
                 .fetch_one(&mut *tx)
@@ -1109,67 +1136,28 @@ impl Store for PgStore {
             .fetch_all(&mut *tx)
             .await
             .map_err(&err)?;
-        snap.recent_notices = sqlx::query_as::<
-            _,
-            (i64, String, String, i64, String, i64, i64, Option<String>),
-        >(RECENT_NOTICES)
-        .bind(recent_failures as i64)
-        .fetch_all(&mut *tx)
-        .await
-        .map_err(&err)?
-        .into_iter()
-        .map(
-            |(id, name, source_kind, received_at, status, records, events_recorded, error)| {
-                NoticeRow {
-                    id,
-                    name,
-                    source_kind,
-                    received_at,
-                    status,
-                    records,
-                    events_recorded,
-                    error,
-                }
-            },
-        )
-        .collect();
+        snap.recent_notices = sqlx::query_as::<_, NoticeTuple>(RECENT_NOTICES)
+            .bind(recent_failures as i64)
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(&err)?
+            .into_iter()
+            .map(NoticeRow::from)
+            .collect();
         let counts: Vec<(String, i64, i64)> = sqlx::query_as(HOOK_COUNTS)
             .fetch_all(&mut *tx)
             .await
             .map_err(&err)?;
-        for (state, n, failures) in counts {
-            let n = n as u64;
-            match state.as_str() {
-                "pending" => snap.hooks.pending = n,
-                "running" => snap.hooks.running = n,
-                "done" => snap.hooks.done = n,
-                "failed" => snap.hooks.failed = n,
-                _ => {}
-            }
-            snap.hooks.failed_attempts += failures as u64;
-        }
-        snap.hooks.recent_failures =
-            sqlx::query_as::<_, (i64, String, String, String, i64, String, i64)>(HOOK_FAILURES)
-                .bind(recent_failures as i64)
-                .fetch_all(&mut *tx)
-                .await
-                .map_err(&err)?
-                .into_iter()
-                .map(
-                    |(id, kind, state, about, attempts, error, updated_at)| HookFailure {
-                        id,
-                        kind: match kind.as_str() {
-                            "product" => "on_product".into(),
-                            _ => "on_notice".into(),
-                        },
-                        state,
-                        about,
-                        attempts,
-                        error,
-                        updated_at,
-                    },
-                )
-                .collect();
+        counts.into_iter().for_each(|row| snap.hooks.count(row));
+        snap.hooks.recent_failures = sqlx::query_as::<_, HookFailureTuple>(HOOK_FAILURES)
+            .bind(recent_failures as i64)
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(&err)?
+            .into_iter()
+            .map(HookFailure::from)
+            .collect();
+        snap.members = self.members_on(&mut tx, now_ms()).await?;
         tx.commit().await.map_err(&err)?;
         snap.running = running
             .iter()
@@ -1186,7 +1174,6 @@ impl Store for PgStore {
             // The counts read are right all the same; the next status folds.
             tracing::warn!("cannot fold the status counts: {e}");
         }
-        snap.members = self.members(now_ms()).await?;
         Ok(snap)
     }
 
@@ -2111,30 +2098,10 @@ impl Store for PgStore {
     }
 
     async fn members(&self, now: i64) -> Result<Vec<Member>, StoreError> {
-        let err = self.query_err();
-        let mut tx = self.pool.begin().await.map_err(&err)?;
-        let rows = sqlx::query_as(
-            "SELECT node, owner, pid, started_at, heartbeat_at, clock_skew, rate, stopped_at
-             FROM members ORDER BY node",
-        )
-        .fetch_all(&mut *tx)
-        .await
-        .map_err(&err)?;
-        let running = sqlx::query_as(
-            "SELECT coalesce(lease_owner, ''), count(*) FROM downloads WHERE state = 'running'
-             GROUP BY lease_owner",
-        )
-        .fetch_all(&mut *tx)
-        .await
-        .map_err(&err)?;
-        let leaders =
-            sqlx::query_as("SELECT role, owner FROM leaders WHERE expires_at > $1 ORDER BY role")
-                .bind(now)
-                .fetch_all(&mut *tx)
-                .await
-                .map_err(&err)?;
-        tx.commit().await.map_err(&err)?;
-        Ok(super::assemble_members(rows, running, leaders))
+        let mut tx = self.pool.begin().await.map_err(self.query_err())?;
+        let members = self.members_on(&mut tx, now).await?;
+        tx.commit().await.map_err(self.query_err())?;
+        Ok(members)
     }
 
     async fn close(&self) {
