@@ -8,7 +8,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::dovecot::{self, Dovecot, PASSWORD, USER, mails};
+use common::dovecot::{self, Dovecot, mails};
 use common::mast::{Faults, MastStandIn, assert_identical, serve_products};
 use common::postgres::Postgres;
 use common::{Daemon, Workspace, notice_of, wait_until};
@@ -281,25 +281,6 @@ fn a_second_member_under_a_live_members_name_is_refused() {
     assert_eq!(status["members"].as_array().unwrap().len(), 2);
 }
 
-fn imap_config(d: &Dovecot) -> String {
-    format!(
-        r#"
-[imap]
-enabled = true
-host = "127.0.0.1"
-port = {port}
-tls = "implicit"
-ca_file = "{ca}"
-username = "{USER}"
-password = "{PASSWORD}"
-allowed_senders = ["@stsci.edu"]
-timeout = "5s"
-"#,
-        port = d.tls_port,
-        ca = d.ca_file.display(),
-    )
-}
-
 #[test]
 fn one_member_reads_the_mailbox_and_another_takes_new_mail_when_it_dies() {
     if !dovecot::available() {
@@ -311,7 +292,7 @@ fn one_member_reads_the_mailbox_and_another_takes_new_mail_when_it_dies() {
         return;
     }
     let imap = Dovecot::start();
-    let Some(cluster) = Cluster::new("http://127.0.0.1:9", &imap_config(&imap)) else {
+    let Some(cluster) = Cluster::new("http://127.0.0.1:9", &imap.imap_section("")) else {
         return;
     };
     let mut members = vec![

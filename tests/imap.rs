@@ -7,29 +7,13 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::dovecot::mails::{self, Encoding};
-use common::dovecot::{self, Dovecot, OAUTH2_TOKEN, PASSWORD, USER};
+use common::dovecot::{self, Dovecot, OAUTH2_TOKEN, PASSWORD};
 use common::imap_server::ImapServer;
 use common::{Daemon, Workspace, notice_of, record, wait_until};
 
 /// The daemon's settings for `d`: implicit TLS with the test CA, taken mails moved to `Processed`.
 fn imap_config(d: &Dovecot, extra: &str) -> String {
-    format!(
-        r#"
-[imap]
-enabled = true
-host = "127.0.0.1"
-port = {port}
-tls = "implicit"
-ca_file = "{ca}"
-username = "{USER}"
-password = "{PASSWORD}"
-allowed_senders = ["@stsci.edu"]
-timeout = "5s"
-{extra}
-"#,
-        port = d.tls_port,
-        ca = d.ca_file.display(),
-    )
+    d.imap_section(extra)
 }
 
 /// Skips (with a line saying so) when Dovecot is not installed; CI installs it and sets REQUIRE_DOVECOT,

@@ -14,8 +14,10 @@ mod common;
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
-use common::dovecot::{self, Dovecot, PASSWORD, USER, mails};
-use common::mast::{Faults, MastStandIn, fits_product};
+use common::dovecot::{self, Dovecot, mails};
+use common::mast::{
+    Faults, MastStandIn, assert_identical, assert_published_once_per_version, fits_product,
+};
 use common::postgres::Postgres;
 use common::{Daemon, Workspace, record, wait_until};
 use serde_json::{Value, json};
@@ -75,12 +77,7 @@ fn three_members_keep_every_promise_through_kills_and_a_database_restart() {
     }
     let mut dovecot = with_imap.then(Dovecot::start);
     let imap = dovecot.as_ref().map_or(String::new(), |d| {
-        format!(
-            "[imap]\nenabled = true\nhost = \"127.0.0.1\"\nport = {}\ntls = \"implicit\"\nca_file = {:?}\n\
-             username = \"{USER}\"\npassword = \"{PASSWORD}\"\nallowed_senders = [\"@stsci.edu\"]\n\
-             processed_mailbox = \"Processed\"\ntimeout = \"5s\"\n",
-            d.tls_port, d.ca_file
-        )
+        d.imap_section("processed_mailbox = \"Processed\"")
     });
     let ws = Workspace::with_base(&mast.base_url, &imap);
     let inbox = |node: &str| ws.path(&format!("inbox-{node}"));
@@ -263,40 +260,11 @@ fn three_members_keep_every_promise_through_kills_and_a_database_restart() {
         m.terminate();
     }
 
-    for (name, (path, body)) in &products {
-        let got = std::fs::read(ws.path("mastDownload").join(path))
-            .unwrap_or_else(|e| panic!("{name} missing: {e}"));
-        assert!(
-            got == *body,
-            "{name}: the file on disk is not its latest version"
-        );
-    }
-    let parts: Vec<String> = ws
-        .tree("mastDownload")
-        .into_iter()
-        .filter(|p| p.ends_with(".part"))
-        .collect();
-    assert!(parts.is_empty(), ".part files left: {parts:?}");
-    // None published more often than it has versions, over every member's every run.
-    let all_logs = logs.join("\n");
-    let mut published: BTreeMap<String, u32> = BTreeMap::new();
-    for line in all_logs.lines().filter(|l| l.contains(" done jwst/")) {
-        let path = line
-            .split(" done ")
-            .nth(1)
-            .and_then(|rest| rest.split(' ').next())
-            .unwrap_or_default();
-        *published.entry(path.to_string()).or_default() += 1;
-    }
-    for (name, (path, _)) in &products {
-        let versions = if changed.contains(name) { 2 } else { 1 };
-        let n = published.get(path).copied().unwrap_or(0);
-        assert!(n >= 1, "{path}: no \"done\" line in any member's log");
-        assert!(
-            n <= versions,
-            "{path} published {n} times for {versions} version(s)"
-        );
-    }
+    // Every product byte-identical to its latest version, none missing, no .part; none published more
+    // often than it has versions, over every run's (every member's) log.
+    let latest: Vec<(String, Vec<u8>)> = products.values().cloned().collect();
+    assert_identical(&ws, &latest);
+    assert_published_once_per_version(&logs.join("\n"), &products, &changed);
     assert_eq!(count("SELECT count(*) FROM events"), Some(events));
     assert_eq!(
         count("SELECT count(DISTINCT event_id) FROM events"),

@@ -127,6 +127,28 @@ fn introspection_endpoint() -> String {
 }
 
 impl Dovecot {
+    /// The `[imap]` section that points mastsub at this server over implicit TLS (its CA trusted), as the
+    /// test user, taking mail from `@stsci.edu`; `extra` is more keys of the section.
+    pub fn imap_section(&self, extra: &str) -> String {
+        format!(
+            r#"
+[imap]
+enabled = true
+host = "127.0.0.1"
+port = {port}
+tls = "implicit"
+ca_file = "{ca}"
+username = "{USER}"
+password = "{PASSWORD}"
+allowed_senders = ["@stsci.edu"]
+timeout = "5s"
+{extra}
+"#,
+            port = self.tls_port,
+            ca = self.ca_file.display(),
+        )
+    }
+
     /// Writes the configuration and starts the server; waits until both ports answer.
     pub fn start() -> Dovecot {
         Dovecot::start_with("")

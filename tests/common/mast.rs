@@ -762,6 +762,34 @@ pub fn assert_identical(ws: &Workspace, files: &[(String, Vec<u8>)]) {
     assert!(parts.is_empty(), ".part files left: {parts:?}");
 }
 
+/// No product published (a `done` log line, over `logs`: every run's, every member's) more often than it
+/// has versions (2 for those `changed`), and each at least once: a log format this check no longer reads
+/// would otherwise pass it blind. `products`: name -> (local path, bytes).
+pub fn assert_published_once_per_version(
+    logs: &str,
+    products: &std::collections::BTreeMap<String, (String, Vec<u8>)>,
+    changed: &std::collections::BTreeSet<String>,
+) {
+    let mut published: std::collections::BTreeMap<&str, u32> = Default::default();
+    for line in logs.lines().filter(|l| l.contains(" done jwst/")) {
+        let path = line
+            .split(" done ")
+            .nth(1)
+            .and_then(|rest| rest.split(' ').next())
+            .unwrap_or_default();
+        *published.entry(path).or_default() += 1;
+    }
+    for (name, (path, _)) in products {
+        let versions = if changed.contains(name) { 2 } else { 1 };
+        let n = published.get(path.as_str()).copied().unwrap_or(0);
+        assert!(n >= 1, "{path}: no \"done\" line in any log");
+        assert!(
+            n <= versions,
+            "{path} published {n} times for {versions} version(s)"
+        );
+    }
+}
+
 /// Waits until `n` jobs are done, or fails with the counts and the log's tail.
 pub fn wait_done(ws: &Workspace, d: &Daemon, n: i64, timeout: Duration) {
     assert!(
